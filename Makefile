@@ -1,0 +1,70 @@
+# fdbroker — the two commands a newcomer needs are `make run` and `make test`; both set themselves up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+PROTO := proto/fdbroker/v1/broker.proto
+GEN := src/fdbroker/v1
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv run test lint typecheck proto proto-check buf-lint pytest test-fast bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(BUF):
+	mkdir -p $(TOOLS)
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1.75.0
+
+## run: start the broker in the foreground on its defaults (Ctrl-C stops it)
+run: $(STAMP)
+	$(VENV)/bin/fdbroker serve
+
+## proto: regenerate the committed Python code from proto/
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=src --pyi_out=src --grpc_python_out=src $(PROTO)
+
+## proto-check: fail when the committed generated code is stale
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PY) -m grpc_tools.protoc -I proto --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO) && \
+	for f in broker_pb2.py broker_pb2.pyi broker_pb2_grpc.py; do \
+	  cmp -s "$$tmp/fdbroker/v1/$$f" "$(GEN)/$$f" || { echo "STALE: $(GEN)/$$f differs from proto/; run 'make proto' and commit"; exit 1; }; \
+	done && echo "generated code up to date"
+
+buf-lint: $(BUF)
+	$(BUF) lint
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+## test: everything CI checks — generated code, lint, types, proto lint, the whole test suite
+test: proto-check lint typecheck buf-lint pytest
+
+## test-fast: the suite without the slow end-to-end tests
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
+
+## bench: time fdbroker against its floors in one run and print ratios
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

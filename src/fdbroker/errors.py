@@ -1,0 +1,200 @@
+"""The one error hierarchy of fdbroker.
+
+Every failure the broker or the client library reports is a :class:`BrokerError` subclass named for what went
+wrong. Each carries a gRPC status code *number* (so this module, and the registry that raises these errors, need
+not import gRPC), a message that names the entry and says what to do, and the entry name when there is one.
+
+The mapping to gRPC status codes lives in :func:`error_for_code` (client side) and in the servicer (server
+side, via ``BrokerError.code``); the mapping to CLI exit codes lives in :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.IntEnum):
+    """gRPC status code numbers (https://grpc.github.io/grpc/core/md_doc_statuscodes.html)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+class BrokerError(Exception):
+    """Base of all fdbroker errors.
+
+    ``code`` is the gRPC status code the error travels as; ``name`` the entry concerned ("" if none).
+    """
+
+    code: Code = Code.UNKNOWN
+
+    def __init__(self, message: str, *, name: str = "", code: Code | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.name = name
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, name={self.name!r}, code={self.code.name})"
+
+
+class InvalidArgument(BrokerError):
+    """A malformed name, label, TTL, page token or option."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class NotFound(BrokerError):
+    """No entry of that name."""
+
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(BrokerError):
+    """An entry of that name exists and ``replace`` was not asked for."""
+
+    code = Code.ALREADY_EXISTS
+
+
+class FailedPrecondition(BrokerError):
+    """Revision mismatch, a conflicting lease, or a take in flight."""
+
+    code = Code.FAILED_PRECONDITION
+
+
+class PermissionDenied(BrokerError):
+    """The policy does not allow this identity this operation on this name."""
+
+    code = Code.PERMISSION_DENIED
+
+
+class Unauthenticated(BrokerError):
+    """No session, or an unknown one, for an operation that needs one."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class ResourceExhausted(BrokerError):
+    """A quota or the broker's descriptor limit was reached, or a watcher fell too far behind."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(BrokerError):
+    """A wait (lease queue, handoff) ran past its deadline."""
+
+    code = Code.DEADLINE_EXCEEDED
+
+
+class OutOfRange(BrokerError):
+    """A watch start revision older than the broker's history window.
+
+    ``oldest_revision`` is the oldest revision that can still be watched from.
+    """
+
+    code = Code.OUT_OF_RANGE
+
+    def __init__(self, message: str, *, name: str = "", oldest_revision: int = 0) -> None:
+        super().__init__(message, name=name)
+        self.oldest_revision = oldest_revision
+
+
+class Unavailable(BrokerError):
+    """The broker is not running or not reachable at the run directory."""
+
+    code = Code.UNAVAILABLE
+
+
+class Cancelled(BrokerError):
+    """The operation was cancelled."""
+
+    code = Code.CANCELLED
+
+
+class Internal(BrokerError):
+    """A bug or an unexpected system error in the broker."""
+
+    code = Code.INTERNAL
+
+
+class Aborted(BrokerError):
+    """A handoff that could not complete (the conduit closed mid-way); nothing changed, retry."""
+
+    code = Code.ABORTED
+
+
+_BY_CODE: dict[Code, type[BrokerError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        DeadlineExceeded,
+        OutOfRange,
+        Unavailable,
+        Cancelled,
+        Internal,
+        Aborted,
+    )
+}
+
+
+def error_for_code(code: int, message: str, *, name: str = "") -> BrokerError:
+    """The :class:`BrokerError` subclass for a gRPC status code number (unknown codes give ``BrokerError``)."""
+    try:
+        c = Code(code)
+    except ValueError:
+        c = Code.UNKNOWN
+    cls = _BY_CODE.get(c)
+    if cls is None:
+        return BrokerError(message, name=name, code=c)
+    return cls(message, name=name)
+
+
+# CLI exit codes, stable and documented in docs/cli.md. 0 success, 1 the child command's own failure is passed
+# through by get/exec/lease, 2 usage errors (argparse), then one code per error class.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CODES: dict[Code, int] = {
+    Code.INVALID_ARGUMENT: 3,
+    Code.NOT_FOUND: 4,
+    Code.ALREADY_EXISTS: 5,
+    Code.FAILED_PRECONDITION: 6,
+    Code.PERMISSION_DENIED: 7,
+    Code.UNAUTHENTICATED: 7,
+    Code.RESOURCE_EXHAUSTED: 8,
+    Code.DEADLINE_EXCEEDED: 9,
+    Code.UNAVAILABLE: 10,
+    Code.OUT_OF_RANGE: 11,
+    Code.ABORTED: 12,
+    Code.CANCELLED: 12,
+}
+EXIT_OTHER = 13
+
+
+def exit_code_for(err: BrokerError) -> int:
+    """The CLI exit code for an error (see docs/cli.md)."""
+    return EXIT_CODES.get(err.code, EXIT_OTHER)
