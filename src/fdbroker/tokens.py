@@ -1,0 +1,302 @@
+"""Handoff tokens: issue, redeem (single use, expiry, constant-time compare), void per session.
+
+Every descriptor that crosses the conduit is tied to a token the control plane issued for one operation on one
+entry for one session. A token is :data:`TOKEN_BYTES` random bytes from :mod:`secrets`:
+
+* the first 8 bytes are the *lookup id*, the key of the book's dictionary (so finding a token is O(1) and does
+  not compare secrets in variable time);
+* the whole 32 bytes are then compared with :func:`hmac.compare_digest`, so a guess that hits a lookup id
+  learns nothing from timing about the remaining 24 secret bytes.
+
+Tokens are never logged whole: use :func:`short` (first 4 bytes in hex). ``repr(Token)`` does the same.
+
+Refusals raise :class:`TokenError` with a ``reason`` and a gRPC code number:
+
+============== ===================== ===============================================================
+reason         code                  when
+============== ===================== ===============================================================
+malformed      INVALID_ARGUMENT      not exactly 32 bytes
+unknown        FAILED_PRECONDITION   never issued, cancelled, or voided when its session ended
+reused         FAILED_PRECONDITION   already redeemed (remembered for the last 4096 redemptions)
+expired        FAILED_PRECONDITION   presented after its expiry
+foreign        PERMISSION_DENIED     issued to another session
+wrong-operation FAILED_PRECONDITION  presented for an operation it was not issued for
+============== ===================== ===============================================================
+
+``unknown``, ``reused`` and ``expired`` are FAILED_PRECONDITION rather than NOT_FOUND: the caller's state (its
+token) is stale, and the fix is the same in each case — ask the control plane for a new token.
+
+A token presented by another session, or for the wrong operation, is refused and *not* consumed: the rightful
+owner can still use it before it expires. Otherwise a session that saw a token (e.g. in a log) could destroy
+another session's handoff. An expired token is removed when it is presented or by :meth:`TokenBook.expire`.
+
+Costs: issue, redeem, peek and cancel are O(1) (dict and OrderedDict operations; expiry queues are kept per
+distinct TTL, each ordered by expiry because the clock is monotonic); ``void_session`` is O(tokens of that
+session); ``expire`` is O(expired tokens + distinct TTLs).
+
+The book is not thread-safe: the broker uses it from its one event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+from fdbroker.errors import BrokerError, Code
+
+TOKEN_BYTES = 32
+LOOKUP_BYTES = 8
+DEFAULT_TTL = 5.0
+# How many retired (redeemed, expired) tokens are remembered to say "already used" / "expired" instead of
+# "unknown".
+RETIRED_MEMORY = 4096
+
+_OP_NAMES = {0: "unspecified", 1: "put", 2: "get", 3: "take", 4: "lease", 5: "checkin"}
+
+
+def short(token: bytes) -> str:
+    """The log form of a token: its first 4 bytes in hex and an ellipsis (never the whole secret)."""
+    return token[:4].hex() + "…"
+
+
+def operation_name(operation: int) -> str:
+    """Lowercase name of a ``broker_pb2.Operation`` value ("put", "get", ...)."""
+    return _OP_NAMES.get(operation, f"operation-{operation}")
+
+
+class TokenError(BrokerError):
+    """A handoff token was refused. ``reason`` is one of "malformed", "unknown", "reused", "expired",
+    "foreign", "wrong-operation"; ``code`` follows the table in the module docstring."""
+
+    code = Code.FAILED_PRECONDITION
+
+    def __init__(self, message: str, *, reason: str, name: str = "", code: Code | None = None) -> None:
+        super().__init__(message, name=name, code=code)
+        self.reason = reason
+
+
+@dataclass(slots=True, repr=False)
+class Token:
+    """One issued handoff token and what it was issued for."""
+
+    token: bytes
+    operation: int  # broker_pb2.Operation value
+    name: str
+    session_id: str
+    uid: int
+    entry_id: int  # 0 when the entry does not exist yet (PUT)
+    expires_at: float  # on the book's (monotonic) clock
+    payload: Any = None  # opaque per-operation data the broker attaches (e.g. put options)
+
+    def __repr__(self) -> str:
+        return (
+            f"Token({short(self.token)} {operation_name(self.operation)} {self.name!r} "
+            f"session={self.session_id[:8]}… uid={self.uid} entry={self.entry_id} "
+            f"expires_at={self.expires_at:.3f})"
+        )
+
+
+class TokenBook:
+    """The pending handoff tokens of a broker.
+
+    ``ttl`` is the default lifetime in seconds; ``clock`` a monotonic clock (injectable for tests).
+    """
+
+    def __init__(self, ttl: float = DEFAULT_TTL, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not ttl > 0:
+            raise ValueError(f"token ttl must be positive, got {ttl!r}")
+        self.ttl = ttl
+        self._clock = clock
+        # lookup id -> (token, the key of its expiry queue)
+        self._live: dict[bytes, tuple[Token, float]] = {}
+        # Per distinct TTL: lookup id -> token, in issue order, hence in expiry order.
+        self._queues: dict[float, OrderedDict[bytes, Token]] = {}
+        self._by_session: dict[str, dict[bytes, None]] = {}
+        self._by_uid: dict[int, int] = {}
+        # lookup id -> (whole token, reason) for recently retired tokens.
+        self._retired: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Tokens issued and not yet redeemed, cancelled, voided or purged (may include expired ones not yet
+        purged by :meth:`expire`)."""
+        return len(self._live)
+
+    def issue(
+        self,
+        *,
+        operation: int,
+        name: str,
+        session_id: str,
+        uid: int,
+        entry_id: int = 0,
+        payload: Any = None,
+        ttl: float | None = None,
+    ) -> Token:
+        """Issues a new single-use token valid for ``ttl`` seconds (default: the book's)."""
+        if ttl is None:
+            ttl = self.ttl
+        elif not ttl > 0:
+            raise ValueError(f"token ttl must be positive, got {ttl!r}")
+        while True:
+            raw = secrets.token_bytes(TOKEN_BYTES)
+            lookup = raw[:LOOKUP_BYTES]
+            # A 64-bit collision is astronomically unlikely; never overwrite a live token or shadow a retired
+            # one.
+            if lookup not in self._live and lookup not in self._retired:
+                break
+        tok = Token(raw, operation, name, session_id, uid, entry_id, self._clock() + ttl, payload)
+        self._live[lookup] = (tok, ttl)
+        queue = self._queues.get(ttl)
+        if queue is None:
+            queue = self._queues[ttl] = OrderedDict()
+        queue[lookup] = tok
+        self._by_session.setdefault(session_id, {})[lookup] = None
+        self._by_uid[uid] = self._by_uid.get(uid, 0) + 1
+        return tok
+
+    def redeem(self, token: bytes, *, session_id: str, operations: Collection[int]) -> Token:
+        """Consumes a token presented by ``session_id`` for one of ``operations`` and returns it.
+
+        Raises :class:`TokenError` (see the module docstring); a foreign or wrong-operation presentation does
+        not consume the token.
+        """
+        tok = self._find(token)
+        if tok.session_id != session_id:
+            raise TokenError(
+                f"handoff token {short(token)} for {operation_name(tok.operation)} of {tok.name!r} "
+                "belongs to another session; a token is only valid on the conduit of the session that "
+                "asked for it",
+                reason="foreign",
+                name=tok.name,
+                code=Code.PERMISSION_DENIED,
+            )
+        if tok.operation not in operations:
+            wanted = "/".join(operation_name(op) for op in sorted(operations)) or "nothing"
+            raise TokenError(
+                f"handoff token {short(token)} was issued for {operation_name(tok.operation)} "
+                f"of {tok.name!r}, not for {wanted}; send it with the frame for the operation that issued it",
+                reason="wrong-operation",
+                name=tok.name,
+            )
+        self._remove(tok, "reused")
+        return tok
+
+    def peek(self, token: bytes, *, session_id: str) -> Token | None:
+        """The live token if ``session_id`` could redeem it now, else None. Does not consume it (an expired
+        token found here is purged)."""
+        try:
+            tok = self._find(token)
+        except TokenError:
+            return None
+        return tok if tok.session_id == session_id else None
+
+    def cancel(self, token: bytes) -> Token | None:
+        """Removes a live token whatever its session (the broker aborting a handoff); None if not live. A
+        cancelled token presented later is "unknown"."""
+        found = self._live.get(token[:LOOKUP_BYTES]) if len(token) == TOKEN_BYTES else None
+        if found is None or not hmac.compare_digest(found[0].token, token):
+            return None
+        self._remove(found[0], None)
+        return found[0]
+
+    def void_session(self, session_id: str) -> list[Token]:
+        """Removes and returns every live token of a session (its conduit closed)."""
+        lookups = self._by_session.get(session_id)
+        if not lookups:
+            return []
+        voided = [self._live[lookup][0] for lookup in lookups]
+        for tok in voided:
+            self._remove(tok, None)
+        return voided
+
+    def expire(self, now: float | None = None) -> list[Token]:
+        """Removes and returns the tokens whose expiry is at or before ``now`` (default: the clock)."""
+        if now is None:
+            now = self._clock()
+        expired: list[Token] = []
+        for queue in list(self._queues.values()):
+            while queue:
+                tok = next(iter(queue.values()))
+                if tok.expires_at > now:
+                    break
+                expired.append(tok)
+                self._remove(tok, "expired")
+        return expired
+
+    def next_expiry(self) -> float | None:
+        """The earliest expiry among live tokens (on the book's clock), or None when there are none."""
+        best: float | None = None
+        for queue in self._queues.values():
+            first = next(iter(queue.values())).expires_at
+            if best is None or first < best:
+                best = first
+        return best
+
+    def pending_for_uid(self, uid: int) -> int:
+        """Live tokens issued to sessions of ``uid`` (for the pending-token quota)."""
+        return self._by_uid.get(uid, 0)
+
+    # -- internals
+
+    def _find(self, token: bytes) -> Token:
+        """The live, unexpired token equal to ``token``; raises TokenError (and purges it if expired)."""
+        if len(token) != TOKEN_BYTES:
+            raise TokenError(
+                f"malformed handoff token ({len(token)} bytes, expected {TOKEN_BYTES}); "
+                "send the token exactly as the broker issued it",
+                reason="malformed",
+                code=Code.INVALID_ARGUMENT,
+            )
+        lookup = token[:LOOKUP_BYTES]
+        found = self._live.get(lookup)
+        if found is None or not hmac.compare_digest(found[0].token, token):
+            retired = self._retired.get(lookup)
+            if retired is not None and found is None and hmac.compare_digest(retired[0], token):
+                reason = retired[1]
+                what = "was already used" if reason == "reused" else "has expired"
+                raise TokenError(
+                    f"handoff token {short(token)} {what}; tokens are single use and short-lived: "
+                    "ask the broker for a new one",
+                    reason=reason,
+                )
+            raise TokenError(
+                f"unknown handoff token {short(token)}: never issued, cancelled, or its session ended; "
+                "ask the broker for a new one",
+                reason="unknown",
+            )
+        tok = found[0]
+        if tok.expires_at <= self._clock():
+            self._remove(tok, "expired")
+            raise TokenError(
+                f"handoff token {short(token)} for {operation_name(tok.operation)} of {tok.name!r} "
+                "has expired; ask the broker for a new one and send the frame within the token's lifetime",
+                reason="expired",
+                name=tok.name,
+            )
+        return tok
+
+    def _remove(self, tok: Token, remember: str | None) -> None:
+        lookup = tok.token[:LOOKUP_BYTES]
+        _, ttl = self._live.pop(lookup)
+        queue = self._queues[ttl]
+        del queue[lookup]
+        if not queue:
+            del self._queues[ttl]
+        session = self._by_session[tok.session_id]
+        del session[lookup]
+        if not session:
+            del self._by_session[tok.session_id]
+        left = self._by_uid[tok.uid] - 1
+        if left:
+            self._by_uid[tok.uid] = left
+        else:
+            del self._by_uid[tok.uid]
+        if remember is not None:
+            self._retired[lookup] = (tok.token, remember)
+            if len(self._retired) > RETIRED_MEMORY:
+                self._retired.popitem(last=False)
