@@ -1,0 +1,414 @@
+"""Framed messages: the broker's conduit protocol.
+
+On the wire (``SOCK_STREAM``, ``AF_UNIX``): a 4-byte big-endian unsigned length ``N`` (1 ..
+``max_frame_bytes``),
+then ``N`` bytes of a serialized ``fdbroker.v1.ConduitFrame``. The frame's ``fd_count`` descriptors (at most
+253) ride as ``SCM_RIGHTS`` on the ``sendmsg`` that carries the frame's first byte (its length prefix); a
+sender
+sends every frame that has descriptors with a ``sendmsg`` of its own.
+
+Attribution rule (the receiver's side, see docs/conduit-protocol.md): the kernel delivers a message's
+descriptors with the ``recvmsg`` that reads the message's first byte and ends that read in that message. So
+the
+descriptors that arrive with one ``recvmsg`` belong to the frame(s) that *start* within the bytes of that
+read,
+in order, each frame claiming exactly its ``fd_count``. A frame that claims more than are there is refused
+(the
+ones it got are closed); descriptors no frame claims are unsolicited and closed.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from fdbroker.v1 import broker_pb2 as pb
+
+from .conduit import Credentials, _connect, peer_credentials
+from .errors import ConduitError, ErrType, error_from_oserror
+from .receive import SCM_MAX_FD, close_fds, recv_fds_nonblocking
+from .send import send_with_fds
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "SCM_MAX_FD",
+    "Frame",
+    "FrameDecoder",
+    "FramedConduit",
+    "encode_frame",
+]
+
+MAX_FRAME_BYTES = 65536
+"""Default largest frame body in bytes (the length prefix not counted)."""
+
+_PREFIX = struct.Struct(">I")
+_RECV_BYTES = 65536 + 4
+
+
+def encode_frame(
+    message: pb.ConduitFrame, fd_count: int = 0, max_frame_bytes: int = MAX_FRAME_BYTES
+) -> bytes:
+    """Sets ``message.fd_count = fd_count`` and returns the length prefix + serialized body.
+
+    ``ValueError`` if ``fd_count`` is outside 0..253 or the body is longer than ``max_frame_bytes``. (An empty
+    ``ConduitFrame`` serializes to zero bytes, which is not a valid frame: ``ValueError`` too — set a body.)
+    """
+    if not 0 <= fd_count <= SCM_MAX_FD:
+        raise ValueError(f"a frame carries 0..{SCM_MAX_FD} descriptors, not {fd_count}")
+    message.fd_count = fd_count
+    body = message.SerializeToString()
+    n = len(body)
+    if not 0 < n <= max_frame_bytes:
+        raise ValueError(f"frame body of {n} bytes is outside 1..{max_frame_bytes}")
+    return _PREFIX.pack(n) + body
+
+
+@dataclass
+class Frame:
+    """One received frame and its descriptors (exactly ``message.fd_count``, close-on-exec).
+
+    The caller owns ``fds``: keep them, or call :meth:`close_fds`.
+    """
+
+    message: pb.ConduitFrame
+    fds: list[int] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        """Closes every descriptor of the frame (errors ignored) and empties :attr:`fds`."""
+        fds, self.fds = self.fds, []
+        close_fds(fds)
+
+
+class _Batch:
+    """Descriptors of one ``recvmsg`` and the stream offsets [start, end) of the bytes it read."""
+
+    __slots__ = ("end", "fds", "start")
+
+    def __init__(self, start: int, end: int, fds: list[int]) -> None:
+        self.start = start
+        self.end = end
+        self.fds = fds
+
+
+class FrameDecoder:
+    """Turns the results of ``recvmsg`` calls into frames, attributing descriptors by the rule above.
+
+    Sans-I/O: the blocking, asyncio and broker event-loop readers all feed it. Not thread-safe.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError("max_frame_bytes must be at least 1")
+        self.max_frame_bytes = max_frame_bytes
+        self._buf = bytearray()
+        self._base = 0  # stream offset of _buf[0], i.e. of the next frame's first byte
+        self._batches: collections.deque[_Batch] = collections.deque()
+        self._broken: ConduitError | None = None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an incomplete frame held (non-zero at EOF means the peer hung up mid-frame)."""
+        return len(self._buf)
+
+    @property
+    def pending_fds(self) -> int:
+        """Descriptors held for frames not yet complete."""
+        return sum(len(b.fds) for b in self._batches)
+
+    def close(self) -> None:
+        """Closes every descriptor the decoder still holds and drops buffered bytes. Idempotent."""
+        batches, self._batches = self._batches, collections.deque()
+        for b in batches:
+            close_fds(b.fds)
+        self._buf.clear()
+
+    def _fatal(self, msg: str) -> ConduitError:
+        self.close()
+        self._broken = ConduitError(
+            ErrType.BAD_FRAME, msg + "; the stream is out of sync, drop the connection"
+        )
+        return self._broken
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame | ConduitError]:
+        """Takes the bytes and descriptors of one ``recvmsg`` (the decoder owns ``fds`` from now on).
+
+        Returns what this data completed, in order: :class:`Frame` (the caller owns its ``fds``), or a
+        non-fatal ``ConduitError`` whose descriptors were already closed — ``NO_FD`` (a frame claimed more
+        descriptors than came with it; the frame is dropped) or ``BAD_CTRL_MESG`` (unsolicited descriptors).
+        The connection can go on after those.
+
+        Raises ``ConduitError(BAD_FRAME)`` for fatal problems — a length of 0 or over ``max_frame_bytes``, a
+        body that is not a ``ConduitFrame``, ``fd_count`` over 253 — after closing every descriptor it holds;
+        the caller must drop the connection (later calls raise the same error and close what they are given).
+        """
+        if self._broken is not None:
+            close_fds(tuple(fds))
+            raise self._broken
+        buf = self._buf
+        start = self._base + len(buf)
+        if fds:
+            self._batches.append(_Batch(start, start + len(data), list(fds)))
+        buf += data
+        out: list[Frame | ConduitError] = []
+        batches = self._batches
+        while len(buf) >= 4:
+            (n,) = _PREFIX.unpack_from(buf)
+            if n == 0 or n > self.max_frame_bytes:
+                raise self._fatal(f"frame length {n} is outside 1..{self.max_frame_bytes}")
+            if len(buf) < 4 + n:
+                break
+            msg = pb.ConduitFrame()
+            try:
+                msg.ParseFromString(bytes(buf[4 : 4 + n]))
+            except Exception as exc:  # DecodeError, and whatever else a hostile body provokes
+                raise self._fatal(f"undecodable frame body ({exc})") from None
+            want = msg.fd_count
+            if want > SCM_MAX_FD:
+                raise self._fatal(f"frame claims {want} descriptors, more than {SCM_MAX_FD}")
+            frame_start = self._base
+            del buf[: 4 + n]
+            self._base += 4 + n
+            # Batches that ended before this frame began can no longer be claimed.
+            while batches and batches[0].end <= frame_start:
+                b = batches.popleft()
+                if b.fds:
+                    out.append(_unsolicited(b))
+            if want == 0:
+                out.append(Frame(msg, []))
+                continue
+            owner = batches[0] if batches and batches[0].start <= frame_start else None
+            if owner is None or len(owner.fds) < want:
+                got: list[int] = []
+                if owner is not None:
+                    got, owner.fds = owner.fds, []
+                close_fds(got)
+                out.append(
+                    ConduitError(
+                        ErrType.NO_FD,
+                        f"a frame claimed {want} descriptors but {len(got)} arrived with it; "
+                        "the frame was dropped and its descriptors closed",
+                    )
+                )
+                continue
+            mine, owner.fds = owner.fds[:want], owner.fds[want:]
+            out.append(Frame(msg, mine))
+        # Batches whose bytes are all consumed: no frame can still start in them.
+        while batches and batches[0].end <= self._base:
+            b = batches.popleft()
+            if b.fds:
+                out.append(_unsolicited(b))
+        return out
+
+
+def _unsolicited(b: _Batch) -> ConduitError:
+    n = len(b.fds)
+    close_fds(b.fds)
+    b.fds = []
+    return ConduitError(ErrType.BAD_CTRL_MESG, f"{n} unsolicited descriptor(s) closed")
+
+
+class FramedConduit:
+    """A blocking framed endpoint for clients, over a ``SOCK_STREAM`` ``AF_UNIX`` socket it owns.
+
+    Thread-safe for one sender and one receiver at a time (separate locks). The socket is kept non-blocking
+    and
+    waits use ``poll``, so the send and receive timeouts never disturb each other.
+
+    Timeouts: ``timeout=None`` in a call means the conduit's :attr:`timeout` (``None`` = wait forever).
+    """
+
+    def __init__(
+        self, sock: socket.socket, *, timeout: float | None = None, max_frame_bytes: int = MAX_FRAME_BYTES
+    ) -> None:
+        """Wraps ``sock``, which the conduit owns from now on. ``BAD_CLONE`` if it is not ``AF_UNIX`` (then
+        ``sock`` stays the caller's)."""
+        if sock.family != socket.AF_UNIX:
+            raise ConduitError(ErrType.BAD_CLONE, f"a {sock.family.name} socket cannot carry descriptors")
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        #: Default timeout in seconds for :meth:`send` and :meth:`recv` (``None``: wait forever).
+        self.timeout = timeout
+        self.max_frame_bytes = max_frame_bytes
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._ready: collections.deque[Frame | ConduitError] = collections.deque()
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._rpoll = select.poll()
+        self._rpoll.register(self._fd, select.POLLIN)
+        self._wpoll = select.poll()
+        self._wpoll.register(self._fd, select.POLLOUT)
+        self._send_broken: ConduitError | None = None
+        self._eof: ConduitError | None = None
+
+    @classmethod
+    def connect(
+        cls,
+        path: str | bytes | os.PathLike[str],
+        *,
+        timeout: float | None = None,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+    ) -> FramedConduit:
+        """Connects to ``path`` (``timeout`` bounds the connect and becomes the default). Errors as
+        :meth:`fdbroker.conduit.Conduit.connect`."""
+        return cls(_connect(path, timeout), timeout=timeout, max_frame_bytes=max_frame_bytes)
+
+    @classmethod
+    def from_socket(
+        cls, sock: socket.socket, *, timeout: float | None = None, max_frame_bytes: int = MAX_FRAME_BYTES
+    ) -> FramedConduit:
+        """A framed conduit over ``sock`` (which it owns from now on)."""
+        return cls(sock, timeout=timeout, max_frame_bytes=max_frame_bytes)
+
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed)."""
+        return self._sock.fileno()
+
+    def peer_credentials(self) -> Credentials:
+        """pid, uid, gid of the peer from ``SO_PEERCRED``."""
+        return peer_credentials(self._sock)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        t = self.timeout if timeout is None else timeout
+        return None if t is None else time.monotonic() + t
+
+    @staticmethod
+    def _wait(poller: select.poll, deadline: float | None, what: str) -> None:
+        while True:
+            if deadline is None:
+                ms: int | None = None
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConduitError(ErrType.TIMEOUT, f"{what} timed out")
+                ms = max(1, int(left * 1000 + 0.999))
+            if poller.poll(ms):
+                return
+
+    def send(self, message: pb.ConduitFrame, fds: Sequence[int] = (), timeout: float | None = None) -> None:
+        """Sends one frame with ``fds`` attached (sets ``message.fd_count``).
+
+        The caller's descriptors are NOT closed, on success or failure (the peer got copies on success).
+        ``ValueError`` for more than 253 descriptors or an oversize/empty body. ``ConduitError``: ``TIMEOUT``,
+        ``PEER_CLOSED``, ``FAILED_TRANSFER`` (e.g. ``EBADF``). If a frame was cut off part-way (timeout or
+        error
+        after its first bytes went out) the stream is unusable: later sends raise the same error.
+        """
+        data = encode_frame(message, len(fds), self.max_frame_bytes)
+        with self._send_lock:
+            if self._send_broken is not None:
+                raise self._send_broken
+            deadline = self._deadline(timeout)
+            sock = self._sock
+            view = memoryview(data)
+            sent = 0
+            try:
+                while sent < len(data):
+                    try:
+                        sent += send_with_fds(sock, view[sent:], fds if sent == 0 else ())
+                    except BlockingIOError:
+                        self._wait(self._wpoll, deadline, "send")
+            except (ConduitError, OSError) as exc:
+                err = exc if isinstance(exc, ConduitError) else error_from_oserror(exc, "sendmsg")
+                if sent:
+                    self._send_broken = ConduitError(
+                        err.type,
+                        f"a frame was cut off after {sent} bytes ({err.message}); the conduit is unusable",
+                    )
+                raise err from None
+
+    def recv(self, timeout: float | None = None) -> Frame:
+        """Receives the next frame; the caller owns its ``fds`` (exactly ``fd_count``, close-on-exec).
+
+        Raises ``ConduitError``: ``TIMEOUT`` (nothing lost; call again); ``PEER_CLOSED`` (EOF, possibly
+        mid-frame: everything held is closed); ``BAD_FRAME`` (fatal: the stream is out of sync, close the
+        conduit). Non-fatal problems are raised too but the conduit stays usable, their descriptors already
+        closed: ``NO_FD`` (a frame claimed more descriptors than came with it; it was dropped),
+        ``BAD_CTRL_MESG`` (unsolicited descriptors, truncated control data).
+        """
+        with self._recv_lock:
+            ready = self._ready
+            deadline: float | None = None
+            first = True
+            while True:
+                if ready:
+                    item = ready.popleft()
+                    if isinstance(item, ConduitError):
+                        raise item
+                    return item
+                if self._eof is not None:
+                    raise self._eof
+                if first:
+                    deadline = self._deadline(timeout)
+                    first = False
+                try:
+                    data, fds = recv_fds_nonblocking(self._sock, _RECV_BYTES, SCM_MAX_FD)
+                except BlockingIOError:
+                    self._wait(self._rpoll, deadline, "recv")
+                    continue
+                except ConduitError as exc:
+                    ready.append(exc)
+                    data, fds = exc.data, []
+                    if not data:
+                        continue
+                except OSError as exc:
+                    err = error_from_oserror(exc, "recvmsg")
+                    if err.type is ErrType.PEER_CLOSED:
+                        self._set_eof(err)
+                    raise err from None
+                if not data:
+                    pending = self._decoder.pending_bytes
+                    self._set_eof(
+                        ConduitError(
+                            ErrType.PEER_CLOSED,
+                            f"the peer hung up in the middle of a frame ({pending} bytes held, closed)"
+                            if pending
+                            else "the peer closed the conduit",
+                        )
+                    )
+                    continue
+                ready.extend(self._decoder.feed(data, fds))
+
+    def _set_eof(self, err: ConduitError) -> None:
+        self._eof = err
+        self._decoder.close()
+
+    def close(self) -> None:
+        """Closes the conduit: shuts the socket down (waking a thread blocked in send/recv, which then gets
+        ``PEER_CLOSED``), then closes it and every descriptor held for unreturned frames. Idempotent."""
+        if self._sock.fileno() < 0:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        got_s = self._send_lock.acquire(timeout=5)
+        got_r = self._recv_lock.acquire(timeout=5)
+        try:
+            self._sock.close()
+            self._decoder.close()
+            while self._ready:
+                item = self._ready.popleft()
+                if isinstance(item, Frame):
+                    item.close_fds()
+        finally:
+            if got_r:
+                self._recv_lock.release()
+            if got_s:
+                self._send_lock.release()
+
+    def __enter__(self) -> FramedConduit:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
