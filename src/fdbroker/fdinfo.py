@@ -16,6 +16,7 @@ of the open file description. Errors: :class:`OSError` (``EBADF``) for a descrip
 
 from __future__ import annotations
 
+import _socket
 import fcntl
 import os
 import socket
@@ -80,7 +81,11 @@ _ACCESS_WORD: dict[int, str] = {
     pb.ACCESS_MODE_WRITE: "write",
     pb.ACCESS_MODE_READ_WRITE: "read-write",
 }
-_FAMILY_NAMES = {socket.AF_INET: "AF_INET", socket.AF_INET6: "AF_INET6", socket.AF_UNIX: "AF_UNIX"}
+_FAMILY_NAMES: dict[int, str] = {
+    socket.AF_INET: "AF_INET",
+    socket.AF_INET6: "AF_INET6",
+    socket.AF_UNIX: "AF_UNIX",
+}
 _DELETED = " (deleted)"
 
 
@@ -91,7 +96,8 @@ def kind_name(kind: int) -> str:
 
 def describe(fd: int) -> pb.DescriptorInfo:
     """Reads what ``fd`` is from the kernel as a ``DescriptorInfo``. The caller keeps ``fd``."""
-    mode = os.fstat(fd).st_mode
+    st = os.fstat(fd)
+    mode = st.st_mode
     fl = fcntl.fcntl(fd, fcntl.F_GETFL)
     info = pb.DescriptorInfo()
     flags = _flag_names(fl)
@@ -101,6 +107,11 @@ def describe(fd: int) -> pb.DescriptorInfo:
     info.access_mode = access  # type: ignore[assignment]
     if stat.S_ISSOCK(mode):
         _describe_socket(fd, fl, info)
+        return info
+    if stat.S_ISFIFO(mode) and st.st_dev == _pipefs_dev():
+        # Anonymous pipes live on the kernel's pipefs: no readlink needed.
+        info.kind = pb.KIND_PIPE
+        info.summary = "pipe (read end)" if access == pb.ACCESS_MODE_READ else f"pipe ({_pipe_end(access)})"
         return info
     link = os.readlink(f"/proc/self/fd/{fd}")
     fmt = stat.S_IFMT(mode)
@@ -120,7 +131,7 @@ def describe(fd: int) -> pb.DescriptorInfo:
         info.summary = "directory " + link
     elif fmt == stat.S_IFIFO:
         end = _pipe_end(access)
-        if link.startswith("pipe:["):
+        if link.startswith("pipe:["):  # only if pipefs' device could not be learnt
             info.kind = pb.KIND_PIPE
             info.summary = f"pipe ({end})"
         else:
@@ -145,12 +156,40 @@ def describe(fd: int) -> pb.DescriptorInfo:
     return info
 
 
-def _flag_names(fl: int) -> list[str]:
-    names = [name for name, bit in _FLAG_BITS if fl & bit]
-    if fl & _O_SYNC == _O_SYNC:
-        names.append("O_SYNC")
-    elif fl & _O_DSYNC:
-        names.append("O_DSYNC")
+_PIPEFS_DEV: int | None = None
+
+
+def _pipefs_dev() -> int:
+    """The device number of pipefs (where every anonymous pipe lives), learnt once from a throwaway pipe; -1
+    if that fails (then pipes are told from FIFOs by readlink)."""
+    global _PIPEFS_DEV
+    if _PIPEFS_DEV is None:
+        try:
+            r, w = os.pipe()
+        except OSError:  # EMFILE: try again next time
+            return -1
+        try:
+            _PIPEFS_DEV = os.fstat(r).st_dev
+        finally:
+            os.close(r)
+            os.close(w)
+    return _PIPEFS_DEV
+
+
+_FLAG_CACHE: dict[int, tuple[str, ...]] = {}
+
+
+def _flag_names(fl: int) -> tuple[str, ...]:
+    names = _FLAG_CACHE.get(fl)
+    if names is None:
+        found = [name for name, bit in _FLAG_BITS if fl & bit]
+        if fl & _O_SYNC == _O_SYNC:
+            found.append("O_SYNC")
+        elif fl & _O_DSYNC:
+            found.append("O_DSYNC")
+        names = tuple(found)
+        if len(_FLAG_CACHE) < 1024:  # few distinct flag words occur; bound it anyway
+            _FLAG_CACHE[fl] = names
     return names
 
 
@@ -172,11 +211,13 @@ def _pipe_end(access: int) -> str:
 
 
 def _describe_socket(fd: int, fl: int, info: pb.DescriptorInfo) -> None:
-    # Adopt the caller's descriptor without dup and detach it in `finally`, so it is never closed here.
-    sock = socket.socket(fileno=fd)
+    # Adopt the caller's descriptor without dup and detach it in `finally`, so it is never closed here. The C
+    # type (_socket.socket) is used because socket.socket's enum-converting properties cost more than the
+    # syscalls.
+    sock = _socket.socket(fileno=fd)
     try:
-        if socket.getdefaulttimeout() is not None and not fl & os.O_NONBLOCK:
-            # socket.socket() made the shared open file description non-blocking because a process-wide
+        if _socket.getdefaulttimeout() is not None and not fl & os.O_NONBLOCK:
+            # _socket.socket() made the shared open file description non-blocking because a process-wide
             # default timeout is set; put the caller's flags back.
             fcntl.fcntl(fd, fcntl.F_SETFL, fl)
         family = sock.family
@@ -220,14 +261,14 @@ def _describe_socket(fd: int, fl: int, info: pb.DescriptorInfo) -> None:
         info.summary = f"{word} (unbound)"
 
 
-def _sockname(sock: socket.socket) -> object:
+def _sockname(sock: _socket.socket) -> object:
     try:
         return sock.getsockname()
     except OSError:
         return None
 
 
-def _peername(sock: socket.socket) -> object:
+def _peername(sock: _socket.socket) -> object:
     try:
         return sock.getpeername()
     except OSError:  # ENOTCONN
