@@ -1,6 +1,7 @@
 """Shared test fixtures.
 
-``no_fd_leak`` (autouse) fails any test that leaves a descriptor open in the test process. A test that must keep
+``no_fd_leak`` (autouse) fails any test that leaves a descriptor open in the test process. A test that must
+keep
 one open on purpose can opt out with ``@pytest.mark.fd_leak_ok``.
 """
 
@@ -37,7 +38,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def no_fd_leak(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fails the test if it leaves descriptors open that were not open before it.
 
-    Objects that close their descriptor when collected (sockets, files) get a ``gc.collect()`` and a short grace
+    Objects that close their descriptor when collected (sockets, files) get a ``gc.collect()`` and a short
+    grace
     (threads and child processes winding down) before the check.
     """
     if request.node.get_closest_marker("fd_leak_ok"):

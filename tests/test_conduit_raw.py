@@ -30,7 +30,7 @@ def is_open(fd: int) -> bool:
     return True
 
 
-# --- to another process, proved on the other side -------------------------------------------------------------
+# --- to another process, proved on the other side -----------------------------------------------------------
 
 
 def test_pipe_write_end(peer: PeerFactory) -> None:
@@ -146,7 +146,7 @@ def test_receive_from_peer_and_write_back(peer: PeerFactory) -> None:
     assert p.finish() == 0
 
 
-# --- net-conduit wire format -----------------------------------------------------------------------------------
+# --- net-conduit wire format --------------------------------------------------------------------------------
 
 
 def test_netconduit_format_sender_to_receive_fd(peer: PeerFactory) -> None:
@@ -170,7 +170,7 @@ def test_transfer_fd_to_netconduit_format_receiver(peer: PeerFactory) -> None:
     assert p.finish() == 0
 
 
-# --- strict receiving ---------------------------------------------------------------------------------------------
+# --- strict receiving ---------------------------------------------------------------------------------------
 
 
 def test_two_descriptors_to_receive_fd_is_bad_ctrl_mesg_and_both_closed(peer: PeerFactory) -> None:
@@ -299,7 +299,7 @@ def test_receive_socket_of_non_socket_is_bad_clone_and_closed() -> None:
         os.close(w)
 
 
-# --- constructors -----------------------------------------------------------------------------------------------
+# --- constructors -------------------------------------------------------------------------------------------
 
 
 def test_from_socket_rejects_tcp() -> None:
@@ -353,7 +353,7 @@ def test_connect_failures_are_typed(tmp_path: os.PathLike[str]) -> None:
     assert ei.value.type is ErrType.FAILED_TRANSFER and ei.value.errno == 2
 
 
-# --- timeouts and signals ----------------------------------------------------------------------------------------
+# --- timeouts and signals -----------------------------------------------------------------------------------
 
 
 def test_receive_timeout_fires() -> None:
@@ -423,7 +423,7 @@ def test_eintr_is_retried() -> None:
         b.close()
 
 
-# --- batches ------------------------------------------------------------------------------------------------------
+# --- batches ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n", [0, 1, 253, 254, 506, 1000])

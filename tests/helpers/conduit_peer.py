@@ -1,7 +1,8 @@
 """The other process in the conduit tests: ``python conduit_peer.py SOCKFD COMMAND [ARGS]``.
 
 SOCKFD is an inherited AF_UNIX stream socket. The peer does one thing and prints one JSON line on stdout with
-what it saw; the test asserts on it. It never trusts the test: every received descriptor is proved by using it.
+what it saw; the test asserts on it. It never trusts the test: every received descriptor is proved by using
+it.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def main() -> None:
         os.close(w)
         report(read=os.read(r, 100).decode())
     elif cmd == "netconduit-recv":
-        msg, fds, flags, _ = socket.recv_fds(sock, 16, 4, socket.MSG_CMSG_CLOEXEC)
+        msg, fds, _flags, _ = socket.recv_fds(sock, 16, 4, socket.MSG_CMSG_CLOEXEC)
         for fd in fds:
             os.write(fd, b"via net-conduit format")
             os.close(fd)

@@ -158,6 +158,18 @@ class FrameDecoder:
             self._batches.append(_Batch(start, start + len(data), list(fds)))
         buf += data
         out: list[Frame | ConduitError] = []
+        try:
+            self._parse(out)
+        except ConduitError:
+            # Fatal: frames this call completed are dropped too, with their descriptors.
+            for item in out:
+                if isinstance(item, Frame):
+                    item.close_fds()
+            raise
+        return out
+
+    def _parse(self, out: list[Frame | ConduitError]) -> None:
+        buf = self._buf
         batches = self._batches
         while len(buf) >= 4:
             (n,) = _PREFIX.unpack_from(buf)
@@ -205,7 +217,6 @@ class FrameDecoder:
             b = batches.popleft()
             if b.fds:
                 out.append(_unsolicited(b))
-        return out
 
 
 def _unsolicited(b: _Batch) -> ConduitError:
