@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fdbroker.errors import BrokerError, Code
+from fdbroker.notify import sd_notify
 from fdbroker.rundir import (
     CONDUIT_SOCKET,
     CONTROL_SOCKET,
@@ -282,3 +283,30 @@ def _check_other_uid(run: Path) -> None:
 def test_broker_pid_without_lock_file(tmp_path: Path) -> None:
     assert broker_pid(tmp_path) is None
     assert broker_pid(tmp_path / "missing") is None
+
+
+# --- sd_notify (startup plumbing, like the run directory; tested here with a real datagram socket)
+
+
+def test_sd_notify_path_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert sd_notify("READY=1\nSTATUS=serving") is True
+        assert rx.recv(4096) == b"READY=1\nSTATUS=serving"
+
+
+def test_sd_notify_abstract_socket() -> None:
+    name = f"fdbroker-notify-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind("\0" + name)
+        assert sd_notify("STOPPING=1", environ={"NOTIFY_SOCKET": "@" + name}) is True
+        assert rx.recv(4096) == b"STOPPING=1"
+
+
+def test_sd_notify_unset_or_missing(tmp_path: Path) -> None:
+    assert sd_notify("READY=1", environ={}) is False
+    assert sd_notify("READY=1", environ={"NOTIFY_SOCKET": ""}) is False
+    assert sd_notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "nobody")}) is False
+    assert sd_notify("READY=1", environ={"NOTIFY_SOCKET": "@fdbroker-nobody-listens-here"}) is False
