@@ -16,8 +16,9 @@ owner_uid)``:
 Rules are therefore order-independent. A rule matches an identity when its uid is in ``uids`` or its gid is
 in ``gids`` (a rule with neither matches every session). A rule's ``names`` globs (``*`` within one segment,
 ``**`` across segments, ``?`` one character) restrict it to entries; an action not about one entry
-(``name=""``: the ``GetInfo`` call, a whole ``List`` call) is not restricted by ``names`` — the broker filters
-the entries of a listing or a watch per entry with ``allows(identity, "list"/"watch", entry_name, owner_uid)``.
+(``name=""``: the ``GetInfo`` call, a whole ``List`` call) is decided by the rules without ``names`` and the
+built-ins only; the broker filters the entries of a listing or a watch per entry with
+``allows(identity, "list"/"watch", name, owner)``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ class Rule:
         return ident.uid in self.uids or ident.gid in self.gids
 
     def matches_name(self, name: str) -> bool:
-        return not name or self._pattern is None or self._pattern.fullmatch(name) is not None
+        # A rule scoped by `names` is about entries: it does not apply to a check that is not about one entry.
+        if self._pattern is None:
+            return True
+        return bool(name) and self._pattern.fullmatch(name) is not None
 
 
 def glob_to_regex(patterns: Iterable[str]) -> re.Pattern[str]:
