@@ -548,16 +548,18 @@ class Deposited(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[DepositResult, _Mapping]]] = ...) -> None: ...
 
 class DepositResult(_message.Message):
-    __slots__ = ("token", "name", "revision", "error")
+    __slots__ = ("token", "name", "revision", "error", "entry")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
     token: bytes
     name: str
     revision: int
     error: Error
-    def __init__(self, token: _Optional[bytes] = ..., name: _Optional[str] = ..., revision: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    entry: Entry
+    def __init__(self, token: _Optional[bytes] = ..., name: _Optional[str] = ..., revision: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ...) -> None: ...
 
 class Deliver(_message.Message):
     __slots__ = ("items",)

@@ -1,0 +1,785 @@
+"""The broker's core: every operation, in terms of sessions and identities, independent of gRPC.
+
+The servicer (:mod:`fdbroker.servicer`) translates RPCs into calls here; the conduit server
+(:mod:`fdbroker.conduit_server`) hands incoming frames to :meth:`Broker.on_frame`. Everything runs on one event
+loop, so nothing here locks. Errors are :class:`fdbroker.errors.BrokerError` subclasses.
+
+Descriptor ownership: a descriptor that arrives in a ``Deposit`` frame belongs to the broker from the moment it
+is received; it either becomes an entry's descriptor (the registry owns it) or is closed before the frame's
+answer is sent. Deliveries send the registry's own descriptor with SCM_RIGHTS (the kernel duplicates it into the
+receiver); the registry keeps its copy, except after a completed take, when it closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fdbroker import __version__, fdinfo
+from fdbroker.conduit.frames import MAX_FRAME_BYTES, SCM_MAX_FD, Frame
+from fdbroker.errors import (
+    BrokerError,
+    Code,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from fdbroker.leases import EXCLUSIVE, SHARED, EpochCounter, Holder, LeaseTable, Waiter
+from fdbroker.names import parse_label_selector, validate_labels, validate_name
+from fdbroker.policy import Identity, Policy
+from fdbroker.registry import Entry, Owner, PutOptions, Registry
+from fdbroker.sessions import FrameSink, Session, SessionTable
+from fdbroker.tokens import Token, TokenBook, TokenError, short
+from fdbroker.v1 import broker_pb2 as pb
+
+log = logging.getLogger("fdbroker.broker")
+
+MAX_PREFETCH = 1024
+MAX_BATCH = 10_000
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 20_000
+MIN_LEASE_TTL = 0.1
+MAX_LEASE_TTL = 24 * 3600.0
+
+OP = pb.Operation
+
+
+@dataclass
+class BrokerConfig:
+    """Tunables of one broker. ``capacity`` is the number of descriptors it may hold in all."""
+
+    capacity: int
+    token_ttl: float = 5.0
+    history: int = 10_000
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    watch_queue: int = 4096  # events buffered per watcher before it is cut off
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _dur(seconds: float) -> Any:
+    from google.protobuf import duration_pb2
+
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+class Broker:
+    """Registry + tokens + sessions + policy + leases, and the operations on them."""
+
+    def __init__(
+        self, config: BrokerConfig, policy: Policy, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.clock = clock
+        self.registry = Registry(capacity=config.capacity, history=config.history, clock=clock)
+        self.tokens = TokenBook(config.token_ttl, clock=clock)
+        self.sessions = SessionTable(max_per_uid=policy.limits.max_sessions_per_uid)
+        self.epochs = EpochCounter()
+        self.leases: dict[str, Holder] = {}
+        self.start_time = time.time()
+        self._pending_puts: collections.Counter[int] = collections.Counter()
+        self._wakeup: Callable[[], None] = lambda: None
+
+    # -- sessions ------------------------------------------------------------------------------------------------
+
+    def open_session(self, identity: Identity, conn: FrameSink) -> Session:
+        """A new conduit connection: create its session and send ``Welcome``."""
+        s = self.sessions.open(identity, conn)
+        w = pb.Welcome(
+            session_id=s.id,
+            identity=pb.Identity(pid=identity.pid, uid=identity.uid, gid=identity.gid),
+            version=__version__,
+            max_frame_bytes=self.config.max_frame_bytes,
+        )
+        w.token_ttl.CopyFrom(_dur(self.tokens.ttl))
+        conn.send(pb.ConduitFrame(welcome=w))
+        log.info("session %s… opened for pid %d uid %d", s.id[:6], identity.pid, identity.uid)
+        return s
+
+    def end_session(self, s: Session) -> None:
+        """The conduit connection ended: void tokens, drop ephemeral entries, release leases, all at once."""
+        if not self.sessions.close(s):
+            return
+        for tok in self.tokens.void_session(s.id):
+            self._forget_token(tok)
+        for name in sorted(s.ephemeral):
+            e = self.registry.find(name)
+            if e is not None and e.session_id == s.id and e.ephemeral:
+                self._remove_entry(e, pb.Event.TYPE_DELETE, pb.Event.REASON_SESSION_ENDED)
+        for lease_id in list(s.leases):
+            h = self.leases.get(lease_id)
+            if h is not None:
+                self._end_lease(h, pb.Event.REASON_HOLDER_DIED)
+        log.info("session %s… (pid %d) ended", s.id[:6], s.identity.pid)
+
+    def session_for(self, session_id: str | None) -> Session | None:
+        """The session a call names (None for anonymous); :class:`Unauthenticated` for an unknown id."""
+        if not session_id:
+            return None
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise Unauthenticated(
+                "unknown or ended session; reconnect to the conduit for a new session id "
+                "(sessions end when their conduit connection closes)"
+            )
+        return s
+
+    @staticmethod
+    def _need_session(s: Session | None, what: str, name: str = "") -> Session:
+        if s is None:
+            raise Unauthenticated(
+                f"{what} moves a descriptor and needs a session: connect to the conduit first and send the "
+                "session id as metadata 'fdbroker-session'",
+                name=name,
+            )
+        return s
+
+    # -- tokens --------------------------------------------------------------------------------------------------
+
+    def _issue(self, s: Session, op: int, name: str, entry_id: int = 0, payload: Any = None) -> Token:
+        uid = s.identity.uid
+        limit = self.policy.limits.max_pending_tokens_per_uid
+        if self.tokens.pending_for_uid(uid) >= limit:
+            raise ResourceExhausted(
+                f"uid {uid} has {limit} handoff tokens pending, its limit; cannot hand off {name!r}: "
+                "complete or let expire the handoffs in flight",
+                name=name,
+            )
+        tok = self.tokens.issue(
+            operation=op, name=name, session_id=s.id, uid=uid, entry_id=entry_id, payload=payload
+        )
+        if op in (OP.OPERATION_PUT, OP.OPERATION_CHECKIN):
+            self._pending_puts[uid] += 1
+        self._wakeup()
+        return tok
+
+    def _handoff_pb(self, tok: Token) -> pb.Handoff:
+        h = pb.Handoff(token=tok.token, operation=tok.operation, name=tok.name)  # type: ignore[arg-type]
+        h.expire_time.FromNanoseconds(int((time.time() + (tok.expires_at - self.clock())) * 1e9))
+        return h
+
+    def _forget_token(self, tok: Token) -> None:
+        """A token left the book unredeemed (expired, voided): undo what it reserved."""
+        if tok.operation in (OP.OPERATION_PUT, OP.OPERATION_CHECKIN):
+            self._unreserve_put(tok.uid)
+        elif tok.operation == OP.OPERATION_TAKE:
+            e = self.registry.find(tok.name)
+            if e is not None and e.taking == tok.token:
+                e.taking = None
+                log.info("take of %r (token %s) abandoned; entry kept", tok.name, short(tok.token))
+
+    def _unreserve_put(self, uid: int) -> None:
+        self._pending_puts[uid] -= 1
+        if self._pending_puts[uid] <= 0:
+            del self._pending_puts[uid]
+
+    @property
+    def pending_puts(self) -> int:
+        return sum(self._pending_puts.values())
+
+    # -- info ----------------------------------------------------------------------------------------------------
+
+    def info(self, s: Session | None, identity: Identity | None) -> pb.GetInfoResponse:
+        self.policy.check(identity, "info")
+        lim = self.policy.limits
+        r = pb.GetInfoResponse(
+            version=__version__,
+            revision=self.registry.revision,
+            entries=len(self.registry),
+            sessions=len(self.sessions),
+            pending_tokens=len(self.tokens),
+            max_entries=self.registry.capacity,
+            max_entries_per_uid=lim.max_entries_per_uid,
+            max_sessions_per_uid=lim.max_sessions_per_uid,
+            max_pending_tokens_per_uid=lim.max_pending_tokens_per_uid,
+            broker_pid=os.getpid(),
+            oldest_watch_revision=self.registry.oldest_revision,
+            max_frame_bytes=self.config.max_frame_bytes,
+        )
+        r.token_ttl.CopyFrom(_dur(self.tokens.ttl))
+        r.start_time.FromNanoseconds(int(self.start_time * 1e9))
+        if identity is not None:
+            r.caller.pid, r.caller.uid, r.caller.gid = identity.pid, identity.uid, identity.gid
+        return r
+
+    # -- put -----------------------------------------------------------------------------------------------------
+
+    def _put_options(self, req: pb.PutRequest) -> PutOptions:
+        validate_name(req.name)
+        validate_labels(req.options.labels)
+        ttl = req.options.ttl.ToNanoseconds() / 1e9 if req.options.HasField("ttl") else 0.0
+        if ttl < 0:
+            raise InvalidArgument(f"ttl for {req.name!r} must not be negative", name=req.name)
+        return PutOptions(
+            labels=dict(req.options.labels),
+            ttl=ttl,
+            ephemeral=req.options.ephemeral,
+            replace=req.replace,
+            if_revision=req.if_revision,
+        )
+
+    def _check_put(self, s: Session, name: str, opts: PutOptions, extra_pending: int = 0) -> None:
+        uid = s.identity.uid
+        old = self.registry.find(name)
+        self.policy.check(s.identity, "put", name, None if old is None else old.owner.uid)
+        if old is not None:
+            self._check_lease_free(old, s, "replace")
+        self.registry.check_put(name, uid, opts, pending=self.pending_puts + extra_pending)
+        limit = self.policy.limits.max_entries_per_uid
+        if (
+            old is None
+            and self.registry.count_for_uid(uid) + self._pending_puts[uid] + extra_pending >= limit
+        ):
+            raise ResourceExhausted(
+                f"uid {uid} holds {self.registry.count_for_uid(uid)} entries, its limit ({limit}); "
+                f"cannot store {name!r}: delete some, or raise max_entries_per_uid in the policy",
+                name=name,
+            )
+
+    def put_begin(self, s: Session | None, req: pb.PutRequest) -> pb.PutResponse:
+        """Check a put and issue its token; the descriptor follows in a ``Deposit`` frame."""
+        s = self._need_session(s, "put", req.name)
+        opts = self._put_options(req)
+        self._check_put(s, req.name, opts)
+        tok = self._issue(s, OP.OPERATION_PUT, req.name, payload=opts)
+        return pb.PutResponse(handoff=self._handoff_pb(tok))
+
+    def batch_put_begin(self, s: Session | None, req: pb.BatchPutRequest) -> pb.BatchPutResponse:
+        s = self._need_session(s, "put")
+        if len(req.requests) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} puts per batch, got {len(req.requests)}")
+        seen: set[str] = set()
+        planned: list[tuple[str, PutOptions]] = []
+        for i, r in enumerate(req.requests):
+            opts = self._put_options(r)
+            if r.name in seen:
+                raise InvalidArgument(f"{r.name!r} appears twice in the batch", name=r.name)
+            seen.add(r.name)
+            new = 0 if r.name in self.registry else 1
+            self._check_put(s, r.name, opts, extra_pending=i * new)
+            planned.append((r.name, opts))
+        limit = self.policy.limits.max_pending_tokens_per_uid
+        if self.tokens.pending_for_uid(s.identity.uid) + len(planned) > limit:
+            raise ResourceExhausted(f"a batch of {len(planned)} would pass the pending-token limit ({limit})")
+        toks = [self._issue(s, OP.OPERATION_PUT, name, payload=opts) for name, opts in planned]
+        return pb.BatchPutResponse(handoffs=[self._handoff_pb(t) for t in toks])
+
+    def _on_deposit(self, s: Session, frame: Frame) -> None:
+        tokens = list(frame.message.deposit.tokens)
+        fds = frame.fds
+        results: list[pb.DepositResult] = []
+        if len(tokens) != len(fds):
+            for fd in fds:
+                _close(fd)
+            s.conn.send(
+                _error_frame(
+                    Code.INVALID_ARGUMENT,
+                    f"deposit frame carries {len(fds)} descriptors for {len(tokens)} tokens; all were closed",
+                )
+            )
+            for t in tokens:  # the tokens are spent: a half-understood frame must not be retried blindly
+                self._void_token(t, s)
+            return
+        for t, fd in zip(tokens, fds, strict=True):
+            results.append(self._deposit_one(s, t, fd))
+        s.conn.send(pb.ConduitFrame(deposited=pb.Deposited(results=results)))
+
+    def _void_token(self, token: bytes, s: Session) -> None:
+        tok = self.tokens.peek(token, session_id=s.id) if len(token) else None
+        if tok is not None:
+            self.tokens.cancel(token)
+            self._forget_token(tok)
+
+    def _deposit_one(self, s: Session, token: bytes, fd: int) -> pb.DepositResult:
+        try:
+            tok = self.tokens.redeem(
+                token, session_id=s.id, operations=(OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
+            )
+        except TokenError as err:
+            _close(fd)
+            log.warning("deposit refused for session %s…: %s", s.id[:6], err.message)
+            return pb.DepositResult(token=token, error=_error_pb(err))
+        self._unreserve_put(tok.uid)
+        try:
+            info = fdinfo.describe(fd)
+            if tok.operation == OP.OPERATION_CHECKIN:
+                entry = self._checkin(s, tok, fd, info)
+            else:
+                opts: PutOptions = tok.payload
+                self._check_put(s, tok.name, opts)
+                owner = Owner(s.identity.pid, s.identity.uid, s.identity.gid)
+                entry = self.registry.put(tok.name, fd, info, owner, s.id, opts, pending=self.pending_puts)
+                if opts.ephemeral:
+                    s.ephemeral.add(tok.name)
+                self._wakeup()
+        except BrokerError as err:
+            _close(fd)
+            return pb.DepositResult(token=token, name=tok.name, error=_error_pb(err))
+        except OSError as err:
+            _close(fd)
+            return pb.DepositResult(
+                token=token,
+                name=tok.name,
+                error=pb.Error(code=Code.INTERNAL, message=str(err), name=tok.name),
+            )
+        log.info("put %r (%s) by pid %d", entry.name, entry.info.summary, s.identity.pid)
+        return pb.DepositResult(token=token, name=entry.name, revision=entry.revision, entry=entry.to_pb())
+
+    # -- get / take ----------------------------------------------------------------------------------------------
+
+    def _readable_entry(self, s: Session, name: str, action: str) -> Entry:
+        validate_name(name)
+        e = self.registry.get(name)
+        self.policy.check(s.identity, action, name, e.owner.uid)
+        self._check_lease_free(e, s, action)
+        return e
+
+    def _check_lease_free(self, e: Entry, s: Session | None, action: str) -> None:
+        lt = e.lease
+        if lt is None:
+            return
+        h = lt.exclusive_holder()
+        if h is not None and (s is None or h.session_id != s.id):
+            raise FailedPrecondition(
+                f"cannot {action} {e.name!r}: it is under an exclusive lease held by pid {h.identity.pid} "
+                f"(uid {h.identity.uid}) until {time.strftime('%H:%M:%S', time.localtime(h.expire_time))}; "
+                "wait for the release, or lease it with --wait",
+                name=e.name,
+            )
+
+    def get(self, s: Session | None, name: str, prefetch: int = 0) -> pb.GetResponse:
+        """Hand a copy of ``name`` to the session: ``Deliver`` is sent before this returns."""
+        s = self._need_session(s, "get", name)
+        if prefetch > MAX_PREFETCH:
+            raise InvalidArgument(f"prefetch is at most {MAX_PREFETCH}, got {prefetch}", name=name)
+        e = self._readable_entry(s, name, "get")
+        toks = [self._issue(s, OP.OPERATION_GET, name, e.id) for _ in range(1 + prefetch)]
+        first = self.tokens.redeem(toks[0].token, session_id=s.id, operations=(OP.OPERATION_GET,))
+        self._deliver(s, [(first, e)])
+        return pb.GetResponse(entry=e.to_pb(), handoffs=[self._handoff_pb(t) for t in toks])
+
+    def batch_get(self, s: Session | None, names: Sequence[str]) -> pb.BatchGetResponse:
+        s = self._need_session(s, "get")
+        if len(names) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} names per batch, got {len(names)}")
+        entries = [self._readable_entry(s, n, "get") for n in names]
+        limit = self.policy.limits.max_pending_tokens_per_uid
+        if self.tokens.pending_for_uid(s.identity.uid) + len(entries) > limit:
+            raise ResourceExhausted(f"a batch of {len(entries)} would pass the pending-token limit ({limit})")
+        toks = [self._issue(s, OP.OPERATION_GET, e.name, e.id) for e in entries]
+        for t in toks:
+            self.tokens.redeem(t.token, session_id=s.id, operations=(OP.OPERATION_GET,))
+        self._deliver(s, list(zip(toks, entries, strict=True)))
+        return pb.BatchGetResponse(
+            entries=[e.to_pb() for e in entries], handoffs=[self._handoff_pb(t) for t in toks]
+        )
+
+    def _deliver(self, s: Session, items: list[tuple[Token, Entry]]) -> None:
+        """Send the entries' descriptors in Deliver frames of at most 253."""
+        for i in range(0, len(items), SCM_MAX_FD):
+            chunk = items[i : i + SCM_MAX_FD]
+            d = pb.Deliver(
+                items=[
+                    pb.DeliverItem(
+                        token=t.token,
+                        name=e.name,
+                        operation=t.operation,  # type: ignore[arg-type]
+                        info=e.info,
+                        revision=e.revision,
+                    )
+                    for t, e in chunk
+                ]
+            )
+            s.conn.send(pb.ConduitFrame(deliver=d), [e.fd for _, e in chunk])
+
+    def _on_redeem(self, s: Session, frame: Frame) -> None:
+        frame.close_fds()
+        ok: list[tuple[Token, Entry]] = []
+        for t in frame.message.redeem.tokens:
+            try:
+                tok = self.tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,))
+                e = self.registry.find(tok.name)
+                if e is None or e.id != tok.entry_id:
+                    raise NotFound(
+                        f"entry {tok.name!r} was deleted or replaced since the token was issued; get it again",
+                        name=tok.name,
+                    )
+                self._check_lease_free(e, s, "get")
+            except BrokerError as err:
+                s.conn.send(pb.ConduitFrame(error=_error_pb(err, token=t)))
+                continue
+            ok.append((tok, e))
+        if ok:
+            self._deliver(s, ok)
+
+    def take(self, s: Session | None, name: str, if_revision: int = 0) -> pb.TakeResponse:
+        """Deliver ``name`` for a move; the entry leaves only when the receiver acks the token."""
+        s = self._need_session(s, "take", name)
+        e = self._readable_entry(s, name, "take")
+        if if_revision and e.revision != if_revision:
+            raise FailedPrecondition(
+                f"entry {name!r} is at revision {e.revision}, not {if_revision}; nothing was taken", name=name
+            )
+        if e.taking is not None:
+            raise FailedPrecondition(f"entry {name!r} is already being taken; retry shortly", name=name)
+        tok = self._issue(s, OP.OPERATION_TAKE, name, e.id)
+        e.taking = tok.token
+        self._deliver(s, [(tok, e)])
+        return pb.TakeResponse(entry=e.to_pb(), handoff=self._handoff_pb(tok))
+
+    def _on_ack(self, s: Session, frame: Frame) -> None:
+        frame.close_fds()
+        acked: list[bytes] = []
+        for t in frame.message.ack.tokens:
+            try:
+                tok = self.tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_TAKE,))
+            except TokenError as err:
+                s.conn.send(pb.ConduitFrame(error=_error_pb(err, token=t)))
+                continue
+            e = self.registry.find(tok.name)
+            if e is None or e.id != tok.entry_id or e.taking != tok.token:
+                s.conn.send(
+                    pb.ConduitFrame(
+                        error=_error_pb(
+                            NotFound(f"entry {tok.name!r} is gone; the take did not complete", name=tok.name),
+                            token=t,
+                        )
+                    )
+                )
+                continue
+            e.taking = None
+            self._remove_entry(e, pb.Event.TYPE_DELETE, pb.Event.REASON_TAKEN)
+            acked.append(t)
+        if acked:
+            s.conn.send(pb.ConduitFrame(acked=pb.Acked(tokens=acked, revision=self.registry.revision)))
+
+    # -- delete / stat / list ------------------------------------------------------------------------------------
+
+    def delete(self, s: Session | None, name: str, if_revision: int = 0) -> pb.DeleteResponse:
+        validate_name(name)
+        e = self.registry.get(name)
+        ident = s.identity if s else None
+        if ident is None:
+            raise Unauthenticated(
+                f"deleting {name!r} needs a session (the policy decides by the caller's uid): connect the conduit",
+                name=name,
+            )
+        self.policy.check(ident, "delete", name, e.owner.uid)
+        self._check_lease_free(e, s, "delete")
+        if if_revision and e.revision != if_revision:
+            raise FailedPrecondition(
+                f"entry {name!r} is at revision {e.revision}, not {if_revision}; nothing was deleted",
+                name=name,
+            )
+        if e.taking is not None:
+            raise FailedPrecondition(f"entry {name!r} is being taken; retry when the take is done", name=name)
+        self._remove_entry(e, pb.Event.TYPE_DELETE, 0)
+        return pb.DeleteResponse(revision=self.registry.revision)
+
+    def stat(self, identity: Identity | None, name: str) -> pb.StatResponse:
+        validate_name(name)
+        e = self.registry.get(name)
+        self.policy.check(identity, "stat", name, e.owner.uid)
+        return pb.StatResponse(entry=e.to_pb(), revision=self.registry.revision)
+
+    def list(self, identity: Identity | None, req: pb.ListRequest) -> pb.ListResponse:
+        policy = self.policy
+        policy.check(identity, "list")
+        size = req.page_size or DEFAULT_PAGE_SIZE
+        if size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size is at most {MAX_PAGE_SIZE}, got {size}")
+        after = ""
+        if req.page_token:
+            after = _decode_page_token(req.page_token, req.prefix, req.label_selector)
+        sel = parse_label_selector(req.label_selector) if req.label_selector else None
+
+        def match(e: Entry) -> bool:
+            # Entries the caller may not list are skipped, not refused: a listing shows what it may see.
+            if not policy.allows(identity, "list", e.name, e.owner.uid):
+                return False
+            return sel is None or sel.matches(e.labels)
+
+        entries, last = self.registry.page(req.prefix, after=after, limit=size, match=match)
+        resp = pb.ListResponse(revision=self.registry.revision)
+        resp.entries.extend([e.to_pb() for e in entries])
+        if last:
+            resp.next_page_token = _encode_page_token(last, req.prefix, req.label_selector)
+        return resp
+
+    # -- leases --------------------------------------------------------------------------------------------------
+
+    async def lease(self, s: Session | None, req: pb.LeaseRequest, timeout: float | None) -> pb.LeaseResponse:
+        """Grant a lease (waiting FIFO if asked) and deliver the descriptor against a LEASE token."""
+        s = self._need_session(s, "lease", req.name)
+        mode = req.mode or EXCLUSIVE
+        if mode not in (EXCLUSIVE, SHARED):
+            raise InvalidArgument(f"unknown lease mode {mode} for {req.name!r}", name=req.name)
+        ttl = req.ttl.ToNanoseconds() / 1e9 if req.HasField("ttl") else 0.0
+        if not MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL:
+            raise InvalidArgument(
+                f"lease ttl for {req.name!r} must be between {MIN_LEASE_TTL}s and {MAX_LEASE_TTL:.0f}s, got {ttl}s",
+                name=req.name,
+            )
+        validate_name(req.name)
+        e = self.registry.get(req.name)
+        self.policy.check(s.identity, "lease", req.name, e.owner.uid)
+        lt = e.lease
+        if lt is None:
+            lt = e.lease = LeaseTable()
+        if lt.grantable(mode):
+            h = self._grant(s, e, lt, mode, ttl)
+        elif not req.wait:
+            holders = ", ".join(
+                f"pid {h.identity.pid} (uid {h.identity.uid}, {'exclusive' if h.mode == EXCLUSIVE else 'shared'})"
+                for h in lt.holders.values()
+            )
+            raise FailedPrecondition(
+                f"{req.name!r} is leased by {holders or 'earlier waiters'}; "
+                "retry later, or ask with wait (--wait) to queue",
+                name=req.name,
+            )
+        else:
+            h = await self._wait_lease(s, e, lt, mode, ttl, timeout)
+            e = self.registry.get(req.name)
+        try:
+            tok = self._issue(s, OP.OPERATION_LEASE, e.name, e.id)
+        except BrokerError:
+            self._end_lease(h, pb.Event.REASON_RELEASED)
+            raise
+        self.tokens.redeem(tok.token, session_id=s.id, operations=(OP.OPERATION_LEASE,))
+        self._deliver(s, [(tok, e)])
+        r = pb.LeaseResponse(
+            lease_id=h.lease_id, epoch=h.epoch, entry=e.to_pb(), handoff=self._handoff_pb(tok)
+        )
+        r.expire_time.FromNanoseconds(int(h.expire_time * 1e9))
+        return r
+
+    def _grant(self, s: Session, e: Entry, lt: LeaseTable, mode: int, ttl: float) -> Holder:
+        """Record a grant now (synchronously, so the queue never hands one slot out twice)."""
+        h = lt.grant(
+            name=e.name,
+            session_id=s.id,
+            identity=s.identity,
+            mode=mode,
+            ttl=ttl,
+            epochs=self.epochs,
+            now=self.clock(),
+            wall=time.time(),
+        )
+        self.leases[h.lease_id] = h
+        s.leases.add(h.lease_id)
+        self.registry.touch(e, pb.Event.TYPE_LEASE_GRANTED, lease_id=h.lease_id, epoch=h.epoch)
+        self._wakeup()
+        return h
+
+    async def _wait_lease(
+        self, s: Session, e: Entry, lt: LeaseTable, mode: int, ttl: float, timeout: float | None
+    ) -> Holder:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Holder] = loop.create_future()
+        name = e.name
+
+        def grant() -> None:
+            if fut.done():
+                return
+            cur = self.registry.find(name)
+            if cur is None or s.closed:
+                fut.set_exception(
+                    NotFound(f"entry {name!r} went away while waiting for its lease", name=name)
+                )
+                return
+            fut.set_result(self._grant(s, cur, lt, mode, ttl))
+
+        w = Waiter(session_id=s.id, mode=mode, grant=grant)
+        lt.waiters.append(w)
+        e.invalidate()
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException as exc:
+            w.cancelled = True
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._end_lease(fut.result(), pb.Event.REASON_RELEASED)  # granted as we gave up: pass it on
+            lt.pump()
+            cur = self.registry.find(name)
+            if cur is not None:
+                cur.invalidate()
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(
+                    f"no lease on {name!r} within the deadline; holders: "
+                    + (", ".join(f"pid {h.identity.pid}" for h in lt.holders.values()) or "none"),
+                    name=name,
+                ) from None
+            raise
+
+    def keepalive(self, s: Session | None, lease_ids: Sequence[str]) -> pb.KeepAliveResponse:
+        s = self._need_session(s, "keep-alive")
+        r = pb.KeepAliveResponse()
+        now = self.clock()
+        wall = time.time()
+        for lid in lease_ids:
+            h = self.leases.get(lid)
+            if h is None or h.session_id != s.id:
+                r.gone.append(lid)
+                continue
+            h.expires_at = now + h.ttl
+            h.expire_time = wall + h.ttl
+            e = self.registry.find(h.name)
+            if e is not None:
+                e.invalidate()
+            rn = r.renewed.add(lease_id=lid)
+            rn.expire_time.FromNanoseconds(int(h.expire_time * 1e9))
+        self._wakeup()
+        return r
+
+    def release(self, s: Session | None, lease_id: str, return_descriptor: bool) -> pb.ReleaseResponse:
+        s = self._need_session(s, "release")
+        h = self.leases.get(lease_id)
+        if h is None or h.session_id != s.id:
+            raise NotFound(f"no lease {lease_id!r} held by this session (it may have expired)")
+        r = pb.ReleaseResponse()
+        if return_descriptor:
+            tok = self._issue(s, OP.OPERATION_CHECKIN, h.name, payload=h.epoch)
+            r.handoff.CopyFrom(self._handoff_pb(tok))
+        self._end_lease(h, pb.Event.REASON_RELEASED)
+        r.revision = self.registry.revision
+        return r
+
+    def _checkin(self, s: Session, tok: Token, fd: int, info: pb.DescriptorInfo) -> Entry:
+        old = self.registry.get(tok.name)
+        opts = PutOptions(labels=dict(old.labels), replace=True, ephemeral=old.ephemeral)
+        if old.expires_at is not None:
+            opts.ttl = max(0.001, old.expires_at - self.clock())
+        owner = old.owner
+        entry = self.registry.put(tok.name, fd, info, owner, old.session_id, opts, pending=self.pending_puts)
+        return entry
+
+    def _end_lease(self, h: Holder, reason: int) -> None:
+        self.leases.pop(h.lease_id, None)
+        s = self.sessions.get(h.session_id)
+        if s is not None:
+            s.leases.discard(h.lease_id)
+        e = self.registry.find(h.name)
+        if e is None or e.lease is None:
+            return
+        e.lease.holders.pop(h.lease_id, None)
+        self.registry.touch(e, pb.Event.TYPE_LEASE_RELEASED, reason, lease_id=h.lease_id, epoch=h.epoch)
+        e.lease.pump()
+
+    # -- removal & housekeeping ----------------------------------------------------------------------------------
+
+    def _remove_entry(self, e: Entry, event: int, reason: int) -> None:
+        lt = e.lease
+        if lt is not None:
+            for h in list(lt.holders.values()):
+                self.leases.pop(h.lease_id, None)
+                s = self.sessions.get(h.session_id)
+                if s is not None:
+                    s.leases.discard(h.lease_id)
+            lt.holders.clear()
+        self.registry.remove(e.name, event=event, reason=reason)
+        s = self.sessions.get(e.session_id)
+        if s is not None:
+            s.ephemeral.discard(e.name)
+        if lt is not None:
+            for w in lt.waiters:
+                w.cancelled = True
+                w.grant()  # wakes the waiter, which sees the entry gone
+            lt.waiters.clear()
+
+    def tick(self) -> float | None:
+        """Expire tokens, entries and leases that are due; return the next monotonic time anything is due."""
+        now = self.clock()
+        for tok in self.tokens.expire(now):
+            self._forget_token(tok)
+        for e in self.registry.expire_due(now):
+            if e.lease is not None:
+                for h in list(e.lease.holders.values()):
+                    self.leases.pop(h.lease_id, None)
+            log.info("entry %r expired", e.name)
+        for h in [h for h in self.leases.values() if h.expires_at <= now]:
+            log.info("lease %s on %r expired (pid %d)", h.lease_id[:6], h.name, h.identity.pid)
+            self._end_lease(h, pb.Event.REASON_EXPIRED)
+        nexts = [t for t in (self.tokens.next_expiry(), self.registry.next_expiry()) if t is not None]
+        if self.leases:
+            nexts.append(min(h.expires_at for h in self.leases.values()))
+        return min(nexts) if nexts else None
+
+    # -- conduit frames ------------------------------------------------------------------------------------------
+
+    def on_frame(self, s: Session, frame: Frame) -> None:
+        """Dispatch one frame from a session's conduit. Owns ``frame.fds``: each is kept or closed."""
+        kind = frame.message.WhichOneof("body")
+        if kind == "deposit":
+            self._on_deposit(s, frame)
+        elif kind == "redeem":
+            self._on_redeem(s, frame)
+        elif kind == "ack":
+            self._on_ack(s, frame)
+        elif kind == "ping":
+            frame.close_fds()
+            s.conn.send(pb.ConduitFrame(pong=pb.Pong(nonce=frame.message.ping.nonce)))
+        else:
+            n = len(frame.fds)
+            frame.close_fds()
+            s.conn.send(
+                _error_frame(
+                    Code.INVALID_ARGUMENT,
+                    f"unexpected {kind or 'empty'} frame from a client"
+                    + (f"; its {n} descriptor(s) were closed" if n else ""),
+                )
+            )
+
+    def close(self) -> None:
+        """Shut down: close every held descriptor."""
+        self.registry.close_all()
+
+
+def _error_pb(err: BrokerError, token: bytes = b"") -> pb.Error:
+    return pb.Error(code=int(err.code), message=err.message, name=err.name, token=token)
+
+
+def _error_frame(code: Code, message: str) -> pb.ConduitFrame:
+    return pb.ConduitFrame(error=pb.Error(code=int(code), message=message))
+
+
+def _encode_page_token(last: str, prefix: str, selector: str) -> str:
+    import base64
+    import json
+
+    raw = json.dumps([last, prefix, selector], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, prefix: str, selector: str) -> str:
+    import base64
+    import json
+
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        last, p, sel = json.loads(raw)
+        if not isinstance(last, str) or p != prefix or sel != selector:
+            raise ValueError
+        return last
+    except (ValueError, TypeError) as err:
+        raise InvalidArgument(
+            "invalid page_token: pass the next_page_token of the previous response, with the same prefix and "
+            "label selector"
+        ) from err
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

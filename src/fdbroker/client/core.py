@@ -1,0 +1,397 @@
+"""What the sync and asyncio clients share: result types, request building, status → error mapping, and turning
+a received descriptor into the right Python object. Only the I/O differs between the two clients.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from fdbroker.errors import BrokerError, Code, OutOfRange, Unavailable, error_for_code
+from fdbroker.rundir import CONDUIT_SOCKET, CONTROL_SOCKET, resolve_run_dir
+from fdbroker.v1 import broker_pb2 as pb
+
+SESSION_METADATA_KEY = "fdbroker-session"
+OLDEST_REVISION_KEY = "fdbroker-oldest-revision"
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+FdLike = int | HasFileno
+"""What ``put`` accepts: a descriptor number or anything with ``fileno()`` (socket, file, :class:`OwnedFd`)."""
+
+
+def fileno_of(obj: FdLike) -> int:
+    fd = obj if isinstance(obj, int) else obj.fileno()
+    if not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"not an open descriptor: {obj!r}")
+    return fd
+
+
+class OwnedFd:
+    """A descriptor that closes itself: on :meth:`close`, on leaving a ``with`` block, or when collected.
+
+    :meth:`detach` hands the number over to the caller, who then owns it.
+    """
+
+    __slots__ = ("__weakref__", "_fd", "_finalizer")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._finalizer = weakref.finalize(self, _close_quietly, fd)
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("I/O operation on closed descriptor")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def detach(self) -> int:
+        """Give up ownership; the caller must close the returned descriptor."""
+        fd = self.fileno()
+        self._finalizer.detach()
+        self._fd = -1
+        return fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._finalizer()
+            self._fd = -1
+
+    def __enter__(self) -> OwnedFd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"OwnedFd({self._fd})" if self._fd >= 0 else "OwnedFd(closed)"
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+Received = socket.socket | IO[Any] | OwnedFd
+"""What a retrieval returns: a socket for sockets, a file object for regular files, else an :class:`OwnedFd`."""
+
+_SOCKET_KINDS = {
+    pb.KIND_TCP_LISTENER,
+    pb.KIND_TCP_STREAM,
+    pb.KIND_UDP,
+    pb.KIND_UNIX_LISTENER,
+    pb.KIND_UNIX_STREAM,
+    pb.KIND_UNIX_DGRAM,
+    pb.KIND_SOCKET_OTHER,
+}
+
+
+def wrap_fd(fd: int, info: pb.DescriptorInfo) -> Received:
+    """Turn a received descriptor into its natural Python object, which then owns it."""
+    try:
+        if info.kind in _SOCKET_KINDS:
+            return socket.socket(fileno=fd)
+        if info.kind == pb.KIND_FILE:
+            mode = {
+                pb.ACCESS_MODE_READ: "rb",
+                pb.ACCESS_MODE_WRITE: "ab" if "O_APPEND" in info.flags else "wb",
+                pb.ACCESS_MODE_READ_WRITE: "a+b" if "O_APPEND" in info.flags else "r+b",
+            }.get(info.access_mode, "rb")
+            # buffering=0: the descriptor's offset is shared with every other holder; buffering would hide that.
+            return io.open(fd, mode, buffering=0, closefd=True)  # noqa: UP020
+    except (OSError, ValueError):
+        pass
+    return OwnedFd(fd)
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    mode: str  # "exclusive", "shared" or ""
+    epoch: int
+    holders: tuple[tuple[str, int, int, float], ...]  # (lease id, pid, uid, expire time)
+    waiters: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An entry as the broker describes it (a snapshot; it does not change when the broker's entry does)."""
+
+    name: str
+    kind: str
+    summary: str
+    family: str
+    local_address: str
+    peer_address: str
+    listening: bool
+    path: str
+    access_mode: str
+    flags: tuple[str, ...]
+    owner_pid: int
+    owner_uid: int
+    owner_gid: int
+    labels: Mapping[str, str]
+    create_time: float
+    revision: int
+    create_revision: int
+    expire_time: float | None
+    ephemeral: bool
+    lease: LeaseInfo
+    raw: pb.Entry = field(repr=False, compare=False)
+
+    @classmethod
+    def from_pb(cls, m: pb.Entry) -> Entry:
+        from fdbroker.fdinfo import kind_name
+
+        i = m.info
+        lease = LeaseInfo(
+            mode={pb.LeaseState.MODE_EXCLUSIVE: "exclusive", pb.LeaseState.MODE_SHARED: "shared"}.get(
+                m.lease.mode, ""
+            ),
+            epoch=m.lease.epoch,
+            holders=tuple(
+                (h.lease_id, h.identity.pid, h.identity.uid, h.expire_time.ToNanoseconds() / 1e9)
+                for h in m.lease.holders
+            ),
+            waiters=m.lease.waiters,
+        )
+        return cls(
+            name=m.name,
+            kind=kind_name(i.kind),
+            summary=i.summary,
+            family=i.family,
+            local_address=i.local_address,
+            peer_address=i.peer_address,
+            listening=i.listening,
+            path=i.path,
+            access_mode={
+                pb.ACCESS_MODE_READ: "r",
+                pb.ACCESS_MODE_WRITE: "w",
+                pb.ACCESS_MODE_READ_WRITE: "rw",
+            }.get(i.access_mode, ""),
+            flags=tuple(i.flags),
+            owner_pid=m.owner.pid,
+            owner_uid=m.owner.uid,
+            owner_gid=m.owner.gid,
+            labels=dict(m.labels),
+            create_time=m.create_time.ToNanoseconds() / 1e9,
+            revision=m.revision,
+            create_revision=m.create_revision,
+            expire_time=m.expire_time.ToNanoseconds() / 1e9 if m.HasField("expire_time") else None,
+            ephemeral=m.ephemeral,
+            lease=lease,
+            raw=m,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``fdbroker ls --json`` prints per entry)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "summary": self.summary,
+            "family": self.family,
+            "local_address": self.local_address,
+            "peer_address": self.peer_address,
+            "listening": self.listening,
+            "path": self.path,
+            "access_mode": self.access_mode,
+            "flags": list(self.flags),
+            "owner": {"pid": self.owner_pid, "uid": self.owner_uid, "gid": self.owner_gid},
+            "labels": dict(self.labels),
+            "create_time": self.create_time,
+            "revision": self.revision,
+            "create_revision": self.create_revision,
+            "expire_time": self.expire_time,
+            "ephemeral": self.ephemeral,
+            "lease": {
+                "mode": self.lease.mode,
+                "epoch": self.lease.epoch,
+                "holders": [
+                    {"lease_id": h[0], "pid": h[1], "uid": h[2], "expire_time": h[3]}
+                    for h in self.lease.holders
+                ],
+                "waiters": self.lease.waiters,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    """One registry change from ``watch``."""
+
+    type: str  # "put", "delete", "expire", "lease_granted", "lease_released"
+    revision: int
+    name: str
+    entry: Entry
+    reason: str  # "", "released", "expired", "holder_died", "entry_removed", "taken", "session_ended"
+    lease_id: str
+    epoch: int
+    time: float
+
+    @classmethod
+    def from_pb(cls, m: pb.Event) -> Event:
+        return cls(
+            type=pb.Event.Type.Name(m.type).removeprefix("TYPE_").lower(),
+            revision=m.revision,
+            name=m.name,
+            entry=Entry.from_pb(m.entry),
+            reason=pb.Event.Reason.Name(m.reason).removeprefix("REASON_").lower() if m.reason else "",
+            lease_id=m.lease_id,
+            epoch=m.epoch,
+            time=m.time.ToNanoseconds() / 1e9,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "revision": self.revision,
+            "name": self.name,
+            "reason": self.reason,
+            "lease_id": self.lease_id,
+            "epoch": self.epoch,
+            "time": self.time,
+            "entry": self.entry.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class Info:
+    """``GetInfo``: version, counts and limits."""
+
+    version: str
+    revision: int
+    entries: int
+    sessions: int
+    pending_tokens: int
+    max_entries: int
+    max_entries_per_uid: int
+    max_sessions_per_uid: int
+    max_pending_tokens_per_uid: int
+    token_ttl: float
+    broker_pid: int
+    start_time: float
+    oldest_watch_revision: int
+    caller: tuple[int, int, int] | None
+
+    @classmethod
+    def from_pb(cls, m: pb.GetInfoResponse) -> Info:
+        return cls(
+            version=m.version,
+            revision=m.revision,
+            entries=m.entries,
+            sessions=m.sessions,
+            pending_tokens=m.pending_tokens,
+            max_entries=m.max_entries,
+            max_entries_per_uid=m.max_entries_per_uid,
+            max_sessions_per_uid=m.max_sessions_per_uid,
+            max_pending_tokens_per_uid=m.max_pending_tokens_per_uid,
+            token_ttl=m.token_ttl.ToNanoseconds() / 1e9,
+            broker_pid=m.broker_pid,
+            start_time=m.start_time.ToNanoseconds() / 1e9,
+            oldest_watch_revision=m.oldest_watch_revision,
+            caller=(m.caller.pid, m.caller.uid, m.caller.gid) if m.HasField("caller") else None,
+        )
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted lease. ``epoch`` is the fencing number to pass downstream."""
+
+    lease_id: str
+    name: str
+    epoch: int
+    ttl: float
+    expire_time: float
+    entry: Entry
+
+
+# -- request building ------------------------------------------------------------------------------------------
+
+
+def put_request(
+    name: str,
+    *,
+    labels: Mapping[str, str] | None,
+    ttl: float | None,
+    ephemeral: bool,
+    replace: bool,
+    if_revision: int,
+) -> pb.PutRequest:
+    req = pb.PutRequest(name=name, replace=replace, if_revision=if_revision)
+    if labels:
+        req.options.labels.update(labels)
+    if ttl:
+        req.options.ttl.FromNanoseconds(int(ttl * 1e9))
+    req.options.ephemeral = ephemeral
+    return req
+
+
+def lease_request(name: str, ttl: float, shared: bool, wait: bool) -> pb.LeaseRequest:
+    req = pb.LeaseRequest(
+        name=name,
+        mode=pb.LeaseState.MODE_SHARED if shared else pb.LeaseState.MODE_EXCLUSIVE,
+        wait=wait,
+    )
+    req.ttl.FromNanoseconds(int(ttl * 1e9))
+    return req
+
+
+@dataclass(frozen=True)
+class Paths:
+    run_dir: Path
+    control: Path
+    conduit: Path
+
+    @classmethod
+    def resolve(cls, run_dir: str | os.PathLike[str] | None) -> Paths:
+        d = resolve_run_dir(None if run_dir is None else os.fspath(run_dir))
+        return cls(d, d / CONTROL_SOCKET, d / CONDUIT_SOCKET)
+
+    def not_running(self, detail: str = "") -> Unavailable:
+        extra = f" ({detail})" if detail else ""
+        return Unavailable(
+            f"no broker at {self.run_dir}{extra}; start one with `fdbroker serve --run-dir {self.run_dir}` "
+            "or point --run-dir / FDBROKER_RUN_DIR at a running one"
+        )
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+
+
+def error_from_rpc(err: Any, paths: Paths | None = None, name: str = "") -> BrokerError:
+    """The one place a gRPC error becomes a :class:`BrokerError` (both clients use it)."""
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    num = code.value[0] if code is not None else Code.UNKNOWN
+    if num == Code.UNAVAILABLE and paths is not None:
+        return paths.not_running(details or "")
+    if num == Code.OUT_OF_RANGE:
+        oldest = 0
+        md = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else None
+        for k, v in md or ():
+            if k == OLDEST_REVISION_KEY:
+                oldest = int(v)
+        return OutOfRange(details or "out of range", name=name, oldest_revision=oldest)
+    return error_for_code(num, details or (code.name if code is not None else "unknown error"), name=name)
+
+
+def error_from_frame(e: pb.Error) -> BrokerError:
+    return error_for_code(e.code, e.message, name=e.name)
+
+
+def now() -> float:
+    return time.monotonic()

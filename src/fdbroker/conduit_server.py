@@ -1,0 +1,234 @@
+"""The broker's side of the conduit: a listening Unix socket and one non-blocking connection per session.
+
+Connections are driven by ``loop.add_reader``/``add_writer`` callbacks that call ``recvmsg``/``sendmsg``
+directly; asyncio streams cannot carry SCM_RIGHTS, and a callback per readable event keeps a handoff to one
+recvmsg, one decode and one sendmsg. This module knows frames and descriptors, not names: every decoded frame
+goes to the ``on_frame`` callback (the broker), which owns the frame's descriptors from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Sequence
+
+from fdbroker.conduit.errors import ConduitError
+from fdbroker.conduit.frames import SCM_MAX_FD, Frame, FrameDecoder, encode_frame
+from fdbroker.conduit.receive import recv_fds_nonblocking
+from fdbroker.conduit.send import send_with_fds
+from fdbroker.errors import Code
+from fdbroker.policy import Identity
+from fdbroker.v1 import broker_pb2 as pb
+
+log = logging.getLogger("fdbroker.conduit")
+
+RECV_BYTES = 256 * 1024
+MAX_QUEUED_BYTES = 8 * 1024 * 1024  # a peer that does not read is cut off past this
+MAX_QUEUED_FDS = 4096
+
+
+class Connection:
+    """One accepted conduit connection. Sends never block: what the kernel does not take is queued.
+
+    Descriptors passed to :meth:`send` stay the caller's; a send that has to wait keeps its own duplicates until
+    they are on the wire, so the caller may close or replace its descriptor right after the call.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        identity: Identity,
+        on_frame: Callable[[Connection, Frame], None],
+        on_close: Callable[[Connection], None],
+        *,
+        max_frame_bytes: int,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.identity = identity
+        self._on_frame = on_frame
+        self._on_close = on_close
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self._out_bytes = 0
+        self._out_fds = 0
+        self._writing = False
+        self.closed = False
+        self.session: object | None = None
+        sock.setblocking(False)
+        self._fd = sock.fileno()
+        loop.add_reader(self._fd, self._readable)
+
+    # -- receiving -----------------------------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        if self.closed:
+            return
+        try:
+            data, fds = recv_fds_nonblocking(self.sock, RECV_BYTES, SCM_MAX_FD)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConduitError as err:
+            # Truncated control data: the descriptors that arrived are closed; the stream is still in sync.
+            self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
+            return
+        except OSError as err:
+            log.info("conduit read failed for pid %d: %s", self.identity.pid, err)
+            self.close()
+            return
+        if not data:
+            for fd in fds:
+                _close(fd)
+            self.close()
+            return
+        try:
+            items = self._decoder.feed(data, fds)
+        except ConduitError as err:
+            log.warning("pid %d sent a bad frame (%s); dropping its connection", self.identity.pid, err)
+            self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
+            self._flush_best_effort()
+            self.close()
+            return
+        for item in items:
+            if self.closed:
+                if isinstance(item, Frame):
+                    item.close_fds()
+                continue
+            if isinstance(item, ConduitError):
+                self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(item))))
+                continue
+            try:
+                self._on_frame(self, item)
+            except Exception:
+                log.exception("error handling a frame from pid %d", self.identity.pid)
+                item.close_fds()
+
+    # -- sending -------------------------------------------------------------------------------------------------
+
+    def send(self, message: pb.ConduitFrame, fds: Sequence[int] = ()) -> None:
+        """Send one frame with ``fds`` attached (at most 253). Never blocks; the caller keeps its descriptors."""
+        if self.closed:
+            return
+        data = encode_frame(message, len(fds))
+        if not self._out:
+            try:
+                n = send_with_fds(self.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as err:
+                log.info("conduit write to pid %d failed: %s", self.identity.pid, err)
+                self.close()
+                return
+            if n == len(data):
+                return
+            if n > 0:
+                data, fds = data[n:], ()  # the descriptors went with the first byte
+        dups = [os.dup(fd) for fd in fds]
+        self._out.append((data, dups))
+        self._out_bytes += len(data)
+        self._out_fds += len(dups)
+        if self._out_bytes > MAX_QUEUED_BYTES or self._out_fds > MAX_QUEUED_FDS:
+            log.warning(
+                "pid %d does not read its conduit (%d bytes, %d descriptors queued); dropping it",
+                self.identity.pid,
+                self._out_bytes,
+                self._out_fds,
+            )
+            self.close()
+            return
+        if not self._writing:
+            self._writing = True
+            self.loop.add_writer(self._fd, self._writable)
+
+    def _writable(self) -> None:
+        while self._out and not self.closed:
+            data, fds = self._out[0]
+            try:
+                n = send_with_fds(self.sock, data, fds)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                log.info("conduit write to pid %d failed: %s", self.identity.pid, err)
+                self.close()
+                return
+            for fd in fds:
+                _close(fd)
+            self._out_fds -= len(fds)
+            self._out_bytes -= n
+            if n < len(data):
+                self._out[0] = (data[n:], [])
+                return
+            self._out.popleft()
+        if self._writing and not self.closed:
+            self._writing = False
+            self.loop.remove_writer(self._fd)
+
+    def _flush_best_effort(self) -> None:
+        if self._out:
+            self._writable()
+
+    def close(self) -> None:
+        """Close the connection (idempotent); the session ends through ``on_close``."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self._fd)
+        if self._writing:
+            self.loop.remove_writer(self._fd)
+        for _, fds in self._out:
+            for fd in fds:
+                _close(fd)
+        self._out.clear()
+        self._decoder.close()
+        self.sock.close()
+        self._on_close(self)
+
+
+class Listener:
+    """Accepts conduit connections and reads each peer's SO_PEERCRED."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_connect: Callable[[socket.socket, Identity], None],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self._on_connect = on_connect
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._acceptable)
+
+    def _acceptable(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                # EMFILE/ENFILE: leave it in the backlog; the reserve should make this rare.
+                log.warning("conduit accept failed: %s", err)
+                return
+            try:
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                pid, uid, gid = struct.unpack("3i", creds)
+            except OSError:
+                conn.close()
+                continue
+            self._on_connect(conn, Identity(pid, uid, gid))
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,414 @@
+"""The named registry: held descriptors, the revision counter and the event history.
+
+Pure bookkeeping, no gRPC and no sockets: the broker's event loop is its only caller, so nothing here locks.
+The registry owns the descriptor of every entry it holds and closes it when the entry leaves (delete, replace,
+expiry, completed take, session end); callers never close an entry's ``fd`` themselves.
+
+Every change gets the next revision of one broker-wide counter, and is recorded as an event in a bounded history
+window, so a client can list at revision R and watch from R + 1 with nothing missed and nothing repeated.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+from fdbroker.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from fdbroker.v1 import broker_pb2 as pb
+
+if TYPE_CHECKING:
+    from fdbroker.leases import LeaseTable
+
+
+class Owner(NamedTuple):
+    """Kernel-verified identity of a depositor."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One held descriptor. ``fd`` belongs to the registry."""
+
+    id: int
+    name: str
+    fd: int
+    info: pb.DescriptorInfo
+    owner: Owner
+    session_id: str
+    labels: dict[str, str]
+    create_time: float  # wall clock
+    create_revision: int
+    revision: int
+    expires_at: float | None = None  # monotonic
+    expire_time: float | None = None  # wall clock, for display
+    ephemeral: bool = False
+    taking: bytes | None = None  # token of a take in flight
+    lease: LeaseTable | None = None
+    _pb: pb.Entry | None = field(default=None, repr=False)
+
+    def invalidate(self) -> None:
+        """Drop the cached protobuf form (after any change that shows in it)."""
+        self._pb = None
+
+    def to_pb(self) -> pb.Entry:
+        """The protobuf form, cached until the entry changes. Callers must not modify it."""
+        cached = self._pb
+        if cached is not None:
+            return cached
+        m = pb.Entry(
+            name=self.name,
+            info=self.info,
+            owner=pb.Identity(pid=self.owner.pid, uid=self.owner.uid, gid=self.owner.gid),
+            labels=self.labels,
+            revision=self.revision,
+            create_revision=self.create_revision,
+            ephemeral=self.ephemeral,
+        )
+        m.create_time.FromNanoseconds(int(self.create_time * 1e9))
+        if self.expire_time is not None:
+            m.expire_time.FromNanoseconds(int(self.expire_time * 1e9))
+        if self.lease is not None:
+            self.lease.fill_pb(m.lease)
+        self._pb = m
+        return m
+
+
+@dataclass(slots=True)
+class PutOptions:
+    """What a depositor asked for, checked at RPC time and again when the descriptor arrives."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    ttl: float = 0.0
+    ephemeral: bool = False
+    replace: bool = False
+    if_revision: int = 0
+
+
+EventListener = Callable[[pb.Event], None]
+
+
+class Registry:
+    """Entries by name, in name order, with revisions and an event history.
+
+    ``capacity`` bounds the number of held descriptors (the broker's RLIMIT_NOFILE less its reserve);
+    ``history`` bounds the event window a watch can start from.
+    """
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        history: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.capacity = capacity
+        self._clock = clock
+        self._wall = wall
+        self._entries: dict[str, Entry] = {}
+        self._names: list[str] = []  # sorted
+        self._next_id = 1
+        self.revision = 0
+        self._history: collections.deque[pb.Event] = collections.deque(maxlen=history)
+        self._listeners: list[EventListener] = []
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        self._expiring: dict[str, float] = {}
+
+    # -- reading -------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries.values())
+
+    def get(self, name: str) -> Entry:
+        """The entry called ``name``; :class:`NotFound` if there is none."""
+        e = self._entries.get(name)
+        if e is None:
+            raise NotFound(f"no entry named {name!r}; see `fdbroker ls` for what is held", name=name)
+        return e
+
+    def find(self, name: str) -> Entry | None:
+        return self._entries.get(name)
+
+    def count_for_uid(self, uid: int) -> int:
+        return self._per_uid[uid]
+
+    def page(
+        self,
+        prefix: str = "",
+        *,
+        after: str = "",
+        limit: int = 1000,
+        match: Callable[[Entry], bool] | None = None,
+    ) -> tuple[list[Entry], str]:
+        """Entries whose name starts with ``prefix`` and sorts after ``after``, at most ``limit``, in name order.
+
+        Returns the entries and the name to continue after ("" when this is the last page).
+        """
+        names = self._names
+        start = bisect.bisect_right(names, after) if after else bisect.bisect_left(names, prefix)
+        if after and after < prefix:
+            start = bisect.bisect_left(names, prefix)
+        out: list[Entry] = []
+        entries = self._entries
+        i = start
+        n = len(names)
+        while i < n:
+            name = names[i]
+            if not name.startswith(prefix):
+                break
+            e = entries[name]
+            i += 1
+            if match is None or match(e):
+                out.append(e)
+                if len(out) >= limit:
+                    # Is there anything more? Only then hand out a continuation.
+                    while i < n and names[i].startswith(prefix):
+                        if match is None or match(entries[names[i]]):
+                            return out, name
+                        i += 1
+                    return out, ""
+        return out, ""
+
+    # -- changing ------------------------------------------------------------------------------------------------
+
+    def check_put(self, name: str, uid: int, opts: PutOptions, *, pending: int = 0) -> Entry | None:
+        """Raise the error a put of ``name`` would meet now; return the entry it would replace, if any.
+
+        ``pending`` counts descriptors already promised (put tokens outstanding) against the capacity.
+        """
+        old = self._entries.get(name)
+        if old is not None:
+            if opts.if_revision and old.revision != opts.if_revision:
+                raise FailedPrecondition(
+                    f"entry {name!r} is at revision {old.revision}, not {opts.if_revision}; "
+                    "stat it again and retry with the current revision",
+                    name=name,
+                )
+            if not (opts.replace or opts.if_revision):
+                raise AlreadyExists(
+                    f"entry {name!r} already exists (revision {old.revision}); "
+                    "put with --replace to swap its descriptor, or delete it first",
+                    name=name,
+                )
+            if old.taking is not None:
+                raise FailedPrecondition(
+                    f"entry {name!r} is being taken; retry when the take is done", name=name
+                )
+        elif opts.if_revision:
+            raise FailedPrecondition(
+                f"entry {name!r} does not exist, so it cannot be at revision {opts.if_revision}", name=name
+            )
+        if old is None and len(self._entries) + pending >= self.capacity:
+            raise ResourceExhausted(
+                f"the broker holds {len(self._entries)} descriptors, its limit ({self.capacity}); "
+                f"cannot store {name!r}: delete entries or raise the broker's RLIMIT_NOFILE",
+                name=name,
+            )
+        if opts.ttl < 0:
+            raise InvalidArgument(f"ttl for {name!r} must not be negative", name=name)
+        return old
+
+    def put(
+        self,
+        name: str,
+        fd: int,
+        info: pb.DescriptorInfo,
+        owner: Owner,
+        session_id: str,
+        opts: PutOptions,
+        *,
+        pending: int = 0,
+    ) -> Entry:
+        """Store ``fd`` under ``name`` and return the entry.
+
+        Ownership: on success the registry owns ``fd`` (and closes a replaced entry's descriptor); on failure
+        (any :class:`BrokerError` from :meth:`check_put`) ``fd`` is untouched and still the caller's.
+        """
+        old = self.check_put(name, owner.uid, opts, pending=pending)
+        now_wall = self._wall()
+        self.revision += 1
+        entry = Entry(
+            id=self._next_id,
+            name=name,
+            fd=fd,
+            info=info,
+            owner=owner,
+            session_id=session_id,
+            labels=dict(opts.labels),
+            create_time=now_wall,
+            create_revision=self.revision if old is None else old.create_revision,
+            revision=self.revision,
+            ephemeral=opts.ephemeral,
+        )
+        self._next_id += 1
+        if opts.ttl > 0:
+            entry.expires_at = self._clock() + opts.ttl
+            entry.expire_time = now_wall + opts.ttl
+            self._expiring[name] = entry.expires_at
+        else:
+            self._expiring.pop(name, None)
+        if old is not None:
+            # The lease state (epoch, holders) belongs to the name, not the descriptor: a replaced entry keeps it.
+            entry.lease = old.lease
+            self._per_uid[old.owner.uid] -= 1
+            _close(old.fd)
+        else:
+            bisect.insort(self._names, name)
+        self._entries[name] = entry
+        self._per_uid[owner.uid] += 1
+        self._emit(pb.Event.TYPE_PUT, entry)
+        return entry
+
+    def remove(self, name: str, *, event: int = pb.Event.TYPE_DELETE, reason: int = 0) -> Entry:
+        """Remove ``name``, close its descriptor, record the event; return the removed entry."""
+        entry = self._entries.pop(name)
+        i = bisect.bisect_left(self._names, name)
+        del self._names[i]
+        self._expiring.pop(name, None)
+        self._per_uid[entry.owner.uid] -= 1
+        if not self._per_uid[entry.owner.uid]:
+            del self._per_uid[entry.owner.uid]
+        self.revision += 1
+        entry.revision = self.revision
+        entry.invalidate()
+        _close(entry.fd)
+        entry.fd = -1
+        self._emit(event, entry, reason)
+        return entry
+
+    def delete(self, name: str, *, if_revision: int = 0) -> int:
+        """Delete ``name`` (checking ``if_revision`` and takes in flight); return the delete's revision."""
+        entry = self.get(name)
+        if if_revision and entry.revision != if_revision:
+            raise FailedPrecondition(
+                f"entry {name!r} is at revision {entry.revision}, not {if_revision}; nothing was deleted",
+                name=name,
+            )
+        if entry.taking is not None:
+            raise FailedPrecondition(f"entry {name!r} is being taken; retry when the take is done", name=name)
+        self.remove(name)
+        return self.revision
+
+    def touch(self, entry: Entry, event: int, reason: int = 0, *, lease_id: str = "", epoch: int = 0) -> int:
+        """Record a change to ``entry`` that is not a put or delete (lease grant or release)."""
+        self.revision += 1
+        entry.revision = self.revision
+        entry.invalidate()
+        self._emit(event, entry, reason, lease_id=lease_id, epoch=epoch)
+        return self.revision
+
+    def expire_due(self, now: float | None = None) -> list[Entry]:
+        """Remove entries whose TTL has passed (event EXPIRE); return them."""
+        if not self._expiring:
+            return []
+        now = self._clock() if now is None else now
+        due = [n for n, t in self._expiring.items() if t <= now]
+        out = []
+        for name in due:
+            e = self._entries.get(name)
+            if e is None or e.taking is not None:
+                continue
+            out.append(self.remove(name, event=pb.Event.TYPE_EXPIRE))
+        return out
+
+    def next_expiry(self) -> float | None:
+        return min(self._expiring.values()) if self._expiring else None
+
+    def close_all(self) -> None:
+        """Close every held descriptor (broker shutdown). No events."""
+        for e in self._entries.values():
+            _close(e.fd)
+            e.fd = -1
+        self._entries.clear()
+        self._names.clear()
+        self._expiring.clear()
+        self._per_uid.clear()
+
+    # -- events --------------------------------------------------------------------------------------------------
+
+    def subscribe(self, listener: EventListener) -> Callable[[], None]:
+        """Call ``listener`` with every new event; returns the unsubscribe function."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            try:
+                self._listeners.remove(listener)
+            except ValueError:
+                pass
+
+        return unsubscribe
+
+    @property
+    def oldest_revision(self) -> int:
+        """The oldest revision a watch can start from."""
+        if self._history and len(self._history) == self._history.maxlen:
+            return self._history[0].revision
+        return 1
+
+    def history_since(self, start_revision: int, prefix: str = "") -> list[pb.Event]:
+        """Events with revision >= ``start_revision`` under ``prefix``; :class:`OutOfRange` if compacted away."""
+        oldest = self.oldest_revision
+        if start_revision < oldest:
+            raise OutOfRange(
+                f"revision {start_revision} is older than the broker's history window; "
+                f"the oldest revision available is {oldest}: list again and watch from the listing's revision + 1",
+                oldest_revision=oldest,
+            )
+        if not self._history or start_revision > self._history[-1].revision:
+            return []
+        # History revisions are increasing but not dense (each event has its own revision); bisect by revision.
+        hist = self._history
+        lo, hi = 0, len(hist)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if hist[mid].revision < start_revision:
+                lo = mid + 1
+            else:
+                hi = mid
+        return [hist[i] for i in range(lo, len(hist)) if hist[i].name.startswith(prefix)]
+
+    def _emit(
+        self, event_type: int, entry: Entry, reason: int = 0, *, lease_id: str = "", epoch: int = 0
+    ) -> None:
+        ev = pb.Event(
+            type=event_type,  # type: ignore[arg-type]
+            revision=self.revision,
+            name=entry.name,
+            entry=entry.to_pb(),
+            reason=reason,  # type: ignore[arg-type]
+            lease_id=lease_id,
+            epoch=epoch,
+        )
+        ev.time.FromNanoseconds(int(self._wall() * 1e9))
+        self._history.append(ev)
+        for listener in list(self._listeners):
+            listener(ev)
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,341 @@
+"""``fdbroker serve``: wire the broker to its two sockets and run it on one asyncio loop.
+
+Steps, each separate: claim the run directory (one broker per directory), raise RLIMIT_NOFILE, load the policy,
+bind the sockets with restrictive modes, serve, and on SIGTERM/SIGINT stop: refuse new work, end every session,
+close every held descriptor, remove the sockets. SIGHUP reloads the policy file (a bad file keeps the old
+policy). ``READY=1`` goes to ``$NOTIFY_SOCKET`` once both sockets accept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import resource
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fdbroker import __version__
+from fdbroker.broker import Broker, BrokerConfig
+from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame
+from fdbroker.conduit_server import Connection, Listener
+from fdbroker.errors import BrokerError
+from fdbroker.notify import sd_notify
+from fdbroker.policy import Identity, Policy
+from fdbroker.rundir import RunDir
+from fdbroker.servicer import FdBrokerServicer
+from fdbroker.sessions import Session
+from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import broker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fdbroker.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FdBroker"].full_name
+
+
+@dataclass
+class ServeOptions:
+    run_dir: Path
+    policy_path: Path | None = None
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    token_ttl: float = 5.0
+    reserve_fds: int = 100
+    history: int = 10_000
+    watch_queue: int = 4096
+    max_frame_bytes: int = MAX_FRAME_BYTES
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+class BrokerServer:
+    """A running broker: the gRPC server and the conduit listener on one loop."""
+
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.rundir: RunDir | None = None
+        self.broker: Broker | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.listener: Listener | None = None
+        self.connections: set[Connection] = set()
+
+    def _load_policy(self) -> Policy:
+        if self.opts.policy_path is not None:
+            return Policy.load(self.opts.policy_path, broker_uid=os.getuid())
+        return Policy.default(broker_uid=os.getuid())
+
+    async def start(self) -> None:
+        opts = self.opts
+        policy = self._load_policy()
+        self.rundir = RunDir.claim(opts.run_dir)
+        nofile = raise_nofile_limit()
+        capacity = max(16, nofile - opts.reserve_fds)
+        self.broker = Broker(
+            BrokerConfig(
+                capacity=capacity,
+                token_ttl=opts.token_ttl,
+                history=opts.history,
+                watch_queue=opts.watch_queue,
+                max_frame_bytes=opts.max_frame_bytes,
+            ),
+            policy,
+        )
+        self.broker._wakeup = self._wake.set
+        loop = asyncio.get_running_loop()
+
+        gid = -1
+        if opts.socket_group is not None:
+            gid = (
+                grp.getgrnam(opts.socket_group).gr_gid
+                if not opts.socket_group.isdigit()
+                else int(opts.socket_group)
+            )
+
+        old_umask = os.umask(0o177)  # no window in which a socket is more open than asked for
+        try:
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                    ("grpc.so_reuseport", 0),
+                ]
+            )
+            pb_grpc.add_FdBrokerServicer_to_server(FdBrokerServicer(self.broker), server)
+            self.health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
+            server.add_insecure_port(f"unix:{self.rundir.control_path}")
+            await server.start()
+            self.grpc_server = server
+
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            lsock.bind(str(self.rundir.conduit_path))
+            lsock.listen(512)
+        finally:
+            os.umask(old_umask)
+        for path in (self.rundir.control_path, self.rundir.conduit_path):
+            if gid != -1:
+                os.chown(path, -1, gid)
+            os.chmod(path, opts.socket_mode)
+        self.listener = Listener(loop, lsock, self._on_connect)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._housekeeper = asyncio.create_task(self._housekeeping())
+        log.info(
+            "fdbroker %s serving: control %s, conduit %s (pid %d, capacity %d descriptors, policy %s)",
+            __version__,
+            self.rundir.control_path,
+            self.rundir.conduit_path,
+            os.getpid(),
+            capacity,
+            policy.source,
+        )
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {self.rundir.path}")
+
+    # -- conduit -------------------------------------------------------------------------------------------------
+
+    def _on_connect(self, sock: socket.socket, identity: Identity) -> None:
+        assert self.broker is not None
+        loop = asyncio.get_running_loop()
+        conn = Connection(
+            loop,
+            sock,
+            identity,
+            self._on_frame,
+            self._on_conn_close,
+            max_frame_bytes=self.opts.max_frame_bytes,
+        )
+        try:
+            conn.session = self.broker.open_session(identity, conn)
+        except BrokerError as err:
+            conn.send(pb.ConduitFrame(error=pb.Error(code=int(err.code), message=err.message)))
+            conn.close()
+            return
+        self.connections.add(conn)
+
+    def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        assert self.broker is not None
+        s = conn.session
+        if not isinstance(s, Session):
+            frame.close_fds()
+            return
+        self.broker.on_frame(s, frame)
+
+    def _on_conn_close(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        s = conn.session
+        if isinstance(s, Session) and self.broker is not None:
+            self.broker.end_session(s)
+
+    # -- housekeeping --------------------------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        assert self.broker is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            nxt = self.broker.tick()
+            delay = 1.0 if nxt is None else max(0.0, min(1.0, nxt - loop.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay + 0.001)
+
+    def reload_policy(self) -> None:
+        if self.broker is None or self.opts.policy_path is None:
+            log.info("SIGHUP: no policy file configured; nothing to reload")
+            return
+        try:
+            self.broker.policy = self._load_policy()
+            self.broker.sessions.max_per_uid = self.broker.policy.limits.max_sessions_per_uid
+            log.info("policy reloaded from %s", self.opts.policy_path)
+        except BrokerError as err:
+            log.error("policy reload failed, keeping the old policy: %s", err)
+
+    async def stop(self) -> None:
+        sd_notify("STOPPING=1")
+        if hasattr(self, "_housekeeper"):
+            self._housekeeper.cancel()
+        if self.listener is not None:
+            self.listener.close()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=0.5)
+        for conn in list(self.connections):
+            conn.close()
+        if self.broker is not None:
+            self.broker.close()
+        if self.rundir is not None:
+            self.rundir.release()
+        log.info("fdbroker stopped")
+
+
+async def serve(opts: ServeOptions) -> int:
+    """Run a broker until SIGTERM or SIGINT; return the process exit code."""
+    srv = BrokerServer(opts)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, srv.stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, srv.reload_policy)
+    try:
+        await srv.start()
+    except BrokerError as err:
+        print(f"fdbroker serve: {err.message}", file=sys.stderr)
+        await srv.stop()
+        return 1
+    await srv.stopping.wait()
+    await srv.stop()
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fdbroker serve`` (shared by the CLI and ``python -m fdbroker.server``)."""
+    parser.add_argument(
+        "--policy",
+        metavar="FILE",
+        default=os.environ.get("FDBROKER_POLICY"),
+        help="policy TOML file (env FDBROKER_POLICY; default: built-in policy, see docs/policy.md); "
+        "SIGHUP reloads it",
+    )
+    parser.add_argument(
+        "--socket-mode",
+        metavar="OCTAL",
+        default="0660",
+        type=lambda s: int(s, 8),
+        help="permission bits of control.sock and conduit.sock (default 0660: owner and group)",
+    )
+    parser.add_argument("--socket-group", metavar="GROUP", help="group owning the sockets (name or gid)")
+    parser.add_argument(
+        "--token-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=5.0,
+        help="lifetime of a handoff token (default 5)",
+    )
+    parser.add_argument(
+        "--reserve-fds",
+        metavar="N",
+        type=int,
+        default=100,
+        help="descriptors kept back from RLIMIT_NOFILE for the broker itself (default 100); "
+        "the rest is the number of entries it can hold",
+    )
+    parser.add_argument(
+        "--history",
+        metavar="N",
+        type=int,
+        default=10_000,
+        help="events kept for Watch resumption (default 10000)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("FDBROKER_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (default info; env FDBROKER_LOG_LEVEL)",
+    )
+
+
+def options_from_args(args: argparse.Namespace, run_dir: Path) -> ServeOptions:
+    return ServeOptions(
+        run_dir=run_dir,
+        policy_path=Path(args.policy) if args.policy else None,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        token_ttl=args.token_ttl,
+        reserve_fds=args.reserve_fds,
+        history=args.history,
+    )
+
+
+def run(opts: ServeOptions, log_level: str = "info") -> int:
+    """Configure logging and run the broker in the foreground; return the exit code."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s fdbroker[%(process)d] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(serve(opts))
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fdbroker.server [--run-dir DIR] [serve options]``."""
+    from fdbroker.rundir import resolve_run_dir
+
+    parser = argparse.ArgumentParser(prog="fdbroker serve")
+    parser.add_argument("--run-dir", default=None)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(options_from_args(args, resolve_run_dir(args.run_dir)), args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

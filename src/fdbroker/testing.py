@@ -1,0 +1,188 @@
+"""fdbroker.testing: a real broker for your tests (a pytest plugin, registered through the ``pytest11`` entry
+point, so installing fdbroker is enough).
+
+The ``fdbroker_broker`` fixture starts ``fdbroker serve`` as a separate process in a fresh temporary run
+directory, waits for its ``READY=1`` (sd_notify), and yields a :class:`BrokerProcess`. At teardown it checks that
+the broker leaked nothing: once every client is gone, its open-descriptor count must come back to its baseline
+plus the descriptors it holds. Then it stops the broker with SIGTERM and checks it exits cleanly.
+
+Use it outside pytest with ``with BrokerProcess.start(tmpdir) as broker: ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+class BrokerProcess:
+    """A broker running as a child process. ``run_dir``, ``pid``, ``env`` (for subprocesses that should find it)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], run_dir: Path, log_path: Path) -> None:
+        self.proc = proc
+        self.run_dir = run_dir
+        self.log_path = log_path
+        self.pid = proc.pid
+        self.baseline: int | None = None
+
+    @classmethod
+    def start(
+        cls,
+        run_dir: str | os.PathLike[str],
+        *,
+        args: Sequence[str] = (),
+        timeout: float = 20.0,
+        env: dict[str, str] | None = None,
+        preexec: Sequence[str] = (),
+    ) -> BrokerProcess:
+        """Start ``fdbroker serve --run-dir RUN_DIR ARGS`` and wait until it is ready.
+
+        ``preexec`` is a command prefix (for example ``["setpriv", "--reuid=65534", ...]``).
+        """
+        run_dir = Path(run_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        notify_dir = Path(tempfile.mkdtemp(prefix="fdbroker-notify-"))
+        notify_path = notify_dir / "notify.sock"
+        ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        ns.bind(str(notify_path))
+        os.chmod(notify_path, 0o666)
+        os.chmod(notify_dir, 0o755)
+        log_fd, log_name = tempfile.mkstemp(prefix="fdbroker-log-", suffix=".txt")
+        os.close(log_fd)
+        log_path = Path(log_name)
+        child_env = dict(os.environ if env is None else env)
+        child_env["NOTIFY_SOCKET"] = str(notify_path)
+        child_env.pop("FDBROKER_RUN_DIR", None)
+        cmd = [*preexec, sys.executable, "-m", "fdbroker.server", "--run-dir", str(run_dir), *args]
+        with open(log_path, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=child_env, close_fds=True)
+        deadline = time.monotonic() + timeout
+        try:
+            ns.settimeout(0.1)
+            while True:
+                try:
+                    msg = ns.recv(4096).decode(errors="replace")
+                except TimeoutError:
+                    msg = ""
+                if "READY=1" in msg:
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    proc.wait()
+                    raise RuntimeError(
+                        f"broker did not become ready (exit {proc.returncode}):\n{log_path.read_text()[-4000:]}"
+                    )
+        finally:
+            ns.close()
+            with contextlib.suppress(OSError):
+                notify_path.unlink()
+                notify_dir.rmdir()
+        return cls(proc, run_dir, log_path)
+
+    # -- inspection ----------------------------------------------------------------------------------------------
+
+    def fd_count(self) -> int:
+        """Open descriptors of the broker process now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def client(self, **kwargs: Any) -> Any:
+        """A new :class:`fdbroker.Client` for this broker (close it, or use it with ``with``)."""
+        from fdbroker.client import Client
+
+        return Client(self.run_dir, **kwargs)
+
+    def held(self) -> int:
+        """Entries the broker holds (anonymous GetInfo)."""
+        with self.client() as c:
+            return int(c.info().entries)
+
+    def settle_baseline(self) -> int:
+        """Exercise a session once, let the broker settle, and record its descriptor baseline (no entries)."""
+        with self.client() as c:
+            c.connect()
+            c.info()
+        self.baseline = self._settled(lambda n: True)
+        return self.baseline
+
+    def _settled(self, ok: Any, timeout: float = 5.0) -> int:
+        deadline = time.monotonic() + timeout
+        last = -1
+        stable = 0
+        while True:
+            n = self.fd_count()
+            stable = stable + 1 if n == last else 0
+            last = n
+            if (stable >= 3 and ok(n)) or time.monotonic() > deadline:
+                return n
+            time.sleep(0.05)
+
+    def assert_no_leak(self, timeout: float = 5.0) -> None:
+        """Fail unless the broker's descriptors come back to baseline + held entries (clients must be closed)."""
+        assert self.baseline is not None, "call settle_baseline() first"
+        held = self.held()
+        expected = self.baseline + held
+        n = self._settled(lambda n: n == expected, timeout)
+        if n != expected:
+            fds = {}
+            for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    fds[int(fd)] = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            raise AssertionError(
+                f"broker descriptor leak: {n} open, expected baseline {self.baseline} + {held} held = {expected}\n"
+                + "\n".join(f"  {k}: {v}" for k, v in sorted(fds.items()))
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; return the exit status (SIGKILL after ``timeout``)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> BrokerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
+
+
+@pytest.fixture
+def fdbroker_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
+    """A real broker in a temp run directory; checks for descriptor leaks and a clean exit at teardown."""
+    run_dir = Path(tempfile.mkdtemp(prefix="fdb-", dir="/tmp")) / "run"  # short: sun_path is 108 bytes
+    broker = BrokerProcess.start(run_dir)
+    try:
+        broker.settle_baseline()
+        yield broker
+        if broker.proc.poll() is None:
+            broker.assert_no_leak()
+        code = broker.stop()
+        assert code == 0, f"broker exited with {code}:\n{broker.log()[-4000:]}"
+        assert not (run_dir / "control.sock").exists(), "broker left control.sock behind"
+    finally:
+        broker.stop()
+        with contextlib.suppress(OSError):
+            broker.log_path.unlink()

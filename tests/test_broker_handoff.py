@@ -1,0 +1,276 @@
+"""End-to-end handoffs through a real broker process: put / get / take / delete / stat / list, each descriptor
+kind, proven to work on the receiving side, and the broker's descriptor count checked after every test (the
+``fdbroker_broker`` fixture)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+from brokerutil import run_client, spawn_client
+
+from fdbroker.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
+
+
+def test_put_pipe_then_another_process_writes_through_it(fdbroker_broker):
+    r, w = os.pipe()
+    try:
+        with fdbroker_broker.client() as c:
+            e = c.put("pipes/audit", w)
+            assert e.kind == "pipe" and e.revision > 0
+        os.close(w)
+        w = -1
+        run_client(
+            fdbroker_broker.run_dir,
+            """
+            import fdbroker, os
+            with fdbroker.Client() as c:
+                f = c.get_fd("pipes/audit")
+                os.write(f.fileno(), b"hello from the other side")
+                f.close()
+            """,
+        )
+        os.set_blocking(r, False)
+        assert os.read(r, 100) == b"hello from the other side"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+def test_tcp_listener_received_by_another_process_accepts(fdbroker_broker):
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    with fdbroker_broker.client() as c:
+        e = c.put("web/http", lsock, labels={"tier": "web"})
+        assert e.kind == "tcp-listener" and e.local_address == f"127.0.0.1:{port}" and e.listening
+    lsock.close()  # only the broker holds the listener now
+    child = spawn_client(
+        fdbroker_broker.run_dir,
+        """
+        import fdbroker, socket
+        with fdbroker.Client() as c:
+            s = c.get("web/http")
+            assert isinstance(s, socket.socket) and s.family == socket.AF_INET, s
+            print("READY", flush=True)
+            conn, _ = s.accept()
+            conn.sendall(b"served by " + str(s.getsockname()[1]).encode())
+            conn.close(); s.close()
+        """,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "READY"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        assert conn.recv(100) == f"served by {port}".encode()
+    assert child.wait(10) == 0
+
+
+def test_file_shares_offset_and_memfd_content(fdbroker_broker, tmp_path):
+    p = tmp_path / "log"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    m = os.memfd_create("cfg")
+    os.write(m, b"config-bytes")
+    try:
+        with fdbroker_broker.client() as c:
+            ef = c.put("log/audit", fd)
+            em = c.put("mem/cfg", m)
+            assert ef.kind == "file" and ef.path == str(p) and "O_APPEND" in ef.flags
+            assert em.kind == "memfd"
+            got = c.get("log/audit")
+            got.write(b"via broker\n")
+            got.close()
+            mm = c.get("mem/cfg")
+            assert os.pread(mm.fileno(), 100, 0) == b"config-bytes"
+            mm.close()
+        os.write(fd, b"direct\n")
+        assert p.read_bytes() == b"via broker\ndirect\n"
+    finally:
+        os.close(fd)
+        os.close(m)
+
+
+def test_udp_unix_eventfd_kinds(fdbroker_broker, tmp_path):
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    ul = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ul.bind(str(tmp_path / "x.sock"))
+    ul.listen()
+    ev = os.eventfd(0)
+    try:
+        with fdbroker_broker.client() as c:
+            kinds = {e.name: e.kind for e in c.put_many([("k/udp", u), ("k/unix", ul), ("k/ev", ev)])}
+            assert kinds == {"k/udp": "udp", "k/unix": "unix-listener", "k/ev": "eventfd"}
+            got_ev = c.get("k/ev")
+            os.eventfd_write(got_ev.fileno(), 7)
+            got_ev.close()
+            assert os.eventfd_read(ev) == 7
+            gu = c.get("k/udp")
+            assert gu.type == socket.SOCK_DGRAM
+            gu.sendto(b"dgram", u.getsockname())
+            gu.close()
+            assert u.recv(10) == b"dgram"
+    finally:
+        u.close()
+        ul.close()
+        os.close(ev)
+
+
+def test_take_moves_and_removes_entry(fdbroker_broker):
+    r, w = os.pipe()
+    with fdbroker_broker.client() as c:
+        c.put("q/jobs", w)
+        os.close(w)
+        taken = c.take("q/jobs")
+        with pytest.raises(NotFound):
+            c.stat("q/jobs")
+        os.write(taken.fileno(), b"x")
+        taken.close()
+    assert os.read(r, 1) == b"x"
+    os.close(r)
+
+
+def test_stat_list_delete_and_errors(fdbroker_broker):
+    r, w = os.pipe()
+    try:
+        with fdbroker_broker.client() as c:
+            for n in ["a/one", "a/two", "b/three"]:
+                c.put(n, r, labels={"grp": n[0]})
+            listing = c.list("a/")
+            assert [e.name for e in listing] == ["a/one", "a/two"]
+            assert listing.revision >= 3
+            assert [e.name for e in c.list(selector="grp=b")] == ["b/three"]
+            paged = c.list(page_size=1)
+            assert [e.name for e in paged] == ["a/one", "a/two", "b/three"]
+            with pytest.raises(AlreadyExists) as ei:
+                c.put("a/one", w)
+            assert "a/one" in str(ei.value)
+            rev = c.stat("a/one").revision
+            with pytest.raises(FailedPrecondition):
+                c.put("a/one", w, if_revision=rev + 1000)
+            e = c.put("a/one", w, if_revision=rev)
+            assert e.kind == "pipe" and e.revision > rev
+            with pytest.raises(InvalidArgument):
+                c.put("bad//name", w)
+            with pytest.raises(InvalidArgument):
+                c.put("bad:name", w)
+            with pytest.raises(NotFound) as nf:
+                c.get("nope/none")
+            assert "nope/none" in str(nf.value)
+            c.delete("a/one")
+            with pytest.raises(NotFound):
+                c.delete("a/one")
+            assert [e.name for e in c.list()] == ["a/two", "b/three"]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_batch_get_of_300_entries_crosses_message_limit(fdbroker_broker):
+    fds = [os.eventfd(i + 1) for i in range(300)]
+    try:
+        with fdbroker_broker.client() as c:
+            names = [f"batch/e{i:03d}" for i in range(300)]
+            c.put_many(list(zip(names, fds, strict=True)))
+            got = c.get_many(names)
+            assert len(got) == 300
+            for i, g in enumerate(got):
+                assert os.eventfd_read(g.fileno()) == i + 1  # each one is the right descriptor, in order
+                g.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_repeated_gets_use_prefetched_tokens(fdbroker_broker):
+    r, w = os.pipe()
+    try:
+        with fdbroker_broker.client(prefetch=8) as c:
+            c.put("p/x", w)
+            for _ in range(20):
+                g = c.get_fd("p/x")
+                os.write(g.fileno(), b".")
+                g.close()
+            assert c._prefetched["p/x"]
+            # replacing the entry voids the prefetched tokens: the next get must see the new descriptor
+            r2, w2 = os.pipe()
+            c.put("p/x", w2, replace=True)
+            os.close(w2)
+            g = c.get_fd("p/x")
+            os.write(g.fileno(), b"!")
+            g.close()
+            assert os.read(r2, 10) == b"!"
+            os.close(r2)
+        assert os.read(r, 100) == b"." * 20
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_anonymous_can_list_but_not_move(fdbroker_broker):
+    r, w = os.pipe()
+    try:
+        with fdbroker_broker.client() as c:
+            c.put("anon/x", r)
+        out = run_client(
+            fdbroker_broker.run_dir,
+            """
+            import fdbroker
+            from fdbroker.v1 import broker_pb2 as pb
+            from fdbroker.errors import Unauthenticated
+            c = fdbroker.Client()
+            print([e.name for e in c.list()])
+            try:
+                c._rpc(c._stub.Get, pb.GetRequest(name="anon/x"), session=False)
+            except Unauthenticated as e:
+                print("UNAUTH", e)
+            """,
+        )
+        assert "['anon/x']" in out.stdout and "UNAUTH" in out.stdout
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_unknown_session_is_unauthenticated(fdbroker_broker):
+    with fdbroker_broker.client() as c:
+        from fdbroker.v1 import broker_pb2 as pb
+
+        c._session_id = "made-up-session-id"
+        with pytest.raises(Unauthenticated) as ei:
+            c._rpc(c._stub.Get, pb.GetRequest(name="x"), session=False)
+        assert "session" in str(ei.value)
+        c._session_id = None
+
+
+def test_ephemeral_entries_vanish_when_the_owner_is_killed(fdbroker_broker):
+    child = spawn_client(
+        fdbroker_broker.run_dir,
+        """
+        import fdbroker, os, time
+        r, w = os.pipe()
+        with fdbroker.Client() as c:
+            c.put("eph/mine", r, ephemeral=True)
+            c.put("eph/kept", r)
+            print("PUT", flush=True)
+            time.sleep(60)
+        """,
+    )
+    assert child.stdout is not None and child.stdout.readline().strip() == "PUT"
+    with fdbroker_broker.client() as c:
+        assert {e.name for e in c.list("eph/")} == {"eph/mine", "eph/kept"}
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "eph/mine" in {e.name for e in c.list("eph/")}:
+            time.sleep(0.02)
+        assert {e.name for e in c.list("eph/")} == {"eph/kept"}
+        c.delete("eph/kept")
