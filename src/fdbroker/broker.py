@@ -720,6 +720,17 @@ class Broker:
     def on_frame(self, s: Session, frame: Frame) -> None:
         """Dispatch one frame from a session's conduit. Owns ``frame.fds``: each is kept or closed."""
         kind = frame.message.WhichOneof("body")
+        if kind in ("redeem", "ack", "ping") and frame.fds:
+            # Unsolicited descriptors: closed at once and called out; the frame itself is still served.
+            n = len(frame.fds)
+            frame.close_fds()
+            s.conn.send(
+                _error_frame(
+                    Code.INVALID_ARGUMENT,
+                    f"a {kind} frame carries no descriptors, but {n} came with it; they were closed "
+                    "(descriptors travel only in deposit frames)",
+                )
+            )
         if kind == "deposit":
             self._on_deposit(s, frame)
         elif kind == "redeem":
