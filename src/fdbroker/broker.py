@@ -217,7 +217,10 @@ class Broker:
 
     def _put_options(self, req: pb.PutRequest) -> PutOptions:
         validate_name(req.name)
-        validate_labels(req.options.labels)
+        try:
+            validate_labels(req.options.labels)
+        except InvalidArgument as err:  # name the entry: a batch may carry many
+            raise InvalidArgument(f"labels of {req.name!r}: {err.message}", name=req.name) from None
         ttl = req.options.ttl.ToNanoseconds() / 1e9 if req.options.HasField("ttl") else 0.0
         if ttl < 0:
             raise InvalidArgument(f"ttl for {req.name!r} must not be negative", name=req.name)
