@@ -574,9 +574,14 @@ def cmd_watch(args: argparse.Namespace, cmd: list[str]) -> int:
     import signal
 
     def stop(_sig: int, _frame: object) -> None:
+        # Once is enough: a second signal (`timeout` signals the child and then its group) must not
+        # interrupt the clean-up.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         with _client(args) as client, client.watch(args.prefix, start_revision=args.start_revision) as events:
             if args.json:
