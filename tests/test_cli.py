@@ -28,7 +28,9 @@ def fdb_env(run_dir: Path | str) -> dict[str, str]:
     return env
 
 
-def fdb(broker: BrokerProcess | Path | str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def fdb(
+    broker: BrokerProcess | Path | str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     run_dir = broker.run_dir if isinstance(broker, BrokerProcess) else broker
     return subprocess.run(
         [sys.executable, "-m", "fdbroker", *args],
@@ -128,7 +130,9 @@ def test_put_file_then_get_and_exec_several(fdbroker_broker: BrokerProcess, tmp_
     port = put_listener(fdbroker_broker, "web")
 
     # get -- CMD: the file as fd 3.
-    r = fdb(fdbroker_broker, "get", "cfg/data", "--", *py("import os; print(os.read(3, 100).decode(), end='')"))
+    r = fdb(
+        fdbroker_broker, "get", "cfg/data", "--", *py("import os; print(os.read(3, 100).decode(), end='')")
+    )
     assert ok(r) == "file contents\n"
 
     # get without CMD: fetched, described, closed.
@@ -157,7 +161,10 @@ def test_take_moves_the_entry(fdbroker_broker: BrokerProcess, tmp_path: Path) ->
     f = tmp_path / "t.txt"
     f.write_text("taken")
     ok(fdb(fdbroker_broker, "put", "t", "--file", str(f)))
-    assert ok(fdb(fdbroker_broker, "take", "t", "--", *py("import os; print(os.read(3, 10).decode())"))) == "taken\n"
+    assert (
+        ok(fdb(fdbroker_broker, "take", "t", "--", *py("import os; print(os.read(3, 10).decode())")))
+        == "taken\n"
+    )
     assert fdb(fdbroker_broker, "stat", "t").returncode == 4
 
 
@@ -166,8 +173,21 @@ def test_ls_stat_rm(fdbroker_broker: BrokerProcess, tmp_path: Path) -> None:
     assert json.loads(ok(fdb(fdbroker_broker, "ls", "--json"))) == []
     port = put_listener(fdbroker_broker, "web/http")
     log = tmp_path / "audit.log"
-    ok(fdb(fdbroker_broker, "put", "log/audit", "--file", str(log), "--mode", "a", "--label", "tier=log",
-           "--ttl", "1h"))
+    ok(
+        fdb(
+            fdbroker_broker,
+            "put",
+            "log/audit",
+            "--file",
+            str(log),
+            "--mode",
+            "a",
+            "--label",
+            "tier=log",
+            "--ttl",
+            "1h",
+        )
+    )
     assert log.exists()  # --mode a creates
 
     table = ok(fdb(fdbroker_broker, "ls")).splitlines()
@@ -262,8 +282,13 @@ def test_broker_not_running_says_how_to_start_one(tmp_path: Path) -> None:
     assert r.returncode == 10
     assert "does not exist" in r.stderr and "fdbroker serve" in r.stderr
     # --run-dir wins over the environment.
-    r = subprocess.run([sys.executable, "-m", "fdbroker", "ls", "--run-dir", str(tmp_path / "other")],
-                       env=fdb_env(empty), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "fdbroker", "ls", "--run-dir", str(tmp_path / "other")],
+        env=fdb_env(empty),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 10 and str(tmp_path / "other") in r.stderr
 
 
@@ -292,7 +317,7 @@ def test_watch_prints_events(fdbroker_broker: BrokerProcess, tmp_path: Path) -> 
         assert second[1:3] == ["delete", "w/one"]
         assert int(second[0]) > int(first[0]) > rev
         proc.terminate()
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -327,7 +352,7 @@ def test_lease_runs_cmd_holding_the_lease(fdbroker_broker: BrokerProcess, tmp_pa
     f.write_text("leased data")
     ok(fdb(fdbroker_broker, "put", "db", "--file", str(f)))
     child = py(
-        f"""
+        """
         import json, os, subprocess, sys
         assert os.environ["LISTEN_PID"] == str(os.getpid()), os.environ
         assert os.environ["LISTEN_FDNAMES"] == "db"
@@ -355,9 +380,19 @@ def test_lease_runs_cmd_holding_the_lease(fdbroker_broker: BrokerProcess, tmp_pa
     st = json.loads(ok(fdb(fdbroker_broker, "stat", "db", "--json")))
     assert st["lease"]["mode"] == "" and st["lease"]["holders"] == []
     # The next grant has a larger epoch; a command killed by a signal gives 128+N.
-    r = fdb(fdbroker_broker, "lease", "db", "--ttl", "5s", "--shared", "--",
-            *py("import os, signal; print(os.environ['FDBROKER_LEASE_EPOCH'], flush=True); "
-                "os.kill(os.getpid(), signal.SIGTERM)"))
+    r = fdb(
+        fdbroker_broker,
+        "lease",
+        "db",
+        "--ttl",
+        "5s",
+        "--shared",
+        "--",
+        *py(
+            "import os, signal; print(os.environ['FDBROKER_LEASE_EPOCH'], flush=True); "
+            "os.kill(os.getpid(), signal.SIGTERM)"
+        ),
+    )
     assert r.returncode == 128 + 15
     assert int(r.stdout.split()[0]) > int(epoch)
 
@@ -416,8 +451,10 @@ def test_put_unix_and_udp_and_fd(fdbroker_broker: BrokerProcess, tmp_path: Path)
         assert "[::1]:" in ok(fdb(fdbroker_broker, "put", "six", "--listen", "tcp://[::1]:0"))
         # The broker holds the unix listener after the CLI exited: a connection is accepted by a get'ed copy.
         code = "import socket; s = socket.socket(fileno=3); c, _ = s.accept(); c.sendall(b'u!'); c.close()"
-        proc = subprocess.Popen([sys.executable, "-m", "fdbroker", "get", "u", "--", *py(code)],
-                                env=fdb_env(fdbroker_broker.run_dir))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fdbroker", "get", "u", "--", *py(code)],
+            env=fdb_env(fdbroker_broker.run_dir),
+        )
         with socket.socket(socket.AF_UNIX) as c:
             c.settimeout(30)
             c.connect(str(path))
@@ -426,9 +463,14 @@ def test_put_unix_and_udp_and_fd(fdbroker_broker: BrokerProcess, tmp_path: Path)
         # --fd: a descriptor the CLI inherited.
         r, w = os.pipe()
         try:
-            res = subprocess.run([sys.executable, "-m", "fdbroker", "put", "p", "--fd", str(w)],
-                                 env=fdb_env(fdbroker_broker.run_dir), pass_fds=[w], capture_output=True,
-                                 text=True, timeout=60)
+            res = subprocess.run(
+                [sys.executable, "-m", "fdbroker", "put", "p", "--fd", str(w)],
+                env=fdb_env(fdbroker_broker.run_dir),
+                pass_fds=[w],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert "pipe" in ok(res)
         finally:
             os.close(w)
@@ -461,12 +503,26 @@ def _gunicorn() -> list[str]:
 
 @pytest.mark.slow
 def test_exec_gunicorn_on_a_brokered_listener(fdbroker_broker: BrokerProcess, tmp_path: Path) -> None:
+    # gunicorn reads LISTEN_FDS/LISTEN_PID itself (gunicorn.systemd); adding --bind fd://3 would make it adopt
+    # fd 3 twice (and fail with EBADF, since it closes the original after the first dup).
     gunicorn = _gunicorn()
     (tmp_path / "tests_app.py").write_text(APP)
     port = put_listener(fdbroker_broker, "web")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fdbroker", "exec", "web", "--", *gunicorn, "--bind", "fd://3", "--workers", "1",
-         "--chdir", str(tmp_path), "tests_app:app"],
+        [
+            sys.executable,
+            "-m",
+            "fdbroker",
+            "exec",
+            "web",
+            "--",
+            *gunicorn,
+            "--workers",
+            "1",
+            "--chdir",
+            str(tmp_path),
+            "tests_app:app",
+        ],
         env=fdb_env(fdbroker_broker.run_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

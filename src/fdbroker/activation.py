@@ -2,7 +2,7 @@
 
 Sending side, :func:`exec_with_fds`: replace this process with a command that finds the given descriptors at
 3, 4, … and ``LISTEN_FDS`` / ``LISTEN_PID`` / ``LISTEN_FDNAMES`` in its environment, so any
-systemd-activatable server (gunicorn ``--bind fd://3``, uvicorn ``--fd 3``, ``sd_listen_fds`` in C,
+systemd-activatable server (gunicorn, uvicorn ``--fd 3``, ``sd_listen_fds`` in C,
 go-systemd's ``activation.Listeners`` in Go) can use them unmodified.
 
 Receiving side, :func:`listen_fds`: what ``sd_listen_fds_with_names`` does, for Python servers.

@@ -851,11 +851,11 @@ _PAGES: dict[str, Callable[[], dict[str, Any]]] = {
     "get": lambda: _page(
         "Fetch a copy of NAME's descriptor and exec CMD with it as fd 3 and LISTEN_FDS=1, LISTEN_PID (CMD's\n"
         "pid: CMD replaces this process), LISTEN_FDNAMES=NAME: the systemd socket-activation protocol, so\n"
-        "unmodified servers (gunicorn --bind fd://3, uvicorn --fd 3, sd_listen_fds) serve on it.",
+        "unmodified servers (gunicorn, uvicorn --fd 3, sd_listen_fds) serve on it.",
         notes="  Without CMD, get fetches the descriptor (checking the policy and leases allow it), prints\n"
         "  what it received, closes it, and exits 0.\n"
         "  The entry stays in the broker; see `take` to move it out.",
-        example="  fdbroker get web -- gunicorn --bind fd://3 app:app",
+        example="  fdbroker get web -- gunicorn app:app      (gunicorn finds LISTEN_FDS itself: no --bind)",
         exits=_COMMON_EXIT + _CMD_EXIT,
     ),
     "exec": lambda: _page(
