@@ -23,6 +23,7 @@ from typing import Any
 
 from fdbroker import __version__, fdinfo
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, SCM_MAX_FD, Frame
+from fdbroker.delivery import encode_deliver
 from fdbroker.errors import (
     BrokerError,
     Code,
@@ -108,19 +109,23 @@ class Broker:
         return s
 
     def end_session(self, s: Session) -> None:
-        """The conduit connection ended: void tokens, drop ephemeral entries, release leases, all at once."""
+        """The conduit connection ended: release leases, void tokens, drop ephemeral entries, all at once.
+
+        Leases go first, so their events say HOLDER_DIED (not RELEASED by a voided check-in token, nor
+        ENTRY_REMOVED by the removal of the session's own ephemeral entry).
+        """
         if not self.sessions.close(s):
             return
+        for lease_id in sorted(s.leases):
+            h = self.leases.get(lease_id)
+            if h is not None:
+                self._end_lease(h, pb.Event.REASON_HOLDER_DIED)
         for tok in self.tokens.void_session(s.id):
             self._forget_token(tok)
         for name in sorted(s.ephemeral):
             e = self.registry.find(name)
             if e is not None and e.session_id == s.id and e.ephemeral:
                 self._remove_entry(e, pb.Event.TYPE_DELETE, pb.Event.REASON_SESSION_ENDED)
-        for lease_id in list(s.leases):
-            h = self.leases.get(lease_id)
-            if h is not None:
-                self._end_lease(h, pb.Event.REASON_HOLDER_DIED)
         log.info("session %s… (pid %d) ended", s.id[:6], s.identity.pid)
 
     def session_for(self, session_id: str | None) -> Session | None:
@@ -173,6 +178,9 @@ class Broker:
         """A token left the book unredeemed (expired, voided): undo what it reserved."""
         if tok.operation in (OP.OPERATION_PUT, OP.OPERATION_CHECKIN):
             self._unreserve_put(tok.uid)
+            h = self.leases.get(tok.payload) if tok.operation == OP.OPERATION_CHECKIN else None
+            if h is not None and h.checkin == tok.token:  # check-in abandoned: release, entry unchanged
+                self._end_lease(h, pb.Event.REASON_RELEASED)
         elif tok.operation == OP.OPERATION_TAKE:
             e = self.registry.find(tok.name)
             if e is not None and e.taking == tok.token:
@@ -361,54 +369,54 @@ class Broker:
                 name=e.name,
             )
 
+    def _push_handoff(self, s: Session, op: int, e: Entry) -> tuple[pb.Handoff, tuple[bytes, int, Entry]]:
+        """A token for a delivery sent right now: issued and spent in the same step, so it never waits in the
+        token book (and never counts as pending); it tags the Deliver item the client matches its RPC to."""
+        token = self.tokens.random_token()
+        h = pb.Handoff(token=token, operation=op, name=e.name)  # type: ignore[arg-type]
+        return h, (token, op, e)
+
     def get(self, s: Session | None, name: str, prefetch: int = 0) -> pb.GetResponse:
         """Hand a copy of ``name`` to the session: ``Deliver`` is sent before this returns."""
         s = self._need_session(s, "get", name)
         if prefetch > MAX_PREFETCH:
             raise InvalidArgument(f"prefetch is at most {MAX_PREFETCH}, got {prefetch}", name=name)
         e = self._readable_entry(s, name, "get")
-        toks = [self._issue(s, OP.OPERATION_GET, name, e.id) for _ in range(1 + prefetch)]
-        first = self.tokens.redeem(toks[0].token, session_id=s.id, operations=(OP.OPERATION_GET,))
-        self._deliver(s, [(first, e)])
-        return pb.GetResponse(entry=e.to_pb(), handoffs=[self._handoff_pb(t) for t in toks])
+        resp = pb.GetResponse(entry=e.to_pb())
+        if prefetch:
+            limit = self.policy.limits.max_pending_tokens_per_uid
+            prefetch = min(prefetch, max(0, limit - self.tokens.pending_for_uid(s.identity.uid)))
+            toks = [self._issue(s, OP.OPERATION_GET, name, e.id) for _ in range(prefetch)]
+            if toks:
+                resp.prefetch_tokens.extend([t.token for t in toks])
+                resp.prefetch_expire_time.FromNanoseconds(
+                    int((time.time() + (toks[0].expires_at - self.clock())) * 1e9)
+                )
+        h, item = self._push_handoff(s, OP.OPERATION_GET, e)
+        resp.handoffs.append(h)
+        self._deliver(s, [item])
+        return resp
 
     def batch_get(self, s: Session | None, names: Sequence[str]) -> pb.BatchGetResponse:
         s = self._need_session(s, "get")
         if len(names) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} names per batch, got {len(names)}")
         entries = [self._readable_entry(s, n, "get") for n in names]
-        limit = self.policy.limits.max_pending_tokens_per_uid
-        if self.tokens.pending_for_uid(s.identity.uid) + len(entries) > limit:
-            raise ResourceExhausted(f"a batch of {len(entries)} would pass the pending-token limit ({limit})")
-        toks = [self._issue(s, OP.OPERATION_GET, e.name, e.id) for e in entries]
-        for t in toks:
-            self.tokens.redeem(t.token, session_id=s.id, operations=(OP.OPERATION_GET,))
-        self._deliver(s, list(zip(toks, entries, strict=True)))
-        return pb.BatchGetResponse(
-            entries=[e.to_pb() for e in entries], handoffs=[self._handoff_pb(t) for t in toks]
-        )
+        pushes = [self._push_handoff(s, OP.OPERATION_GET, e) for e in entries]
+        self._deliver(s, [p[1] for p in pushes])
+        return pb.BatchGetResponse(entries=[e.to_pb() for e in entries], handoffs=[p[0] for p in pushes])
 
-    def _deliver(self, s: Session, items: list[tuple[Token, Entry]]) -> None:
-        """Send the entries' descriptors in Deliver frames of at most 253."""
+    def _deliver(self, s: Session, items: Sequence[tuple[bytes, int, Entry]]) -> None:
+        """Send the entries' descriptors in Deliver frames of at most 253, tagged with their tokens."""
+        send = s.conn.send_raw
         for i in range(0, len(items), SCM_MAX_FD):
             chunk = items[i : i + SCM_MAX_FD]
-            d = pb.Deliver(
-                items=[
-                    pb.DeliverItem(
-                        token=t.token,
-                        name=e.name,
-                        operation=t.operation,  # type: ignore[arg-type]
-                        info=e.info,
-                        revision=e.revision,
-                    )
-                    for t, e in chunk
-                ]
-            )
-            s.conn.send(pb.ConduitFrame(deliver=d), [e.fd for _, e in chunk])
+            data = encode_deliver([(t, op, e.deliver_tail()) for t, op, e in chunk], len(chunk))
+            send(data, [e.fd for _, _, e in chunk])
 
     def _on_redeem(self, s: Session, frame: Frame) -> None:
         frame.close_fds()
-        ok: list[tuple[Token, Entry]] = []
+        ok: list[tuple[bytes, int, Entry]] = []
         for t in frame.message.redeem.tokens:
             try:
                 tok = self.tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,))
@@ -422,7 +430,7 @@ class Broker:
             except BrokerError as err:
                 s.conn.send(pb.ConduitFrame(error=_error_pb(err, token=t)))
                 continue
-            ok.append((tok, e))
+            ok.append((tok.token, OP.OPERATION_GET, e))
         if ok:
             self._deliver(s, ok)
 
@@ -438,7 +446,7 @@ class Broker:
             raise FailedPrecondition(f"entry {name!r} is already being taken; retry shortly", name=name)
         tok = self._issue(s, OP.OPERATION_TAKE, name, e.id)
         e.taking = tok.token
-        self._deliver(s, [(tok, e)])
+        self._deliver(s, [(tok.token, OP.OPERATION_TAKE, e)])
         return pb.TakeResponse(entry=e.to_pb(), handoff=self._handoff_pb(tok))
 
     def _on_ack(self, s: Session, frame: Frame) -> None:
@@ -523,7 +531,12 @@ class Broker:
     # -- leases --------------------------------------------------------------------------------------------------
 
     async def lease(self, s: Session | None, req: pb.LeaseRequest, timeout: float | None) -> pb.LeaseResponse:
-        """Grant a lease (waiting FIFO if asked) and deliver the descriptor against a LEASE token."""
+        """Grant a lease (waiting FIFO if asked) and deliver the descriptor against a LEASE token.
+
+        ``timeout``: seconds left before the RPC deadline (None: no deadline). A waiting request stops queueing
+        :func:`lease_wait_reserve` before the deadline, so DEADLINE_EXCEEDED reaches the caller as the broker's
+        answer (naming the holders) and never races a grant the caller would not see.
+        """
         s = self._need_session(s, "lease", req.name)
         mode = req.mode or EXCLUSIVE
         if mode not in (EXCLUSIVE, SHARED):
@@ -543,28 +556,24 @@ class Broker:
         if lt.grantable(mode):
             h = self._grant(s, e, lt, mode, ttl)
         elif not req.wait:
-            holders = ", ".join(
-                f"pid {h.identity.pid} (uid {h.identity.uid}, {'exclusive' if h.mode == EXCLUSIVE else 'shared'})"
-                for h in lt.holders.values()
-            )
             raise FailedPrecondition(
-                f"{req.name!r} is leased by {holders or 'earlier waiters'}; "
+                f"{req.name!r} is leased by {_holders_text(lt) or 'nobody, but earlier requests are queued'}; "
                 "retry later, or ask with wait (--wait) to queue",
                 name=req.name,
             )
         else:
+            if timeout is not None:
+                timeout = max(0.0, timeout - lease_wait_reserve(timeout))
             h = await self._wait_lease(s, e, lt, mode, ttl, timeout)
-            e = self.registry.get(req.name)
-        try:
-            tok = self._issue(s, OP.OPERATION_LEASE, e.name, e.id)
-        except BrokerError:
+        # A waiter resumes one loop step after its grant: the lease may have ended meanwhile (session closed,
+        # entry removed). Never hand out a lease id that is already gone.
+        e2 = self.registry.find(req.name)
+        if self.leases.get(h.lease_id) is not h or e2 is None:
             self._end_lease(h, pb.Event.REASON_RELEASED)
-            raise
-        self.tokens.redeem(tok.token, session_id=s.id, operations=(OP.OPERATION_LEASE,))
-        self._deliver(s, [(tok, e)])
-        r = pb.LeaseResponse(
-            lease_id=h.lease_id, epoch=h.epoch, entry=e.to_pb(), handoff=self._handoff_pb(tok)
-        )
+            raise NotFound(f"entry {req.name!r} went away as its lease was granted", name=req.name)
+        handoff, item = self._push_handoff(s, OP.OPERATION_LEASE, e2)
+        self._deliver(s, [item])
+        r = pb.LeaseResponse(lease_id=h.lease_id, epoch=h.epoch, entry=e2.to_pb(), handoff=handoff)
         r.expire_time.FromNanoseconds(int(h.expire_time * 1e9))
         return r
 
@@ -572,6 +581,7 @@ class Broker:
         """Record a grant now (synchronously, so the queue never hands one slot out twice)."""
         h = lt.grant(
             name=e.name,
+            entry_id=e.id,
             session_id=s.id,
             identity=s.identity,
             mode=mode,
@@ -594,15 +604,18 @@ class Broker:
         name = e.name
 
         def grant() -> None:
-            if fut.done():
+            # Called by LeaseTable.pump when this waiter is at the head and fits, or when the entry is removed.
+            if fut.done() or w.cancelled:
                 return
             cur = self.registry.find(name)
-            if cur is None or s.closed:
+            if cur is None or cur.lease is not lt:
                 fut.set_exception(
-                    NotFound(f"entry {name!r} went away while waiting for its lease", name=name)
+                    NotFound(f"entry {name!r} was removed while waiting for its lease", name=name)
                 )
-                return
-            fut.set_result(self._grant(s, cur, lt, mode, ttl))
+            elif s.closed:
+                fut.set_exception(Unauthenticated(f"the session ended while waiting for a lease on {name!r}"))
+            else:
+                fut.set_result(self._grant(s, cur, lt, mode, ttl))
 
         w = Waiter(session_id=s.id, mode=mode, grant=grant)
         lt.waiters.append(w)
@@ -619,8 +632,8 @@ class Broker:
                 cur.invalidate()
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded(
-                    f"no lease on {name!r} within the deadline; holders: "
-                    + (", ".join(f"pid {h.identity.pid}" for h in lt.holders.values()) or "none"),
+                    f"no lease on {name!r} within the deadline; held by {_holders_text(lt) or 'nobody'}, "
+                    f"{sum(1 for x in lt.waiters if not x.cancelled)} other request(s) queued",
                     name=name,
                 ) from None
             raise
@@ -646,26 +659,64 @@ class Broker:
         return r
 
     def release(self, s: Session | None, lease_id: str, return_descriptor: bool) -> pb.ReleaseResponse:
+        """End a lease. With ``return_descriptor`` (check-in) the lease stays held until the descriptor arrives
+        in a ``Deposit`` frame, so the next holder gets the checked-in descriptor, never the old one; if the token
+        expires or the session ends first, the lease is released with the entry unchanged.
+
+        A plain release is allowed whatever happened to the entry meanwhile (the lease belongs to the name and
+        survives a replace). A check-in is refused (FAILED_PRECONDITION, nothing changed, the lease still held)
+        when the entry's descriptor was replaced since the grant: the holder would overwrite a descriptor it
+        never saw.
+        """
         s = self._need_session(s, "release")
         h = self.leases.get(lease_id)
         if h is None or h.session_id != s.id:
             raise NotFound(f"no lease {lease_id!r} held by this session (it may have expired)")
         r = pb.ReleaseResponse()
         if return_descriptor:
-            tok = self._issue(s, OP.OPERATION_CHECKIN, h.name, payload=h.epoch)
+            e = self.registry.find(h.name)
+            if e is None or e.id != h.entry_id:
+                raise FailedPrecondition(
+                    f"entry {h.name!r} was replaced since lease {lease_id[:6]}… was granted; a check-in would "
+                    "overwrite a descriptor this holder never had, so nothing was changed and the lease is still "
+                    "held: release without return_descriptor (or put --replace while holding the lease)",
+                    name=h.name,
+                )
+            if h.checkin is not None:
+                raise FailedPrecondition(f"lease {lease_id[:6]}… is already being checked in", name=h.name)
+            tok = self._issue(s, OP.OPERATION_CHECKIN, h.name, e.id, payload=h.lease_id)
+            h.checkin = tok.token
             r.handoff.CopyFrom(self._handoff_pb(tok))
+            r.revision = self.registry.revision
+            return r
         self._end_lease(h, pb.Event.REASON_RELEASED)
         r.revision = self.registry.revision
         return r
 
     def _checkin(self, s: Session, tok: Token, fd: int, info: pb.DescriptorInfo) -> Entry:
-        old = self.registry.get(tok.name)
-        opts = PutOptions(labels=dict(old.labels), replace=True, ephemeral=old.ephemeral)
-        if old.expires_at is not None:
-            opts.ttl = max(0.001, old.expires_at - self.clock())
-        owner = old.owner
-        entry = self.registry.put(tok.name, fd, info, owner, old.session_id, opts, pending=self.pending_puts)
-        return entry
+        """The descriptor of a check-in arrived: make it the entry's descriptor, then end the lease."""
+        h = self.leases.get(tok.payload)
+        if h is None or h.checkin != tok.token:
+            raise FailedPrecondition(
+                f"the lease on {tok.name!r} ended before its descriptor was checked in (expired, released or the "
+                "entry was removed); the descriptor was not stored",
+                name=tok.name,
+            )
+        try:
+            old = self.registry.find(tok.name)
+            if old is None or old.id != h.entry_id:
+                raise FailedPrecondition(
+                    f"entry {tok.name!r} was removed or replaced during the check-in; the descriptor was not "
+                    "stored",
+                    name=tok.name,
+                )
+            opts = PutOptions(labels=dict(old.labels), replace=True, ephemeral=old.ephemeral)
+            if old.expires_at is not None:
+                opts.ttl = max(0.001, old.expires_at - self.clock())
+            self.registry.put(tok.name, fd, info, old.owner, old.session_id, opts, pending=self.pending_puts)
+        finally:
+            self._end_lease(h, pb.Event.REASON_RELEASED)
+        return self.registry.get(tok.name)
 
     def _end_lease(self, h: Holder, reason: int) -> None:
         self.leases.pop(h.lease_id, None)
@@ -673,15 +724,15 @@ class Broker:
         if s is not None:
             s.leases.discard(h.lease_id)
         e = self.registry.find(h.name)
-        if e is None or e.lease is None:
+        if e is None or e.lease is None or e.lease.holders.pop(h.lease_id, None) is None:
             return
-        e.lease.holders.pop(h.lease_id, None)
         self.registry.touch(e, pb.Event.TYPE_LEASE_RELEASED, reason, lease_id=h.lease_id, epoch=h.epoch)
         e.lease.pump()
 
     # -- removal & housekeeping ----------------------------------------------------------------------------------
 
     def _remove_entry(self, e: Entry, event: int, reason: int) -> None:
+        """Remove an entry: its leases end first (LEASE_RELEASED, reason ENTRY_REMOVED), then its waiters fail."""
         lt = e.lease
         if lt is not None:
             for h in list(lt.holders.values()):
@@ -689,27 +740,32 @@ class Broker:
                 s = self.sessions.get(h.session_id)
                 if s is not None:
                     s.leases.discard(h.lease_id)
-            lt.holders.clear()
+                del lt.holders[h.lease_id]
+                self.registry.touch(
+                    e,
+                    pb.Event.TYPE_LEASE_RELEASED,
+                    pb.Event.REASON_ENTRY_REMOVED,
+                    lease_id=h.lease_id,
+                    epoch=h.epoch,
+                )
         self.registry.remove(e.name, event=event, reason=reason)
         s = self.sessions.get(e.session_id)
         if s is not None:
             s.ephemeral.discard(e.name)
         if lt is not None:
-            for w in lt.waiters:
-                w.cancelled = True
-                w.grant()  # wakes the waiter, which sees the entry gone
+            waiters = list(lt.waiters)
             lt.waiters.clear()
+            for w in waiters:
+                w.grant()  # the waiter sees the entry gone and fails with NOT_FOUND
 
     def tick(self) -> float | None:
         """Expire tokens, entries and leases that are due; return the next monotonic time anything is due."""
         now = self.clock()
         for tok in self.tokens.expire(now):
             self._forget_token(tok)
-        for e in self.registry.expire_due(now):
-            if e.lease is not None:
-                for h in list(e.lease.holders.values()):
-                    self.leases.pop(h.lease_id, None)
+        for e in self.registry.due(now):
             log.info("entry %r expired", e.name)
+            self._remove_entry(e, pb.Event.TYPE_EXPIRE, 0)
         for h in [h for h in self.leases.values() if h.expires_at <= now]:
             log.info("lease %s on %r expired (pid %d)", h.lease_id[:6], h.name, h.identity.pid)
             self._end_lease(h, pb.Event.REASON_EXPIRED)
@@ -757,6 +813,19 @@ class Broker:
     def close(self) -> None:
         """Shut down: close every held descriptor."""
         self.registry.close_all()
+
+
+def lease_wait_reserve(remaining: float) -> float:
+    """How long before an RPC deadline a lease wait gives up: 0.5 s, or a quarter of the time left if less."""
+    return min(0.5, remaining / 4)
+
+
+def _holders_text(lt: LeaseTable) -> str:
+    return ", ".join(
+        f"pid {h.identity.pid} (uid {h.identity.uid}, {'exclusive' if h.mode == EXCLUSIVE else 'shared'}, "
+        f"epoch {h.epoch})"
+        for h in lt.holders.values()
+    )
 
 
 def _error_pb(err: BrokerError, token: bytes = b"") -> pb.Error:

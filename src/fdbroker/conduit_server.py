@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame, FrameDecoder, encode_frame
-from fdbroker.conduit.receive import recv_fds_nonblocking
+from fdbroker.conduit.receive import recv_fds_into
 from fdbroker.conduit.send import send_with_fds
 from fdbroker.errors import Code
 from fdbroker.policy import Identity
@@ -26,7 +26,7 @@ from fdbroker.v1 import broker_pb2 as pb
 
 log = logging.getLogger("fdbroker.conduit")
 
-RECV_BYTES = 256 * 1024
+RECV_BYTES = 64 * 1024 + 4
 MAX_QUEUED_BYTES = 8 * 1024 * 1024  # a peer that does not read is cut off past this
 MAX_QUEUED_FDS = 4096
 
@@ -54,6 +54,7 @@ class Connection:
         self._on_frame = on_frame
         self._on_close = on_close
         self._decoder = FrameDecoder(max_frame_bytes)
+        self._rbuf = bytearray(RECV_BYTES)  # reused: a fresh 64 KiB buffer per recvmsg costs an mmap
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self._out_bytes = 0
         self._out_fds = 0
@@ -70,7 +71,8 @@ class Connection:
         if self.closed:
             return
         try:
-            data, fds = recv_fds_nonblocking(self.sock, RECV_BYTES, SCM_MAX_FD)
+            n, fds = recv_fds_into(self.sock, self._rbuf, SCM_MAX_FD)
+            data = self._rbuf[:n]
         except (BlockingIOError, InterruptedError):
             return
         except ConduitError as err:
@@ -112,9 +114,13 @@ class Connection:
 
     def send(self, message: pb.ConduitFrame, fds: Sequence[int] = ()) -> None:
         """Send one frame with ``fds`` attached (at most 253). Never blocks; the caller keeps its descriptors."""
+        if not self.closed:
+            self.send_raw(encode_frame(message, len(fds)), fds)
+
+    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send one already-encoded frame (length prefix included) with ``fds``; as :meth:`send`."""
         if self.closed:
             return
-        data = encode_frame(message, len(fds))
         if not self._out:
             try:
                 n = send_with_fds(self.sock, data, fds)

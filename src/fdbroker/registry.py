@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from fdbroker.delivery import item_tail
 from fdbroker.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -60,10 +61,19 @@ class Entry:
     taking: bytes | None = None  # token of a take in flight
     lease: LeaseTable | None = None
     _pb: pb.Entry | None = field(default=None, repr=False)
+    _tail: bytes | None = field(default=None, repr=False)
 
     def invalidate(self) -> None:
-        """Drop the cached protobuf form (after any change that shows in it)."""
+        """Drop the cached protobuf forms (after any change that shows in them)."""
         self._pb = None
+        self._tail = None
+
+    def deliver_tail(self) -> bytes:
+        """The entry's part of a serialized ``DeliverItem`` (see :mod:`fdbroker.delivery`), cached."""
+        tail = self._tail
+        if tail is None:
+            tail = self._tail = item_tail(self.name, self.info, self.revision)
+        return tail
 
     def to_pb(self) -> pb.Entry:
         """The protobuf form, cached until the entry changes. Callers must not modify it."""
@@ -330,6 +340,19 @@ class Registry:
             if e is None or e.taking is not None:
                 continue
             out.append(self.remove(name, event=pb.Event.TYPE_EXPIRE))
+        return out
+
+    def due(self, now: float | None = None) -> list[Entry]:
+        """Entries whose TTL has passed and that are not being taken, in name order (the caller removes them
+        with event EXPIRE, after ending their leases)."""
+        if not self._expiring:
+            return []
+        now = self._clock() if now is None else now
+        out = []
+        for name in sorted(n for n, t in self._expiring.items() if t <= now):
+            e = self._entries.get(name)
+            if e is not None and e.taking is None:
+                out.append(e)
         return out
 
     def next_expiry(self) -> float | None:

@@ -40,7 +40,7 @@ The book is not thread-safe: the broker uses it from its one event loop.
 from __future__ import annotations
 
 import hmac
-import secrets
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -120,6 +120,19 @@ class TokenBook:
         self._by_uid: dict[int, int] = {}
         # lookup id -> (whole token, reason) for recently retired tokens.
         self._retired: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
+        # Random bytes are drawn from the kernel 4 KiB at a time: one getrandom() per 128 tokens instead of one
+        # per token (the per-call cost dominated batch handoffs). Same source, same quality.
+        self._pool = b""
+        self._pool_pos = 0
+
+    def random_token(self) -> bytes:
+        """32 fresh random bytes (os.urandom, drawn in 4 KiB blocks)."""
+        pos = self._pool_pos
+        if pos + TOKEN_BYTES > len(self._pool):
+            self._pool = os.urandom(4096)
+            pos = 0
+        self._pool_pos = pos + TOKEN_BYTES
+        return self._pool[pos : pos + TOKEN_BYTES]
 
     def __len__(self) -> int:
         """Tokens issued and not yet redeemed, cancelled, voided or purged (may include expired ones not yet
@@ -143,7 +156,7 @@ class TokenBook:
         elif not ttl > 0:
             raise ValueError(f"token ttl must be positive, got {ttl!r}")
         while True:
-            raw = secrets.token_bytes(TOKEN_BYTES)
+            raw = self.random_token()
             lookup = raw[:LOOKUP_BYTES]
             # A 64-bit collision is astronomically unlikely; never overwrite a live token or shadow a retired
             # one.

@@ -49,6 +49,7 @@ _Mail = tuple[str, Any, int]  # (kind, message, fd or -1)
 
 PREFETCH_MAX = 64
 _STALE_AFTER = 30.0
+WAIT_MARGIN = 0.5  # added to a lease wait for the RPC deadline (see Broker.lease)
 
 
 class Listing(list[Entry]):
@@ -370,11 +371,10 @@ class Client:
             session=True,
             name=name,
         )
-        toks = [h.token for h in resp.handoffs]
-        if len(toks) > 1:
+        if resp.prefetch_tokens:
             exp = time.monotonic() + self.token_ttl
-            self._prefetched[name] = collections.deque((t, exp) for t in toks[1:])
-        return self._take_results(self._wait(toks[:1]), [name])[0]
+            self._prefetched[name] = collections.deque((t, exp) for t in resp.prefetch_tokens)
+        return self._take_results(self._wait([resp.handoffs[0].token]), [name])[0]
 
     def get(self, name: str) -> Received:
         """A copy of ``name``'s descriptor: a socket, a file object, or an :class:`OwnedFd`; the caller owns it."""
@@ -462,7 +462,10 @@ class Client:
         lease id and the fencing epoch. With ``keepalive`` a background thread renews the lease every ttl/3.
         """
         req = lease_request(name, ttl, shared, wait is not None)
-        resp = self._rpc(self._stub.Lease, req, session=True, name=name, timeout=(wait or 0) + self.timeout)
+        # The RPC deadline bounds the queueing: the broker gives up lease_wait_reserve() (0.5 s) before it and
+        # answers DEADLINE_EXCEEDED itself, so ``wait`` + 0.5 s queues for ``wait`` seconds.
+        timeout = self.timeout if wait is None else max(0.0, wait) + WAIT_MARGIN
+        resp = self._rpc(self._stub.Lease, req, session=True, name=name, timeout=timeout)
         fd, item = self._take_results(self._wait([resp.handoff.token]), [name])[0]
         lease = Lease(
             lease_id=resp.lease_id,

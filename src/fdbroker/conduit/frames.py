@@ -34,7 +34,7 @@ from fdbroker.v1 import broker_pb2 as pb
 
 from .conduit import Credentials, _connect, peer_credentials
 from .errors import ConduitError, ErrType, error_from_oserror
-from .receive import SCM_MAX_FD, close_fds, recv_fds_nonblocking
+from .receive import SCM_MAX_FD, close_fds, recv_fds_into
 from .send import send_with_fds
 
 __all__ = [
@@ -137,7 +137,7 @@ class FrameDecoder:
         )
         return self._broken
 
-    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame | ConduitError]:
+    def feed(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> list[Frame | ConduitError]:
         """Takes the bytes and descriptors of one ``recvmsg`` (the decoder owns ``fds`` from now on).
 
         Returns what this data completed, in order: :class:`Frame` (the caller owns its ``fds``), or a
@@ -253,6 +253,7 @@ class FramedConduit:
         self._ready: collections.deque[Frame | ConduitError] = collections.deque()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        self._rbuf = bytearray(_RECV_BYTES)
         self._rpoll = select.poll()
         self._rpoll.register(self._fd, select.POLLIN)
         self._wpoll = select.poll()
@@ -361,7 +362,8 @@ class FramedConduit:
                     deadline = self._deadline(timeout)
                     first = False
                 try:
-                    data, fds = recv_fds_nonblocking(self._sock, _RECV_BYTES, SCM_MAX_FD)
+                    n, fds = recv_fds_into(self._sock, self._rbuf, SCM_MAX_FD)
+                    data: bytes | bytearray = self._rbuf[:n]
                 except BlockingIOError:
                     self._wait(self._rpoll, deadline, "recv")
                     continue

@@ -279,12 +279,16 @@ class GetRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prefetch: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("entry", "handoffs")
+    __slots__ = ("entry", "handoffs", "prefetch_tokens", "prefetch_expire_time")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     entry: Entry
     handoffs: _containers.RepeatedCompositeFieldContainer[Handoff]
-    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ...) -> None: ...
+    prefetch_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    prefetch_expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
     __slots__ = ("names",)
