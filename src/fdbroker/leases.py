@@ -42,6 +42,7 @@ class EpochCounter:
 class Holder:
     lease_id: str
     name: str
+    entry_id: int  # the entry (descriptor) the lease was granted on; a check-in requires it still in place
     session_id: str
     identity: Identity
     mode: int
@@ -49,6 +50,7 @@ class Holder:
     ttl: float
     expires_at: float  # monotonic
     expire_time: float  # wall clock
+    checkin: bytes | None = None  # token of a check-in in flight (Release with return_descriptor)
 
 
 @dataclass(slots=True, eq=False)
@@ -94,6 +96,7 @@ class LeaseTable:
         self,
         *,
         name: str,
+        entry_id: int,
         session_id: str,
         identity: Identity,
         mode: int,
@@ -108,6 +111,7 @@ class LeaseTable:
         h = Holder(
             lease_id=secrets.token_urlsafe(12),
             name=name,
+            entry_id=entry_id,
             session_id=session_id,
             identity=identity,
             mode=mode,
