@@ -294,6 +294,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="events kept for Watch resumption (default 10000)",
     )
     parser.add_argument(
+        "--watch-queue",
+        metavar="N",
+        type=int,
+        default=4096,
+        help="events buffered per watcher before a watcher that falls behind is cut off with "
+        "RESOURCE_EXHAUSTED (default 4096)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("FDBROKER_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -310,6 +318,7 @@ def options_from_args(args: argparse.Namespace, run_dir: Path) -> ServeOptions:
         token_ttl=args.token_ttl,
         reserve_fds=args.reserve_fds,
         history=args.history,
+        watch_queue=args.watch_queue,
     )
 
 

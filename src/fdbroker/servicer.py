@@ -150,7 +150,11 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
             if overflow or not visible(ev):
                 return
             if queue.qsize() >= limit:
+                # Cut off: drop what was queued (the watcher resumes from the last revision it was sent) so a
+                # stalled watcher holds no events at all while it waits to be told.
                 overflow = True
+                while not queue.empty():
+                    queue.get_nowait()
                 queue.put_nowait(None)
                 return
             queue.put_nowait(ev)
@@ -176,14 +180,11 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
             while True:
                 ev = await queue.get()
                 batch: list[pb.Event] = []
+                cut_off = False
                 while True:
                     if ev is None:
-                        cut = ResourceExhausted(
-                            f"watcher fell more than {limit} events behind and was cut off; "
-                            f"resume with start_revision={last + 1}"
-                        )
-                        await _abort(context, cut)
-                        return
+                        cut_off = True
+                        break
                     if ev.revision > last:
                         batch.append(ev)
                         last = ev.revision
@@ -192,5 +193,13 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
                     ev = queue.get_nowait()
                 if batch:
                     yield pb.WatchResponse(events=batch)
+                if cut_off:
+                    # Everything up to `last` was sent (the batch above included); nothing after it was.
+                    cut = ResourceExhausted(
+                        f"watcher fell more than {limit} events behind and was cut off; "
+                        f"resume with start_revision={last + 1}"
+                    )
+                    await _abort(context, cut)
+                    return
         finally:
             unsubscribe()
