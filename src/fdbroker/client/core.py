@@ -4,19 +4,23 @@ a received descriptor into the right Python object. Only the I/O differs between
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import socket
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from fdbroker.errors import BrokerError, Code, OutOfRange, Unavailable, error_for_code
+from fdbroker.errors import Aborted, BrokerError, Code, OutOfRange, Unavailable, error_for_code
 from fdbroker.rundir import CONDUIT_SOCKET, CONTROL_SOCKET, resolve_run_dir
 from fdbroker.v1 import broker_pb2 as pb
+
+if TYPE_CHECKING:
+    from fdbroker.conduit.frames import Frame
 
 SESSION_METADATA_KEY = "fdbroker-session"
 OLDEST_REVISION_KEY = "fdbroker-oldest-revision"
@@ -378,7 +382,10 @@ def error_from_rpc(err: Any, paths: Paths | None = None, name: str = "") -> Brok
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     num = code.value[0] if code is not None else Code.UNKNOWN
     if num == Code.UNAVAILABLE and paths is not None:
-        return paths.not_running(details or "")
+        # gRPC's text names its resolver and subchannel states; say what a person can act on instead.
+        if not paths.control.exists():
+            return paths.not_running(f"{paths.control} does not exist")
+        return paths.not_running(f"nothing accepts connections on {paths.control}")
     if num == Code.OUT_OF_RANGE:
         oldest = 0
         md = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else None
@@ -395,3 +402,155 @@ def error_from_frame(e: pb.Error) -> BrokerError:
 
 def now() -> float:
     return time.monotonic()
+
+
+# -- conduit answers -------------------------------------------------------------------------------------------
+# What both clients do with frames once read; only how they read and wait differs.
+
+
+class Mail(NamedTuple):
+    """One answer on the conduit, filed under its token.
+
+    ``kind`` is ``"deliver"`` (``message`` a ``DeliverItem``, ``fd`` the received descriptor), ``"deposited"``
+    (a ``DepositResult``), ``"acked"`` (the ``Acked``) or ``"error"`` (an ``Error`` naming the token); ``fd`` is
+    -1 except for deliveries. Whoever holds a ``Mail`` with ``fd >= 0`` owns that descriptor.
+    """
+
+    kind: str
+    message: Any
+    fd: int
+
+
+def sort_frame(frame: Frame) -> tuple[list[tuple[bytes, Mail]], BrokerError | None]:
+    """Split a received frame into answers keyed by token.
+
+    Takes ownership of ``frame.fds``: each ``Deliver`` item's descriptor moves into its :class:`Mail`; every other
+    descriptor (and all of them, if a ``Deliver`` carries a different number of descriptors than items) is closed.
+    The second value is an error about a whole frame (an ``Error`` frame without a token), if any.
+    """
+    m = frame.message
+    kind = m.WhichOneof("body")
+    if kind == "deliver":
+        items = m.deliver.items
+        if len(items) != len(frame.fds):
+            n = len(frame.fds)
+            frame.close_fds()
+            return [], Aborted(
+                f"the broker delivered {n} descriptor(s) for {len(items)} item(s); all were closed"
+            )
+        fds, frame.fds = frame.fds, []
+        return [(item.token, Mail("deliver", item, fd)) for item, fd in zip(items, fds, strict=True)], None
+    frame.close_fds()
+    if kind == "deposited":
+        return [(r.token, Mail("deposited", r, -1)) for r in m.deposited.results], None
+    if kind == "acked":
+        return [(t, Mail("acked", m.acked, -1)) for t in m.acked.tokens], None
+    if kind == "error":
+        if m.error.token:
+            return [(m.error.token, Mail("error", m.error, -1))], None
+        return [], error_from_frame(m.error)
+    return [], None
+
+
+def close_mail(mails: Iterable[Mail]) -> None:
+    """Close the descriptors of deliveries nobody will take."""
+    for mail in mails:
+        if mail.fd >= 0:
+            _close_quietly(mail.fd)
+
+
+def deliveries(mails: Sequence[Mail], names: Sequence[str]) -> list[tuple[int, pb.DeliverItem]]:
+    """Deliveries → ``(fd, item)`` in order; the caller owns the fds. If any answer is not a delivery, every fd
+    received is closed and the first error is raised."""
+    out: list[tuple[int, pb.DeliverItem]] = []
+    first_err: BrokerError | None = None
+    for mail, name in zip(mails, names, strict=True):
+        if mail.kind == "deliver":
+            out.append((mail.fd, mail.message))
+        elif first_err is None:
+            first_err = (
+                error_from_frame(mail.message)
+                if mail.kind == "error"
+                else Aborted(f"unexpected {mail.kind} for {name!r}", name=name)
+            )
+    if first_err is not None:
+        close_mail(Mail("deliver", None, fd) for fd, _ in out)
+        raise first_err
+    return out
+
+
+def deposited_entries(mails: Sequence[Mail], names: Sequence[str]) -> list[Entry]:
+    """``Deposited`` results → the stored entries in order; raises the first refusal (naming its entry)."""
+    out: list[Entry] = []
+    first_err: BrokerError | None = None
+    for mail, name in zip(mails, names, strict=True):
+        if mail.kind == "deposited" and not mail.message.HasField("error"):
+            out.append(Entry.from_pb(mail.message.entry))
+        elif first_err is None:
+            first_err = error_from_frame(mail.message.error if mail.kind == "deposited" else mail.message)
+            first_err.name = first_err.name or name
+    if first_err is not None:
+        raise first_err
+    return out
+
+
+# -- prefetched GET tokens -------------------------------------------------------------------------------------
+
+PREFETCH_LIMIT = 64
+"""Most extra GET tokens the adaptive policy asks for per ``Get`` RPC."""
+
+_REDEEM_MARGIN = 0.25  # a token this close to expiry is not worth a round trip
+
+
+class PrefetchPolicy:
+    """How many extra GET tokens to ask for with a ``Get`` of ``name``.
+
+    ``fixed`` (not None) is always the answer. Otherwise adaptive: 0 for the first get of a name, then 8, 16, 32,
+    64 while the name keeps being fetched within a token lifetime of the previous get (the same numbers as
+    ``fdbroker.Client``).
+    """
+
+    def __init__(self, fixed: int | None = None) -> None:
+        self.fixed = fixed
+        self._recent: dict[str, tuple[float, int]] = {}
+
+    def next(self, name: str, token_ttl: float) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        t = time.monotonic()
+        last, n = self._recent.get(name, (0.0, 0))
+        n = n + 1 if t - last < token_ttl else 0
+        self._recent[name] = (t, n)
+        if len(self._recent) > 4096:
+            self._recent.clear()
+        return 0 if n == 0 else min(PREFETCH_LIMIT, 4 << min(n, 4))
+
+
+class PrefetchedTokens:
+    """GET tokens issued ahead, per name, each with its expiry (monotonic). Tokens belong to one session."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, collections.deque[tuple[bytes, float]]] = {}
+
+    def add(self, name: str, tokens: Iterable[bytes], expire: float) -> None:
+        self._by_name.setdefault(name, collections.deque()).extend((t, expire) for t in tokens)
+
+    def pop(self, name: str) -> bytes | None:
+        """The next token for ``name`` that is not about to expire, or None."""
+        q = self._by_name.get(name)
+        t = time.monotonic()
+        while q:
+            tok, exp = q.popleft()
+            if exp - t >= _REDEEM_MARGIN:
+                return tok
+        self._by_name.pop(name, None)
+        return None
+
+    def count(self, name: str) -> int:
+        return len(self._by_name.get(name, ()))
+
+    def drop(self, name: str) -> None:
+        self._by_name.pop(name, None)
+
+    def clear(self) -> None:
+        self._by_name.clear()
