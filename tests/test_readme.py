@@ -24,7 +24,7 @@ def test_readme_python_examples_run(fdbroker_broker, monkeypatch):
     monkeypatch.setenv("FDBROKER_RUN_DIR", str(fdbroker_broker.run_dir))
     ns: dict[str, object] = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), ns)  # noqa: S102 - the README is ours
+        exec(compile(block, str(README), "exec"), ns)  # the README is ours
     got = ns["got"]
     assert isinstance(got, list) and len(got) == 300
     # close what the examples left open (they are examples, not leak tests)
