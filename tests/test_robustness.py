@@ -67,42 +67,47 @@ def test_200_conduit_connections_opened_and_dropped(fdbroker_broker):
             s.close()
 
 
-def test_peer_that_stops_reading_does_not_stall_others(fdbroker_broker):
-    run_dir = fdbroker_broker.run_dir
-    ev = os.eventfd(0)
-    try:
-        with fdbroker_broker.client() as c:
-            c.put("flood/ev", ev)
-        with Control(run_dir) as ctl, RawConduit(run_dir) as hog:
-            tokens: list[bytes] = []
-            for _ in range(3):
-                g = ctl.call("Get", pb.GetRequest(name="flood/ev", prefetch=1024), hog.session_id)
-                tokens += [h.token for h in g.handoffs[1:]]
-            # ask for 3072 deliveries and never read one of them
-            for i in range(0, len(tokens), 64):
-                try:
-                    hog.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=tokens[i : i + 64])))
-                except (BrokenPipeError, ConnectionResetError):
-                    break  # cut off: fine
-            # meanwhile everybody else is served
-            for _ in range(5):
-                run_client(
-                    run_dir,
-                    """
-                    import fdbroker, os
-                    with fdbroker.Client() as c:
-                        f = c.get_fd("flood/ev")
-                        os.eventfd_write(f.fileno(), 1)
-                        f.close()
-                    """,
-                )
-            assert os.eventfd_read(ev) == 5
-            i = info(run_dir)
-            assert i.entries == 1
-        with fdbroker_broker.client() as c:
-            c.delete("flood/ev")
-    finally:
-        os.close(ev)
+@pytest.mark.slow
+def test_peer_that_stops_reading_does_not_stall_others():
+    # A small descriptor table makes the attack bite: every delivery the kernel cannot take must be queued with
+    # a duplicate descriptor in the broker, and a hog must not be able to fill the table with them.
+    with custom_broker(["--reserve-fds", "50"], preexec=["prlimit", "--nofile=200:200", "--"]) as b:
+        run_dir = b.run_dir
+        ev = os.eventfd(0)
+        try:
+            with b.client() as c:
+                c.put("flood/ev", ev)
+            with Control(run_dir) as ctl, RawConduit(run_dir) as hog:
+                tokens: list[bytes] = []
+                for _ in range(3):
+                    g = ctl.call("Get", pb.GetRequest(name="flood/ev", prefetch=1024), hog.session_id)
+                    tokens += list(g.prefetch_tokens)
+                assert len(tokens) == 3072
+                # ask for 3072 deliveries, one frame each, and never read one of them
+                for t in tokens:
+                    try:
+                        hog.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[t])))
+                    except (BrokenPipeError, ConnectionResetError):
+                        break  # cut off
+                # the hog is still connected on our side: everybody else must be served all the same
+                for _ in range(5):
+                    run_client(
+                        run_dir,
+                        """
+                        import fdbroker, os
+                        with fdbroker.Client(timeout=5) as c:
+                            f = c.get_fd("flood/ev")
+                            os.eventfd_write(f.fileno(), 1)
+                            f.close()
+                        """,
+                    )
+                assert os.eventfd_read(ev) == 5
+                assert b.fd_count() < 200 - 50 // 2  # half the reserve is still free
+                assert "does not read its conduit" in b.log()
+            with b.client() as c:
+                c.delete("flood/ev")
+        finally:
+            os.close(ev)
 
 
 # -- quotas ----------------------------------------------------------------------------------------------------
@@ -133,12 +138,18 @@ def test_per_uid_quotas_are_resource_exhausted(tmp_path):
             c.delete("q/e2")
             c.put("q/e3", r)  # room again
 
-            # pending tokens: 7 prefetched GET tokens + 1 PUT token = 8, the limit
-            c._rpc(c._stub.Get, pb.GetRequest(name="q/e0", prefetch=7), session=True)
-            c._rpc(c._stub.Put, pb.PutRequest(name="q/e3", replace=True), session=True)
+            # pending tokens: 8 PUT tokens whose descriptors never come are the limit; the 9th is refused
+            for _ in range(8):
+                c._rpc(c._stub.Put, pb.PutRequest(name="q/e1", replace=True), session=True)
             with pytest.raises(ResourceExhausted) as ei:
-                c._rpc(c._stub.Get, pb.GetRequest(name="q/e1"), session=True, name="q/e1")
-            assert "handoff tokens pending" in str(ei.value) and "q/e1" in str(ei.value)
+                c._rpc(c._stub.Put, pb.PutRequest(name="q/e0", replace=True), session=True, name="q/e0")
+            assert "handoff tokens pending" in str(ei.value) and "q/e0" in str(ei.value), ei.value
+            # a get still works (its delivery token is spent at once) but gets no prefetched tokens
+            g = c._rpc(c._stub.Get, pb.GetRequest(name="q/e0", prefetch=7), session=True)
+            assert list(g.prefetch_tokens) == []
+            kind, _, fd = c._wait([g.handoffs[0].token])[0]
+            assert kind == "deliver"
+            os.close(fd)
 
             # sessions: this client is one; three more fit, the fifth is refused
             others = [RawConduit(b.run_dir) for _ in range(3)]

@@ -104,9 +104,9 @@ def test_token_of_another_session_is_refused_and_not_consumed(fdbroker_broker, c
             # and a GET token delivered to one session cannot be redeemed by another
             g = ctl.call("Get", pb.GetRequest(name="sec/foreign", prefetch=1), a.session_id)
             a.recv_kind("deliver")
-            thief.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[g.handoffs[1].token])))
+            thief.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[g.prefetch_tokens[0]])))
             (e, _) = thief.recv_kind("error")
-            assert e.code == Code.PERMISSION_DENIED and e.token == g.handoffs[1].token
+            assert e.code == Code.PERMISSION_DENIED and e.token == g.prefetch_tokens[0]
             ctl.call("Delete", pb.DeleteRequest(name="sec/foreign"), a.session_id)
     finally:
         os.close(r)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ log = logging.getLogger("fdbroker.conduit")
 RECV_BYTES = 64 * 1024 + 4
 MAX_QUEUED_BYTES = 8 * 1024 * 1024  # a peer that does not read is cut off past this
 MAX_QUEUED_FDS = 4096
+ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
 
 
 class Connection:
@@ -37,6 +39,10 @@ class Connection:
     Descriptors passed to :meth:`send` stay the caller's; a send that has to wait keeps its own duplicates until
     they are on the wire, so the caller may close or replace its descriptor right after the call.
     """
+
+    # A queued duplicate must not take a descriptor number at or above this: the server sets it to keep half
+    # its reserve free, so a peer that does not read cannot starve the broker (accept, recvmsg) of descriptors.
+    fd_ceiling = 1 << 30
 
     def __init__(
         self,
@@ -134,7 +140,23 @@ class Connection:
                 return
             if n > 0:
                 data, fds = data[n:], ()  # the descriptors went with the first byte
-        dups = [os.dup(fd) for fd in fds]
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+                if dups[-1] >= Connection.fd_ceiling:  # lowest-free numbering: the table is this full
+                    raise OSError(errno.EMFILE, "queued descriptors would eat the broker's reserve")
+        except OSError as err:
+            for fd in dups:
+                _close(fd)
+            log.warning(
+                "pid %d does not read its conduit and %d descriptor(s) cannot be queued (%s); dropping it",
+                self.identity.pid,
+                len(fds),
+                err.strerror or err,
+            )
+            self.close()
+            return
         self._out.append((data, dups))
         self._out_bytes += len(data)
         self._out_fds += len(dups)
@@ -217,8 +239,11 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                # EMFILE/ENFILE: leave it in the backlog; the reserve should make this rare.
-                log.warning("conduit accept failed: %s", err)
+                # EMFILE/ENFILE: leave it in the backlog and pause, or the level-triggered reader spins (and logs)
+                # until a descriptor frees up.
+                log.warning("conduit accept failed: %s; pausing accepts for %.1fs", err, ACCEPT_PAUSE)
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(ACCEPT_PAUSE, self._resume)
                 return
             try:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -228,8 +253,13 @@ class Listener:
                 continue
             self._on_connect(conn, Identity(pid, uid, gid))
 
+    def _resume(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.add_reader(self.sock.fileno(), self._acceptable)
+
     def close(self) -> None:
-        self.loop.remove_reader(self.sock.fileno())
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
 

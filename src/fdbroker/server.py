@@ -92,6 +92,7 @@ class BrokerServer:
         self.rundir = RunDir.claim(opts.run_dir)
         nofile = raise_nofile_limit()
         capacity = max(16, nofile - opts.reserve_fds)
+        Connection.fd_ceiling = nofile - opts.reserve_fds // 2  # queued deliveries keep half the reserve free
         self.broker = Broker(
             BrokerConfig(
                 capacity=capacity,
