@@ -535,14 +535,20 @@ class LeaseHandle:
 
     def _keepalive(self) -> None:
         interval = max(0.05, self.lease.ttl / 3)
+        # Until a renewal succeeds, the lease is good only as long as the last grant or renewal said.
+        good_until = time.monotonic() + self.lease.ttl
         while not self._stop.wait(interval):
             try:
                 r = self.client.keepalive([self.lease_id])
             except BrokerError:
+                if time.monotonic() >= good_until:
+                    self.lost.set()  # the broker is unreachable and the TTL has run out: assume it is gone
+                    return
                 continue
             if self.lease_id in r.gone:
                 self.lost.set()
                 return
+            good_until = time.monotonic() + self.lease.ttl
 
     def release(self, *, return_fd: FdLike | None = None) -> None:
         """Release the lease (idempotent) and close the handle's descriptor."""
