@@ -274,3 +274,32 @@ def test_ephemeral_entries_vanish_when_the_owner_is_killed(fdbroker_broker):
             time.sleep(0.02)
         assert {e.name for e in c.list("eph/")} == {"eph/kept"}
         c.delete("eph/kept")
+
+
+def test_repeated_batch_gets_use_batch_tokens_and_see_replacements(fdbroker_broker):
+    fds = [os.eventfd(0) for _ in range(253)]
+    names = [f"bt/e{i:03d}" for i in range(253)]
+    try:
+        with fdbroker_broker.client() as c:
+            c.put_many(list(zip(names, fds, strict=True)))
+            for _ in range(4):
+                got = c.get_many(names, raw=True)
+                for g in got:
+                    os.eventfd_write(g.fileno(), 1)  # through the copy, into the very same eventfd
+                    g.close()
+            key = "\0".join(names)
+            assert c._prefetched.get(key)
+            for i, fd in enumerate(fds):
+                assert os.eventfd_read(fd) == 4, f"entry {i} was not delivered in order every round"
+            # replace one entry: the batch tokens must not hand out the old descriptor
+            fresh = os.eventfd(0)
+            c.put(names[100], fresh, replace=True)
+            got = c.get_many(names, raw=True)
+            os.eventfd_write(got[100].fileno(), 7)
+            for g in got:
+                g.close()
+            assert os.eventfd_read(fresh) == 7
+            os.close(fresh)
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -23,7 +23,7 @@ from typing import Any
 
 from fdbroker import __version__, fdinfo
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, SCM_MAX_FD, Frame
-from fdbroker.delivery import encode_deliver
+from fdbroker.delivery import encode_deliver, encode_item, frame_from_items
 from fdbroker.errors import (
     BrokerError,
     Code,
@@ -45,6 +45,7 @@ from fdbroker.v1 import broker_pb2 as pb
 log = logging.getLogger("fdbroker.broker")
 
 MAX_PREFETCH = 1024
+MAX_BATCH_PREFETCH = 64
 MAX_BATCH = 10_000
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 20_000
@@ -397,14 +398,60 @@ class Broker:
         self._deliver(s, [item])
         return resp
 
-    def batch_get(self, s: Session | None, names: Sequence[str]) -> pb.BatchGetResponse:
+    def batch_get(self, s: Session | None, names: Sequence[str], prefetch: int = 0) -> pb.BatchGetResponse:
         s = self._need_session(s, "get")
         if len(names) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} names per batch, got {len(names)}")
+        if prefetch > MAX_BATCH_PREFETCH:
+            raise InvalidArgument(f"batch prefetch is at most {MAX_BATCH_PREFETCH}, got {prefetch}")
         entries = [self._readable_entry(s, n, "get") for n in names]
+        resp = pb.BatchGetResponse(entries=[e.to_pb() for e in entries])
+        if prefetch and 0 < len(entries) <= SCM_MAX_FD:
+            limit = self.policy.limits.max_pending_tokens_per_uid
+            prefetch = min(prefetch, max(0, limit - self.tokens.pending_for_uid(s.identity.uid)))
+            plan = BatchPlan.of(entries)  # shared by every token of this batch
+            toks = [
+                self._issue(s, OP.OPERATION_GET, entries[0].name, entries[0].id, plan)
+                for _ in range(prefetch)
+            ]
+            if toks:
+                resp.prefetch_tokens.extend([t.token for t in toks])
+                resp.prefetch_expire_time.FromNanoseconds(
+                    int((time.time() + (toks[0].expires_at - self.clock())) * 1e9)
+                )
         pushes = [self._push_handoff(s, OP.OPERATION_GET, e) for e in entries]
+        resp.handoffs.extend([p[0] for p in pushes])
         self._deliver(s, [p[1] for p in pushes])
-        return pb.BatchGetResponse(entries=[e.to_pb() for e in entries], handoffs=[p[0] for p in pushes])
+        return resp
+
+    def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
+        """Deliver every entry of a prefetched batch in one frame, the first item tagged with ``token``."""
+        find = self.registry.find
+        entries: list[Entry] = []
+        for name, eid in zip(plan.names, plan.ids, strict=True):
+            e = find(name)
+            if e is None or e.id != eid:
+                raise NotFound(
+                    f"entry {name!r} was deleted or replaced since the batch token was issued; get the batch again",
+                    name=name,
+                )
+            if e.lease is not None:
+                self._check_lease_free(e, s, "get")
+            entries.append(e)
+        n = len(entries)
+        if tuple(e.revision for e in entries) == plan.revisions:
+            data = frame_from_items(
+                encode_item(token, OP.OPERATION_GET, entries[0].deliver_tail()) + plan.rest, n
+            )
+        else:  # a lease or metadata change since: same descriptors, fresh descriptions
+            data = encode_deliver(
+                [
+                    (token if i == 0 else b"", OP.OPERATION_GET, e.deliver_tail())
+                    for i, e in enumerate(entries)
+                ],
+                n,
+            )
+        s.conn.send_raw(data, [e.fd for e in entries])
 
     def _deliver(self, s: Session, items: Sequence[tuple[bytes, int, Entry]]) -> None:
         """Send the entries' descriptors in Deliver frames of at most 253, tagged with their tokens."""
@@ -419,20 +466,29 @@ class Broker:
         ok: list[tuple[bytes, int, Entry]] = []
         for t in frame.message.redeem.tokens:
             try:
-                tok = self.tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,))
-                e = self.registry.find(tok.name)
-                if e is None or e.id != tok.entry_id:
-                    raise NotFound(
-                        f"entry {tok.name!r} was deleted or replaced since the token was issued; get it again",
-                        name=tok.name,
-                    )
-                self._check_lease_free(e, s, "get")
+                item = self._redeem_one(s, t)
             except BrokerError as err:
                 s.conn.send(pb.ConduitFrame(error=_error_pb(err, token=t)))
                 continue
-            ok.append((tok.token, OP.OPERATION_GET, e))
+            if item is not None:
+                ok.append(item)
         if ok:
             self._deliver(s, ok)
+
+    def _redeem_one(self, s: Session, t: bytes) -> tuple[bytes, int, Entry] | None:
+        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned."""
+        tok = self.tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,))
+        if isinstance(tok.payload, BatchPlan):
+            self._redeem_batch(s, tok.token, tok.payload)
+            return None
+        e = self.registry.find(tok.name)
+        if e is None or e.id != tok.entry_id:
+            raise NotFound(
+                f"entry {tok.name!r} was deleted or replaced since the token was issued; get it again",
+                name=tok.name,
+            )
+        self._check_lease_free(e, s, "get")
+        return (tok.token, OP.OPERATION_GET, e)
 
     def take(self, s: Session | None, name: str, if_revision: int = 0) -> pb.TakeResponse:
         """Deliver ``name`` for a move; the entry leaves only when the receiver acks the token."""
@@ -826,6 +882,26 @@ def _holders_text(lt: LeaseTable) -> str:
         f"epoch {h.epoch})"
         for h in lt.holders.values()
     )
+
+
+@dataclass(slots=True, frozen=True)
+class BatchPlan:
+    """What a batch token delivers: entries by name and id, and their Deliver items after the first, encoded
+    once when the tokens are issued (valid while every entry is at the recorded revision)."""
+
+    names: tuple[str, ...]
+    ids: tuple[int, ...]
+    revisions: tuple[int, ...]
+    rest: bytes
+
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> BatchPlan:
+        return cls(
+            names=tuple(e.name for e in entries),
+            ids=tuple(e.id for e in entries),
+            revisions=tuple(e.revision for e in entries),
+            rest=b"".join([encode_item(b"", OP.OPERATION_GET, e.deliver_tail()) for e in entries[1:]]),
+        )
 
 
 def _error_pb(err: BrokerError, token: bytes = b"") -> pb.Error:

@@ -42,12 +42,21 @@ def item_tail(name: str, info: pb.DescriptorInfo, revision: int) -> bytes:
     return pb.DeliverItem(name=name, info=info, revision=revision).SerializeToString()
 
 
+def encode_item(token: bytes, operation: int, tail: bytes) -> bytes:
+    """One ``Deliver.items`` field: a ``DeliverItem`` of ``token`` (omitted when empty), ``operation``, ``tail``."""
+    if token:
+        body = b"".join((_ITEM_TOKEN, varint(len(token)), token, _ITEM_OPERATION, varint(operation), tail))
+    else:
+        body = b"".join((_ITEM_OPERATION, varint(operation), tail))
+    return _DELIVER_ITEMS + varint(len(body)) + body
+
+
+def frame_from_items(items: bytes, fd_count: int) -> bytes:
+    """A whole length-prefixed ``ConduitFrame{fd_count, deliver{items}}`` from encoded ``items`` fields."""
+    frame = b"".join((_FRAME_FD_COUNT, varint(fd_count), _FRAME_DELIVER, varint(len(items)), items))
+    return _PREFIX.pack(len(frame)) + frame
+
+
 def encode_deliver(items: Sequence[tuple[bytes, int, bytes]], fd_count: int) -> bytes:
     """A whole length-prefixed ``ConduitFrame{fd_count, deliver{items}}`` from ``(token, operation, tail)``."""
-    parts: list[bytes] = []
-    for token, operation, tail in items:
-        body = b"".join((_ITEM_TOKEN, varint(len(token)), token, _ITEM_OPERATION, varint(operation), tail))
-        parts.append(_DELIVER_ITEMS + varint(len(body)) + body)
-    deliver = b"".join(parts)
-    frame = b"".join((_FRAME_FD_COUNT, varint(fd_count), _FRAME_DELIVER, varint(len(deliver)), deliver))
-    return _PREFIX.pack(len(frame)) + frame
+    return frame_from_items(b"".join([encode_item(t, op, tail) for t, op, tail in items]), fd_count)

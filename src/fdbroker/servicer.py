@@ -87,7 +87,7 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
 
     async def BatchGet(self, request: pb.BatchGetRequest, context: Any) -> pb.BatchGetResponse:
         return await self._call(
-            context, lambda: self.broker.batch_get(self._caller(context)[0], request.names)
+            context, lambda: self.broker.batch_get(self._caller(context)[0], request.names, request.prefetch)
         )
 
     async def Take(self, request: pb.TakeRequest, context: Any) -> pb.TakeResponse:

@@ -291,18 +291,24 @@ class GetResponse(_message.Message):
     def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
-    __slots__ = ("names",)
+    __slots__ = ("names", "prefetch")
     NAMES_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, names: _Optional[_Iterable[str]] = ...) -> None: ...
+    prefetch: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., prefetch: _Optional[int] = ...) -> None: ...
 
 class BatchGetResponse(_message.Message):
-    __slots__ = ("entries", "handoffs")
+    __slots__ = ("entries", "handoffs", "prefetch_tokens", "prefetch_expire_time")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     handoffs: _containers.RepeatedCompositeFieldContainer[Handoff]
-    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ...) -> None: ...
+    prefetch_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    prefetch_expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TakeRequest(_message.Message):
     __slots__ = ("name", "if_revision")
