@@ -142,7 +142,6 @@ class Client:
         self._closed = True
         for h in list(self._leases):
             await h._stop_keepalive()
-            h.lost.set()
         await self._drop_session(Aborted("the client was closed; nothing more is handed over"))
         self._session_id = None
         if self._channel is not None:
@@ -231,6 +230,8 @@ class Client:
         mail, self._mail = self._mail, {}
         close_mail(m for _, m in mail.values())
         self._prefetched.clear()  # tokens belong to the session
+        for h in self._leases:
+            h.lost.set()  # so do leases: the broker released them when the session ended
 
     async def _md(self, session: bool) -> list[tuple[str, str]]:
         if session:
@@ -242,12 +243,15 @@ class Client:
     async def _rpc(
         self, method: str, request: Any, *, session: bool, name: str = "", timeout: float | None = None
     ) -> Any:
-        call = getattr(self.stub, method)
         md = await self._md(session)
         try:
-            return await call(request, metadata=md, timeout=timeout or self.timeout)
+            return await getattr(self.stub, method)(request, metadata=md, timeout=timeout or self.timeout)
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.paths, name) from None
+            error = error_from_rpc(err, self.paths, name)
+        # Raised outside the except block, so the error has no __context__: the gRPC error's traceback holds the
+        # call, which holds the channel, which keeps its connection to the broker open after aclose() for as
+        # long as anyone keeps our error (a pytest.raises, a log record).
+        raise error
 
     # -- the conduit: reader, mailbox, waiting -------------------------------------------------------------------
 
@@ -656,14 +660,19 @@ class Client:
         """Renew leases once; returns which were renewed and which are gone."""
         md = await self._md(True)
         call = self.stub.KeepAlive(metadata=md, timeout=self.timeout)
+        error: BrokerError | None = None
+        resp: Any = None
         try:
             await call.write(pb.KeepAliveRequest(lease_ids=lease_ids))
             await call.done_writing()
             resp = await call.read()
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.paths) from None
+            error = error_from_rpc(err, self.paths)
         finally:
             call.cancel()
+        del call
+        if error is not None:
+            raise error  # outside the except block: see _rpc
         if resp is grpc.aio.EOF:
             raise Aborted("keep-alive stream ended without an answer")
         return resp  # type: ignore[no-any-return]
@@ -725,8 +734,9 @@ class PendingLease:
 
 class LeaseHandle:
     """A held lease: ``.fd`` (the descriptor, owned by the handle until :meth:`release`, which closes it),
-    ``.epoch`` (the fencing number), ``.lease_id``. ``lost`` is set when the broker says the lease is gone. An
-    async context manager that releases on exit; the keep-alive task stops with it."""
+    ``.epoch`` (the fencing number), ``.lease_id``. ``lost`` is set when the lease is gone: the broker said so
+    on a keep-alive, or the session it was granted in ended (conduit broke, client closed). An async context
+    manager that releases on exit; the keep-alive task stops with it."""
 
     def __init__(self, client: Client, lease: Lease, fd: Received, *, keepalive: bool) -> None:
         self.client = client
@@ -746,6 +756,8 @@ class LeaseHandle:
         interval = max(0.05, self.lease.ttl / 3)
         while True:
             await asyncio.sleep(interval)
+            if self.lost.is_set():
+                return
             try:
                 r = await self.client.keepalive([self.lease_id])
             except BrokerError:
@@ -802,6 +814,7 @@ class Watch:
         """Read one response into the buffer; False at the end of the stream."""
         if self._closed:
             return False
+        error: BrokerError | None = None
         try:
             resp = await self._call.read()
         except asyncio.CancelledError:
@@ -810,9 +823,12 @@ class Watch:
                 raise
             return False  # the call was cancelled (aclose, or the client's channel closed), not this task
         except grpc.RpcError as err:
+            self._closed = True
             if err.code() == grpc.StatusCode.CANCELLED:
                 return False
-            raise error_from_rpc(err, self._paths) from None
+            error = error_from_rpc(err, self._paths)
+        if error is not None:
+            raise error  # outside the except block: see Client._rpc
         if resp is grpc.aio.EOF:
             return False
         if self.header_revision is None:
