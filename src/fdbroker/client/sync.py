@@ -178,19 +178,13 @@ class Client:
         t = time.monotonic()
         if kind == "deliver":
             items, fds = m.deliver.items, frame.fds
-            i, n = 0, len(items)
-            while i < n:
-                j = i + 1
-                while j < n and not items[j].token:  # the rest of a batch token's delivery
-                    j += 1
-                if j == i + 1:
+            n = len(items)
+            if n > 1 and not items[1].token:
+                # The answer to a batch token fills its frame alone: file it whole, touching no other item.
+                self._mail[items[0].token] = (t, ("batch", (items, fds), -1))
+            else:
+                for i in range(n):
                     self._mail[items[i].token] = (t, ("deliver", items[i], fds[i]))
-                else:
-                    self._mail[items[i].token] = (
-                        t,
-                        ("batch", list(zip(items[i:j], fds[i:j], strict=True)), -1),
-                    )
-                i = j
         elif kind == "deposited":
             frame.close_fds()
             for r in m.deposited.results:
@@ -401,20 +395,25 @@ class Client:
         conduit round trip for the whole batch, no RPC (see ``BatchGetRequest.prefetch`` in the proto).
         """
         names = list(names)
-        got = self._get_many_prefetched(names) if 0 < len(names) <= SCM_MAX_FD else None
-        if got is None:
-            key = "\0".join(names)  # \0 never occurs in a name: no clash with single-name keys
-            prefetch = self._next_prefetch(key) if 0 < len(names) <= SCM_MAX_FD else 0
-            resp = self._rpc(
-                self._stub.BatchGet, pb.BatchGetRequest(names=names, prefetch=prefetch), session=True
-            )
-            if resp.prefetch_tokens:
-                exp = time.monotonic() + self.token_ttl
-                self._prefetched[key] = collections.deque((t, exp) for t in resp.prefetch_tokens)
-            got = self._take_results(self._wait([h.token for h in resp.handoffs]), names)
+        batch = self._get_many_prefetched(names) if 0 < len(names) <= SCM_MAX_FD else None
+        if batch is not None:
+            items, fds = batch
+            if raw:
+                return [OwnedFd(fd) for fd in fds]
+            return [wrap_fd(fd, item.info) for item, fd in zip(items, fds, strict=True)]
+        key = "\0".join(names)  # \0 never occurs in a name: no clash with single-name keys
+        prefetch = self._next_prefetch(key) if 0 < len(names) <= SCM_MAX_FD else 0
+        resp = self._rpc(
+            self._stub.BatchGet, pb.BatchGetRequest(names=names, prefetch=prefetch), session=True
+        )
+        if resp.prefetch_tokens:
+            exp = time.monotonic() + self.token_ttl
+            self._prefetched[key] = collections.deque((t, exp) for t in resp.prefetch_tokens)
+        got = self._take_results(self._wait([h.token for h in resp.handoffs]), names)
         return [OwnedFd(fd) if raw else wrap_fd(fd, item.info) for fd, item in got]
 
-    def _get_many_prefetched(self, names: list[str]) -> list[tuple[int, pb.DeliverItem]] | None:
+    def _get_many_prefetched(self, names: list[str]) -> tuple[Sequence[pb.DeliverItem], list[int]] | None:
+        """Redeem a cached batch token for ``names``: (items, fds) in order, or None to ask by RPC."""
         cache = self._prefetched.get("\0".join(names))
         while cache:
             tok, exp = cache.popleft()
@@ -425,10 +424,10 @@ class Client:
             except ConduitError:
                 return None
             kind, msg, fd = self._wait([tok])[0]
-            if kind == "batch" and len(msg) == len(names):
-                return [(f, item) for item, f in msg]
+            if kind == "batch" and len(msg[1]) == len(names):
+                return msg  # type: ignore[no-any-return]
             if kind == "deliver" and len(names) == 1:
-                return [(fd, msg)]
+                return [msg], [fd]
             _close_mail((kind, msg, fd))
             cache.clear()  # an entry was replaced, deleted or leased away: ask the control plane again
         return None
@@ -656,5 +655,5 @@ def _close_mail(mail: _Mail) -> None:
     if fd >= 0:
         OwnedFd(fd).close()
     if kind == "batch":
-        for _, f in msg:
+        for f in msg[1]:
             OwnedFd(f).close()

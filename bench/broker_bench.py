@@ -1,0 +1,359 @@
+"""fdbroker's handoffs against their floors, measured in the same run, in interleaved rounds.
+
+Floors (same machine, same moment):
+  raw-1        a bare socket.send_fds/recv_fds round trip (client writes 32 bytes, server answers 1 fd)
+  raw-253      the same with 253 descriptors per message
+  grpc-unary   a bare grpc.aio unary call over a Unix socket (32-byte bytes payload, no protobuf)
+
+fdbroker (a real broker process, the sync client in this process):
+  get-rpc      Client(prefetch=0).get_fd: one Get RPC + one Deliver frame per descriptor
+  get-fast     Client(prefetch=64).get_fd of the same entry: one Redeem/Deliver conduit round trip per get,
+               one RPC per 65 gets (every descriptor still moves against a token the control plane issued)
+  put          Client.put(replace=True) of a pipe: one Put RPC + Deposit/Deposited round trip
+  batch-rpc    Client(prefetch=0).get_many of 253 entries: one BatchGet RPC + one Deliver frame of 253 descriptors
+  batch-fast   Client(prefetch=64).get_many of the same 253 again: one Redeem of a batch token + one Deliver
+               frame of 253 descriptors (one BatchGet RPC per 65 batches)
+
+Then: aggregate get throughput with 1, 4 and 16 client processes; registry scale (fill to capacity, List of
+all, get at capacity vs at a few hundred entries, broker memory per entry, the refusal beyond capacity); and `fdbroker ls`
+cold start against `python -c "import grpc"`.
+
+Targets (issue 3): get-rpc <= 1.2 x (grpc-unary + raw-1); get-fast <= s6-fdholderd's C-API retrieve
+(~72 us unpinned in ../shared/bench/anchors); batch-fast >= 50% of raw-253 descriptors/s; List of 19,900 <= 100 ms;
+get at 19,900 within 1.1 x get at 10; <= 2 KiB per entry; `fdbroker ls` <= 1.2 x `import grpc`.
+
+usage: python bench/broker_bench.py [--quick] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REQ = 32
+
+
+# -- floors ------------------------------------------------------------------------------------------------------
+
+
+def raw_server(path: str) -> None:
+    """Answer each 32-byte request with 1 or 253 descriptors (request byte 0: b'1' or b'B')."""
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(path)
+    ls.listen(1)
+    conn, _ = ls.accept()
+    fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(253)]
+    one = fds[:1]
+    buf = bytearray(REQ)
+    view = memoryview(buf)
+    while True:
+        got = 0
+        while got < REQ:
+            n = conn.recv_into(view[got:], REQ - got)
+            if n == 0:
+                os._exit(0)
+            got += n
+        socket.send_fds(conn, [b"x"], one if buf[0] == 0x31 else fds)
+
+
+def raw_client(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for _ in range(200):
+        try:
+            s.connect(path)
+            return s
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.01)
+    raise RuntimeError("raw server did not start")
+
+
+def time_raw(s: socket.socket, nfds: int, iters: int) -> float:
+    req = (b"1" if nfds == 1 else b"B") * REQ
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        s.sendall(req)
+        _, fds, _, _ = socket.recv_fds(s, 16, nfds, socket.MSG_CMSG_CLOEXEC)
+        for fd in fds:
+            os.close(fd)
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+GRPC_SERVER = r"""
+import asyncio, sys, grpc
+async def main(path):
+    async def echo(req, ctx):
+        return req
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Bench", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    server.add_insecure_port("unix:" + path)
+    await server.start()
+    print("READY", flush=True)
+    await server.wait_for_termination()
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def time_grpc(stub: object, iters: int) -> float:
+    payload = b"x" * REQ
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        stub(payload, timeout=10)  # type: ignore[operator]
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+# -- fdbroker ----------------------------------------------------------------------------------------------------
+
+
+def time_get(client: object, name: str, iters: int) -> float:
+    get_fd = client.get_fd  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        get_fd(name).close()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def time_put(client: object, fd: int, iters: int) -> float:
+    put = client.put  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    for i in range(iters):
+        put(f"bench/put{i % 8}", fd, replace=True)
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def time_batch(client: object, names: list[str], iters: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        for f in client.get_many(names, raw=True):  # type: ignore[attr-defined]
+            f.close()
+    return (time.perf_counter() - t0) / iters * 1e6
+
+
+def aggregate_worker(run_dir: str, name: str, seconds: float, prefetch: int | None, q: multiprocessing.Queue) -> None:
+    from fdbroker import Client
+
+    with Client(run_dir, prefetch=prefetch) as c:
+        c.get_fd(name).close()
+        n = 0
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            c.get_fd(name).close()
+            n += 1
+    q.put(n)
+
+
+def aggregate(run_dir: str, name: str, procs: int, seconds: float, prefetch: int | None) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    q: multiprocessing.Queue = ctx.Queue()
+    ps = [ctx.Process(target=aggregate_worker, args=(run_dir, name, seconds, prefetch, q)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    total = sum(q.get(timeout=120) for _ in ps)
+    for p in ps:
+        p.join()
+    return total / seconds
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt_range(xs: list[float], spec: str = ".1f") -> str:
+    return f"{med(xs):{spec}} [{min(xs):{spec}}-{max(xs):{spec}}]"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=0)
+    a = ap.parse_args()
+    rounds = a.rounds or (2 if a.quick else 7)
+    scale = 0.1 if a.quick else 1.0
+    n_single = int(3000 * scale) or 50
+    n_rpc = int(600 * scale) or 30
+    n_batch = int(150 * scale) or 10
+    tmp = Path(tempfile.mkdtemp(prefix="fdb-bench-", dir="/tmp"))
+
+    # Fork/spawn the floor servers before this process creates any gRPC channel.
+    raw_path = str(tmp / "raw.sock")
+    raw_pid = os.fork()
+    if raw_pid == 0:
+        try:
+            raw_server(raw_path)
+        finally:
+            os._exit(0)
+    grpc_path = str(tmp / "grpc.sock")
+    gsrv = subprocess.Popen([sys.executable, "-c", GRPC_SERVER, grpc_path], stdout=subprocess.PIPE, text=True)
+    assert gsrv.stdout is not None and gsrv.stdout.readline().strip() == "READY"
+
+    from fdbroker.testing import BrokerProcess
+
+    broker = BrokerProcess.start(tmp / "run", args=["--log-level", "warning"])
+    import grpc
+
+    from fdbroker import Client
+
+    try:
+        raw = raw_client(raw_path)
+        channel = grpc.insecure_channel(f"unix://{grpc_path}")
+        echo = channel.unary_unary("/bench.Bench/Echo")
+        echo(b"warm", timeout=10)
+
+        r, w = os.pipe()
+        c_rpc = Client(broker.run_dir, prefetch=0)
+        c_fast = Client(broker.run_dir, prefetch=64)
+        c_rpc.put("bench/one", w)
+        names = [f"bench/b{i:03d}" for i in range(253)]
+        c_rpc.put_many([(n, w) for n in names])
+        for c in (c_rpc, c_fast):
+            c.get_fd("bench/one").close()
+            for f in c.get_many(names, raw=True):
+                f.close()
+        time_raw(raw, 1, 200)
+        time_raw(raw, 253, 20)
+
+        res: dict[str, list[float]] = {
+            k: [] for k in ("raw-1", "grpc-unary", "get-rpc", "get-fast", "put", "raw-253", "batch-rpc", "batch-fast")
+        }
+        ratios: dict[str, list[float]] = {"get-rpc/(unary+raw)": [], "get-fast/raw": [], "batch/raw-253 rate": []}
+        print(f"rounds={rounds} single={n_single} rpc={n_rpc} batch={n_batch} (interleaved)")
+        for rnd in range(rounds):
+            t = {
+                "raw-1": time_raw(raw, 1, n_single),
+                "grpc-unary": time_grpc(echo, n_rpc),
+                "get-rpc": time_get(c_rpc, "bench/one", n_rpc),
+                "get-fast": time_get(c_fast, "bench/one", n_single),
+                "put": time_put(c_rpc, w, n_rpc),
+                "raw-253": time_raw(raw, 253, n_batch),
+                "batch-rpc": time_batch(c_rpc, names, max(3, n_batch // 5)),
+                "batch-fast": time_batch(c_fast, names, n_batch),
+            }
+            for k, v in t.items():
+                res[k].append(v)
+            ratios["get-rpc/(unary+raw)"].append(t["get-rpc"] / (t["grpc-unary"] + t["raw-1"]))
+            ratios["get-fast/raw"].append(t["get-fast"] / t["raw-1"])
+            ratios["batch/raw-253 rate"].append(t["raw-253"] / t["batch-fast"])
+            print(f"  round {rnd + 1}: " + "  ".join(f"{k}={v:.1f}us" for k, v in t.items()), flush=True)
+
+        print("\n== per-op latency, median [min-max] over rounds")
+        for k, xs in res.items():
+            nf = 253 if ("253" in k or "batch" in k) else 1
+            rate = [nf * 1e6 / x for x in xs]
+            print(f"  {k:<11} {fmt_range(xs):>26} us/op   {med(rate):>12,.0f} fds/s")
+        print("\n== ratios per round, median [min-max]")
+        print(f"  get-rpc / (grpc-unary + raw-1)     {fmt_range(ratios['get-rpc/(unary+raw)'], '.2f')}   target <= 1.20")
+        print(f"  get-fast / raw-1                   {fmt_range(ratios['get-fast/raw'], '.2f')}")
+        print(f"  batch-fast fds/s / raw-253 fds/s   {fmt_range(ratios['batch/raw-253 rate'], '.2f')}   target >= 0.50")
+        print(
+            f"  get-fast vs s6-fdholderd C-API retrieve (anchor 71.9 us unpinned): "
+            f"{med(res['get-fast']):.1f} us  -> {med(res['get-fast']) / 71.9:.2f} x"
+        )
+
+        # -- aggregate throughput ------------------------------------------------------------------------------
+        secs = 1.0 if a.quick else 3.0
+        print(f"\n== aggregate get throughput, {secs:.0f} s per run, client processes on the same 2 cores")
+        for procs in (1, 4, 16):
+            rpc_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 0)
+            fast_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 64)
+            print(f"  {procs:>2} procs: get-rpc {rpc_rate:>9,.0f} gets/s   get-fast {fast_rate:>9,.0f} gets/s")
+
+        c_fast.close()
+        # -- registry scale ------------------------------------------------------------------------------------
+        info = c_rpc.info()
+        cap = info.max_entries
+        if a.quick:
+            cap = min(cap, 2000 + info.entries)
+        small = [time_get(c_rpc, "bench/one", n_rpc) for _ in range(3)]
+        rss0 = rss_kib(broker.pid)
+        held0 = info.entries
+        t0 = time.perf_counter()
+        i = 0
+        while held0 + i < cap:
+            k = min(1000, cap - held0 - i)
+            c_rpc.put_many([(f"scale/{i + j:05d}", w) for j in range(k)])
+            i += k
+        fill_s = time.perf_counter() - t0
+        held = c_rpc.info().entries
+        rss1 = rss_kib(broker.pid)
+        print(f"\n== registry scale: {held} entries held (capacity {info.max_entries}); filled in {fill_s:.1f} s")
+        from fdbroker.errors import ResourceExhausted
+
+        if held >= info.max_entries:
+            try:
+                c_rpc.put("scale/one-too-many", w)
+                print("  one more put: ACCEPTED (unexpected)")
+            except ResourceExhausted as err:
+                print(f"  one more put: RESOURCE_EXHAUSTED: {err}")
+        list_paged, list_one = [], []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            n_paged = len(c_rpc.list())
+            list_paged.append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            n_one = len(c_rpc.list(page_size=20000))
+            list_one.append((time.perf_counter() - t0) * 1e3)
+        print(f"  List all ({n_paged}, pages of 1000):  {fmt_range(list_paged)} ms   target <= 100")
+        print(f"  List all ({n_one}, one page):         {fmt_range(list_one)} ms")
+        big = [time_get(c_rpc, "bench/one", n_rpc) for _ in range(3)]
+        print(
+            f"  get-rpc at {held} entries {med(big):.1f} us vs at {held0} entries {med(small):.1f} us"
+            f" -> {med(big) / med(small):.2f} x   target <= 1.10"
+        )
+        per = (rss1 - rss0) * 1024 / max(1, held - held0)
+        print(f"  broker VmRSS {rss0} -> {rss1} KiB: {per:.0f} bytes per entry   target <= 2048")
+        for j in range(0, i, 1000):
+            for n in range(j, min(i, j + 1000)):
+                c_rpc.delete(f"scale/{n:05d}")
+        c_rpc.close()
+        os.close(r)
+        os.close(w)
+
+        # -- CLI cold start ------------------------------------------------------------------------------------
+        fdb = shutil.which("fdbroker", path=str(Path(sys.executable).parent))
+        if fdb:
+            env = dict(os.environ, FDBROKER_RUN_DIR=str(broker.run_dir))
+            runs = 5 if a.quick else 20
+
+            def once(cmd: list[str]) -> float:
+                t0 = time.perf_counter()
+                subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+                return (time.perf_counter() - t0) * 1e3
+
+            ls_t, imp_t = [], []
+            for _ in range(runs):
+                imp_t.append(once([sys.executable, "-c", "import grpc"]))
+                ls_t.append(once([fdb, "ls"]))
+            print(
+                f"\n== cold start ({runs} runs each, interleaved): `fdbroker ls` {fmt_range(ls_t)} ms, "
+                f"`python -c 'import grpc'` {fmt_range(imp_t)} ms -> {med(ls_t) / med(imp_t):.2f} x   target <= 1.2"
+            )
+        channel.close()
+    finally:
+        broker.stop()
+        os.kill(raw_pid, 9)
+        os.waitpid(raw_pid, 0)
+        gsrv.kill()
+        gsrv.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
