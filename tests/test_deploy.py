@@ -1,0 +1,756 @@
+"""deploy/: the systemd units, the container recipe and the Kubernetes manifests say what they mean.
+
+Static checks (every file parses; cross-references hold; every fdbroker command line in them is accepted by the
+CLI's own argument parser; the example policies load) and real runs: the unit's ExecStart started as systemd
+would (NOTIFY_SOCKET, LimitNOFILE), reloaded with the unit's ExecReload signal and stopped with SIGTERM; the
+broker under the unit's RestrictAddressFamilies=AF_UNIX (emulated) and PrivateNetwork=yes (unshare --net); and
+the sidecar Pod's three commands rehearsed on this host with the Pod's uids and modes.
+
+YAML needs PyYAML, which is not a declared test dependency: without it the manifest tests are skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fdbroker import cli
+from fdbroker.policy import Identity, Policy
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+SYSTEMD = DEPLOY / "systemd"
+UNIT = SYSTEMD / "fdbroker.service"
+PUT_UNIT = SYSTEMD / "fdbroker-put@.service"
+POLICY = DEPLOY / "etc" / "fdbroker" / "policy.toml"
+PUT_ENV = DEPLOY / "etc" / "fdbroker" / "put" / "web-https.env"
+CONTAINERFILE = DEPLOY / "container" / "Containerfile"
+K8S = DEPLOY / "kubernetes"
+SIDECAR = K8S / "sidecar-pod.yaml"
+DAEMONSET = K8S / "daemonset.yaml"
+NOBODY = 65534
+IS_ROOT = os.geteuid() == 0
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - depends on the environment
+    yaml = None
+
+needs_yaml = pytest.mark.skipif(
+    yaml is None, reason="PyYAML is not installed (not a declared test dependency); manifests not parsed"
+)
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Poll until ``cond`` is truthy (a bounded wait, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- systemd unit files ---------------------------------------------------------------------------------------
+
+
+def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A unit file as {section: [(key, value), ...]} (systemd allows repeated keys; order kept)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    pending = ""
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = pending + raw.strip() if pending else raw.strip()
+        pending = ""
+        if not line or line[0] in "#;":
+            continue
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        if line.startswith("["):
+            assert line.endswith("]"), f"{path.name}:{n}: bad section header {line!r}"
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path.name}:{n}: key outside a section"
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key.strip()), f"{path.name}:{n}: {line!r}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def one(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> str:
+    values = [v for k, v in unit.get(section, []) if k == key]
+    assert len(values) == 1, f"[{section}] {key}= appears {len(values)} times"
+    return values[0]
+
+
+def check_fdbroker_argv(argv: list[str]) -> tuple[str, Any]:
+    """Parse an fdbroker command line (without the program name) with the CLI's own parser; return the verb
+    and the parsed arguments. Fails the test on any option the CLI does not accept."""
+    args = list(argv)
+    cmd_at = args.index("--") if "--" in args else len(args)
+    head = args[:cmd_at]
+    verb = None
+    i = 0
+    while i < len(head):
+        if head[i] in ("--run-dir", "--timeout"):
+            i += 2
+            continue
+        if not head[i].startswith("-"):
+            verb = head[i]
+            break
+        i += 1
+    assert verb in cli.VERBS, f"not an fdbroker verb in {argv}"
+    try:
+        parsed = cli.build_parser(verb).parse_args(head)
+    except SystemExit as e:  # argparse's way to refuse
+        raise AssertionError(f"fdbroker rejects {shlex.join(argv)} (exit {e.code})") from None
+    if verb in ("exec", "get", "lease", "take"):
+        assert cmd_at < len(args) or verb != "exec", f"exec needs -- CMD: {argv}"
+    return verb, parsed
+
+
+def exec_start_argv(unit: dict[str, list[tuple[str, str]]]) -> list[str]:
+    return shlex.split(one(unit, "Service", "ExecStart"))
+
+
+def test_units_parse_and_describe_the_broker() -> None:
+    unit = parse_unit(UNIT)
+    assert set(unit) == {"Unit", "Service", "Install"}
+    assert one(unit, "Service", "Type") == "notify"
+    argv = exec_start_argv(unit)
+    assert argv[:2] == ["/usr/bin/fdbroker", "serve"]
+    verb, args = check_fdbroker_argv(argv[1:])
+    assert verb == "serve"
+    # RuntimeDirectory= creates exactly the run dir the broker is told to use.
+    assert args.run_dir == "/run/" + one(unit, "Service", "RuntimeDirectory")
+    assert args.policy == "/etc/fdbroker/policy.toml"
+    mode = int(one(unit, "Service", "RuntimeDirectoryMode"), 8)
+    assert not mode & 0o022, "the broker refuses a group/world-writable run dir"
+    assert one(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
+    assert one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert "/run/fdbroker" in one(unit, "Service", "ReadWritePaths").split()
+    nofile = int(one(unit, "Service", "LimitNOFILE"))
+    assert 0 < int(one(unit, "Service", "FileDescriptorStoreMax")) <= nofile
+    assert nofile - args.reserve_fds > 0
+    assert one(unit, "Service", "RestrictAddressFamilies") == "AF_UNIX"
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateNetwork"):
+        assert one(unit, "Service", key) == "yes", key
+    assert one(unit, "Service", "ProtectSystem") == "strict"
+    assert one(unit, "Service", "SystemCallFilter") == "@system-service"
+    assert one(unit, "Service", "CapabilityBoundingSet") == ""
+    assert "PrivateUsers" not in dict(unit["Service"]), "a user namespace would hide the callers' uids"
+
+
+def test_put_template_deposits_with_real_options() -> None:
+    unit = parse_unit(PUT_UNIT)
+    assert one(unit, "Service", "Type") == "oneshot"
+    assert one(unit, "Unit", "BindsTo") == "fdbroker.service"
+    assert "fdbroker.service" in one(unit, "Unit", "After").split()
+    assert one(unit, "Install", "WantedBy") == "fdbroker.service"
+    assert one(unit, "Service", "EnvironmentFile") == "/etc/fdbroker/put/%i.env"
+    env = {}
+    for line in PUT_ENV.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            env[k] = v
+    # The example env file is named as systemd escapes web/https.
+    assert PUT_ENV.name == "web-https.env"
+    cmd = one(unit, "Service", "ExecStart")
+    cmd = cmd.replace("%I", "web/https").replace("${FDBROKER_LISTEN}", env["FDBROKER_LISTEN"])
+    cmd = cmd.replace("$FDBROKER_PUT_ARGS", env["FDBROKER_PUT_ARGS"])  # unbraced: word-split, as systemd does
+    argv = shlex.split(cmd)
+    assert argv[0] == "/usr/bin/fdbroker"
+    verb, args = check_fdbroker_argv(argv[1:])
+    assert (verb, args.name, args.listen) == ("put", "web/https", "tcp://0.0.0.0:443")
+    assert args.run_dir == "/run/fdbroker"
+    caps = one(unit, "Service", "CapabilityBoundingSet")
+    assert caps == one(unit, "Service", "AmbientCapabilities") == "CAP_NET_BIND_SERVICE"
+    # The broker's own user/group (sysusers) is the group that admits a capability-less root to the sockets.
+    sysusers = (SYSTEMD / "fdbroker.sysusers.conf").read_text().split("\n")
+    assert any(line.split()[:2] == ["u", "fdbroker"] for line in sysusers if line and line[0] != "#")
+    assert one(unit, "Service", "SupplementaryGroups") == one(parse_unit(UNIT), "Service", "Group")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify checks that ExecStart's binary exists: point it at this checkout's fdbroker.
+    exe = shutil.which("fdbroker", path=str(Path(sys.executable).parent)) or shutil.which("fdbroker")
+    if exe is None:
+        pytest.skip("no fdbroker console script on PATH")
+    for src in (UNIT, PUT_UNIT):
+        (tmp_path / src.name).write_text(src.read_text().replace("/usr/bin/fdbroker", exe))
+    r = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            str(tmp_path / "fdbroker.service"),
+            str(tmp_path / "fdbroker-put@web-https.service"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
+    )
+    # verify exits 0 even for unknown keys; it only complains: any output is a finding.
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode == 0 and not out, out
+
+
+# -- the policy examples ---------------------------------------------------------------------------------------
+
+
+def check_sidecar_policy(policy: Policy) -> None:
+    app = Identity(pid=1, uid=NOBODY, gid=NOBODY)
+    assert policy.allows(app, "get", "web/https", owner_uid=0)
+    assert policy.allows(app, "lease", "web/https", owner_uid=0)
+    assert not policy.allows(app, "delete", "web/https", owner_uid=0)
+    assert not policy.allows(app, "take", "web/https", owner_uid=0)
+    assert not policy.allows(Identity(pid=1, uid=1234, gid=1234), "get", "web/https", owner_uid=0)
+    assert policy.allows(Identity(pid=1, uid=0, gid=0), "put", "web/https", owner_uid=None)
+
+
+def test_policy_example_loads() -> None:
+    policy = Policy.load(POLICY, broker_uid=999)
+    check_sidecar_policy(policy)
+    # The example freezes web/** for everyone but root and the broker.
+    assert not policy.allows(Identity(pid=1, uid=1234, gid=1234), "put", "web/new", owner_uid=None)
+
+
+# -- container recipe ------------------------------------------------------------------------------------------
+
+
+def containerfile_instructions() -> list[tuple[str, str]]:
+    out = []
+    text = re.sub(r"\\\n", " ", CONTAINERFILE.read_text())
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_containerfile() -> None:
+    ins = containerfile_instructions()
+    assert ins[0][0] == "FROM" and re.fullmatch(r"python:3\.11-slim(@sha256:[0-9a-f]{64})?", ins[0][1])
+    assert not [i for i in ins if i[0] == "ADD"], "COPY only: no ADD (of URLs or archives)"
+    users = [rest for word, rest in ins if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as a non-root user by default"
+    assert json.loads(dict(ins)["ENTRYPOINT"]) == ["fdbroker", "serve"]
+    assert json.loads(dict(ins)["VOLUME"]) == ["/run/fdbroker"]
+    assert "FDBROKER_RUN_DIR=/run/fdbroker" in dict(ins)["ENV"]
+    health = dict(ins)["HEALTHCHECK"]
+    probe = json.loads(health[health.index("CMD") + 3 :].strip())
+    assert probe[0] == "fdbroker"
+    assert check_fdbroker_argv(probe[1:])[0] == "status"
+    # Every COPY source exists in the build context (the repository root).
+    for word, rest in ins:
+        if word == "COPY" and not rest.startswith("--from"):
+            for src in rest.split()[:-1]:
+                assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
+    assert "pip install" in dict(ins)["RUN"] or any("pip install" in r for w, r in ins if w == "RUN")
+
+
+# -- Kubernetes manifests --------------------------------------------------------------------------------------
+
+
+def load_docs(path: Path) -> list[dict[str, Any]]:
+    assert yaml is not None
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    for d in docs:
+        assert {"apiVersion", "kind", "metadata"} <= set(d), f"{path.name}: incomplete object {d}"
+    return docs
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    specs = []
+    for d in docs:
+        if d["kind"] == "Pod":
+            specs.append(d["spec"])
+        elif d["kind"] in ("DaemonSet", "Deployment", "StatefulSet"):
+            specs.append(d["spec"]["template"]["spec"])
+    return specs
+
+
+def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def image_entrypoint() -> list[str]:
+    return json.loads(dict(containerfile_instructions())["ENTRYPOINT"])
+
+
+def fdbroker_commands(c: dict[str, Any]) -> Iterator[list[str]]:
+    """Every fdbroker command line in a container: its command/args, its probes, and lines of a shell script."""
+    argv = list(c.get("command") or image_entrypoint()) + list(c.get("args", []))
+    lines = [argv]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if probe in c:
+            lines.append(c[probe]["exec"]["command"])
+    if argv[:2] == ["/bin/sh", "-c"]:
+        for line in argv[2].splitlines():
+            for part in re.split(r"\|\||&&|;|\bthen\b|\bif\b|!", line):
+                words = shlex.split(part.split(">")[0]) if "fdbroker" in part else []
+                if words and words[0] == "fdbroker":
+                    lines.append(words)
+    for line in lines:
+        if line and line[0] == "fdbroker":
+            yield line[1:]
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c.get("env", [])}
+
+
+def check_manifest(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    docs = load_docs(path)
+    configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    (spec,) = pod_specs(docs)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert spec.get("automountServiceAccountToken") is False, "no API access needed"
+    for c in all_containers(spec):
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, f"{c['name']}: mounts unknown volume {m['name']}"
+        for v in volumes.values():
+            if "configMap" in v:
+                assert v["configMap"]["name"] in configmaps, f"{v['name']}: no ConfigMap {v['configMap']}"
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        run_dir = env_of(c).get("FDBROKER_RUN_DIR")
+        assert run_dir, f"{c['name']}: FDBROKER_RUN_DIR unset"
+        assert any(run_dir.startswith(m["mountPath"]) for m in c["volumeMounts"]), c["name"]
+        for argv in fdbroker_commands(c):
+            verb, args = check_fdbroker_argv(argv)
+            if args.run_dir is not None:
+                assert args.run_dir == run_dir, f"{c['name']}: --run-dir {args.run_dir} != {run_dir}"
+            if verb == "serve":
+                # --policy names a key of a mounted ConfigMap, and the key holds a policy that loads.
+                pdir, key = os.path.split(args.policy)
+                (m,) = [m for m in c["volumeMounts"] if m["mountPath"] == pdir]
+                cm = configmaps[volumes[m["name"]]["configMap"]["name"]]
+                assert key in cm["data"], f"ConfigMap {cm['metadata']['name']} has no key {key}"
+                with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+                    f.write(cm["data"][key])
+                    f.flush()
+                    check_sidecar_policy(Policy.load(Path(f.name), broker_uid=10001))
+    return docs, spec
+
+
+def container(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    (c,) = [c for c in all_containers(spec) if c["name"] == name]
+    return c
+
+
+@needs_yaml
+def test_sidecar_pod_manifest() -> None:
+    _, spec = check_manifest(SIDECAR)
+    (vol,) = [v for v in spec["volumes"] if "emptyDir" in v]
+    assert vol["emptyDir"]["medium"] == "Memory"
+    broker, binder, app = (container(spec, n) for n in ("broker", "binder", "app"))
+    for c in (broker, binder, app):
+        assert {"name": vol["name"], "mountPath": "/run/fdbroker"} in c["volumeMounts"], c["name"]
+    # Startup order: broker then binder are native sidecars (init containers that keep running), each gated
+    # by a startupProbe, so the app starts only once web/https exists.
+    assert [c["name"] for c in spec["initContainers"]] == ["broker", "binder"]
+    for c in (broker, binder):
+        assert c["restartPolicy"] == "Always" and "startupProbe" in c
+    assert [c["name"] for c in spec["containers"]] == ["app"]
+    serve_args = check_fdbroker_argv(next(fdbroker_commands(broker)))[1]
+    # The broker's run dir is its own subdirectory of the emptyDir (whose root it would refuse).
+    assert Path(serve_args.run_dir).parent == Path("/run/fdbroker")
+    assert serve_args.socket_group == str(spec["securityContext"]["fsGroup"])
+    assert binder["securityContext"]["capabilities"]["add"] == ["NET_BIND_SERVICE"]
+    puts = [check_fdbroker_argv(a)[1] for a in fdbroker_commands(binder) if "put" in a]
+    assert [(p.name, p.listen) for p in puts] == [("web/https", "tcp://0.0.0.0:443")]
+    asc = app["securityContext"]
+    assert asc["runAsNonRoot"] is True and asc["runAsUser"] == NOBODY and "add" not in asc["capabilities"]
+    (app_cmd,) = list(fdbroker_commands(app))
+    assert app_cmd[:3] == ["exec", "web/https", "--"]
+
+
+@needs_yaml
+def test_daemonset_manifest() -> None:
+    docs, spec = check_manifest(DAEMONSET)
+    assert [d["kind"] for d in docs if d["kind"] == "PodDisruptionBudget"] == []
+    (vol,) = [v for v in spec["volumes"] if "hostPath" in v]
+    assert vol["hostPath"] == {"path": "/run/fdbroker", "type": "DirectoryOrCreate"}
+    assert spec["hostNetwork"] is False
+    assert spec["tolerations"]
+    (broker,) = spec["containers"]
+    assert broker["resources"]["requests"] and broker["resources"]["limits"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert check_fdbroker_argv(broker[probe]["exec"]["command"][1:])[0] == "status"
+    args = check_fdbroker_argv(next(fdbroker_commands(broker)))[1]
+    assert args.run_dir == "/run/fdbroker"
+    assert args.socket_group in [str(g) for g in spec["securityContext"]["supplementalGroups"]]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_manifests_parse_with_kustomize(tmp_path: Path) -> None:
+    """kustomize (built into kubectl, offline) reads every manifest as Kubernetes objects."""
+    for src in (SIDECAR, DAEMONSET):
+        shutil.copy(src, tmp_path / src.name)
+    (tmp_path / "kustomization.yaml").write_text("resources:\n  - sidecar-pod.yaml\n  - daemonset.yaml\n")
+    r = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    kinds = re.findall(r"^kind: (\w+)$", r.stdout, re.M)
+    assert sorted(kinds) == sorted(["ConfigMap", "Pod", "Namespace", "ConfigMap", "DaemonSet"])
+
+
+# -- real runs -------------------------------------------------------------------------------------------------
+
+
+class Serve:
+    """``fdbroker serve`` started as systemd would: its own NOTIFY_SOCKET, waited for READY=1."""
+
+    def __init__(self, argv: list[str], tmp: Path, **popen: Any) -> None:
+        self.notify_path = tmp / "notify.sock"
+        self.log_path = tmp / "broker.log"
+        ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        ns.bind(str(self.notify_path))
+        os.chmod(self.notify_path, 0o666)
+        self.ns = ns
+        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), **popen.pop("env", {})}
+        env.pop("FDBROKER_RUN_DIR", None)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, **popen)
+        self.messages = self._wait("READY=1")
+
+    def _wait(self, what: str) -> str:
+        self.ns.settimeout(0.1)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(TimeoutError):
+                msg = self.ns.recv(4096).decode()
+                if what in msg:
+                    return msg
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"broker never sent {what}:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.ns.close()
+        return self.proc.returncode
+
+
+def fdb(run_dir: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **kw.pop("env", {})}
+    env.pop("FDBROKER_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "fdbroker", "--run-dir", str(run_dir), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        **kw,
+    )
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="fdbd-", dir="/tmp"))  # sun_path is 108 bytes
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_unit_exec_start_runs_reloads_and_stops(short_tmp: Path) -> None:
+    """ExecStart as written (run dir and policy path swapped for test copies), with the unit's LimitNOFILE,
+    READY=1 on NOTIFY_SOCKET; ExecReload's SIGHUP reloads and keeps it serving; SIGTERM exits 0."""
+    unit = parse_unit(UNIT)
+    argv = exec_start_argv(unit)
+    run_dir = short_tmp / "run"
+    policy = short_tmp / "policy.toml"
+    shutil.copy(POLICY, policy)
+    swap = {
+        "/usr/bin/fdbroker": None,
+        "/run/fdbroker": str(run_dir),
+        "/etc/fdbroker/policy.toml": str(policy),
+    }
+    assert set(swap) <= set(argv), "ExecStart no longer has the paths this test swaps"
+    cmd = [sys.executable, "-m", "fdbroker"]
+    cmd += [swap.get(a, a) for a in argv[1:]]  # type: ignore[misc]
+    nofile = int(one(unit, "Service", "LimitNOFILE"))
+    import resource
+
+    def limit() -> None:  # what LimitNOFILE= does: soft = hard = N (raising the hard limit needs root)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        except (ValueError, OSError):
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    broker = Serve(cmd, short_tmp, preexec_fn=limit)
+    try:
+        assert f"MAINPID={broker.proc.pid}" in broker.messages
+        for sock in ("control.sock", "conduit.sock"):
+            assert stat.S_IMODE(os.stat(run_dir / sock).st_mode) == 0o660
+        st = json.loads(fdb(run_dir, "status", "--json").stdout)
+        assert st["serving"] and st["broker_pid"] == broker.proc.pid
+        # docs/deploy.md: capacity = RLIMIT_NOFILE - --reserve-fds (default 100).
+        limits = Path(f"/proc/{broker.proc.pid}/limits").read_text()
+        (soft,) = re.findall(r"^Max open files\s+(\d+)", limits, re.M)
+        assert int(soft) <= nofile  # the unit's limit, or this host's hard limit if lower and not raisable
+        assert st["max_entries"] == int(soft) - 100
+
+        # ExecReload: SIGHUP to $MAINPID. A good file reloads; a bad one keeps the old policy; both keep serving.
+        sig = one(unit, "Service", "ExecReload").split()[1]
+        assert sig == "-HUP"
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "policy reloaded from" in broker.log(), "the reload log line")
+        policy.write_text("[[rule]]\nallow = ['gett']\n")
+        broker.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "policy reload failed" in broker.log(), "the failed-reload log line")
+        assert broker.proc.poll() is None
+        assert fdb(run_dir, "status").returncode == 0
+    finally:
+        code = broker.stop()
+    assert code == 0, broker.log()
+    assert not (run_dir / "control.sock").exists() and not (run_dir / "conduit.sock").exists()
+
+
+def exercise_inet_entries(run_dir: Path) -> None:
+    """Deposit TCP (v4, v6) and UDP entries, get one back and accept a connection on it."""
+    for name, addr in (("v4", "tcp://127.0.0.1:0"), ("v6", "tcp://[::1]:0"), ("dgram", "udp://127.0.0.1:0")):
+        r = fdb(run_dir, "put", name, "--listen", addr)
+        if r.returncode != 0 and name == "v6" and "address" in r.stderr.lower():
+            continue  # no IPv6 on this host
+        assert r.returncode == 0, r.stderr
+    server = (
+        "import socket; s = socket.socket(fileno=3); c = socket.create_connection(s.getsockname()); "
+        "a, _ = s.accept(); c.sendall(b'ok'); print(a.recv(2).decode())"
+    )
+    r = fdb(run_dir, "get", "v4", "--", sys.executable, "-c", server)
+    assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
+    assert fdb(run_dir, "status").returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the socket() interposer")
+def test_broker_needs_only_af_unix(short_tmp: Path) -> None:
+    """RestrictAddressFamilies=AF_UNIX, emulated: socket()/socketpair() of any other family fail with
+    EAFNOSUPPORT (what systemd's seccomp filter returns) in the broker; TCP/UDP entries still work."""
+    src = short_tmp / "onlyunix.c"
+    src.write_text(
+        "#define _GNU_SOURCE\n#include <dlfcn.h>\n#include <errno.h>\n#include <sys/socket.h>\n"
+        "int socket(int d, int t, int p) { static int (*f)(int, int, int);\n"
+        '  if (!f) f = dlsym(RTLD_NEXT, "socket");\n'
+        "  if (d != AF_UNIX) { errno = EAFNOSUPPORT; return -1; } return f(d, t, p); }\n"
+        "int socketpair(int d, int t, int p, int v[2]) { static int (*f)(int, int, int, int *);\n"
+        '  if (!f) f = dlsym(RTLD_NEXT, "socketpair");\n'
+        "  if (d != AF_UNIX) { errno = EAFNOSUPPORT; return -1; } return f(d, t, p, v); }\n"
+    )
+    lib = short_tmp / "onlyunix.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
+    # The interposer really refuses (so a pass below means something).
+    probe = "import socket\ntry:\n socket.socket()\nexcept OSError as e:\n print(e.errno)\n"
+    r = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LD_PRELOAD": str(lib)},
+    )
+    assert r.stdout.strip() == str(__import__("errno").EAFNOSUPPORT), r
+    run_dir = short_tmp / "run"
+    broker = Serve(
+        [sys.executable, "-m", "fdbroker", "serve", "--run-dir", str(run_dir)],
+        short_tmp,
+        env={"LD_PRELOAD": str(lib)},
+    )
+    try:
+        exercise_inet_entries(run_dir)
+    finally:
+        code = broker.stop()
+    assert code == 0, broker.log()
+
+
+@pytest.mark.skipif(not IS_ROOT or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_broker_in_private_network_namespace(short_tmp: Path) -> None:
+    """PrivateNetwork=yes: a broker in its own, empty network namespace still holds and hands out TCP
+    listeners made in the host's namespace, and they still accept there."""
+    run_dir = short_tmp / "run"
+    broker = Serve(
+        ["unshare", "--net", sys.executable, "-m", "fdbroker", "serve", "--run-dir", str(run_dir)], short_tmp
+    )
+    try:
+        exercise_inet_entries(run_dir)
+    finally:
+        code = broker.stop()
+    assert code == 0, broker.log()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@needs_yaml
+@pytest.mark.skipif(not IS_ROOT or shutil.which("setpriv") is None, reason="needs root and setpriv(1)")
+def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
+    """The Pod's three containers, run on this host with the Pod's identities: the broker as 10001 with
+    supplementary group fsGroup, in a subdirectory of a root-owned 1777 directory (an emptyDir on tmpfs); the
+    binder's script as root with only CAP_NET_BIND_SERVICE; the app's command as 65534. The app serves HTTP
+    on the binder's listener. Port 443 becomes a free port; the policy comes from the ConfigMap."""
+    docs = load_docs(SIDECAR)
+    (spec,) = pod_specs(docs)
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    broker_c, binder_c, app_c = (container(spec, n) for n in ("broker", "binder", "app"))
+    fsgroup = spec["securityContext"]["fsGroup"]
+    empty_dir = short_tmp / "emptydir"
+    empty_dir.mkdir()
+    os.chmod(empty_dir, 0o1777)
+    os.chmod(short_tmp, 0o755)
+    etc = short_tmp / "etc"
+    etc.mkdir()
+    (etc / "policy.toml").write_text(cm["data"]["policy.toml"])
+    os.chmod(etc / "policy.toml", 0o644)
+    port = free_port()
+
+    def localize(s: str) -> str:
+        return (
+            s.replace("/run/fdbroker", str(empty_dir))
+            .replace("/etc/fdbroker", str(etc))
+            .replace(":443", f":{port}")
+        )
+
+    def as_user(c: dict[str, Any]) -> list[str]:
+        sc = c["securityContext"]
+        uid, gid = sc["runAsUser"], sc.get("runAsGroup", sc["runAsUser"])
+        caps = "-all" + "".join(f",+{a.lower()}" for a in sc["capabilities"].get("add", []))
+        return [
+            "setpriv",
+            f"--reuid={uid}",
+            f"--regid={gid}",
+            f"--groups={fsgroup}",
+            f"--inh-caps={caps}",
+            f"--bounding-set={caps}",
+            "--no-new-privs",
+        ]
+
+    # The interpreter may live where other uids cannot go (/root/.pyenv): find one that 10001 and 65534 can run
+    # with this checkout importable, and put an `fdbroker` wrapper for it on the containers' PATH.
+    pythonpath = f"{ROOT / 'src'}:{sysconfig.get_paths()['purelib']}"
+    py = next(
+        (
+            cand
+            for cand in dict.fromkeys([os.path.realpath(sys.executable), "/usr/bin/python3"])
+            if all(
+                subprocess.run(
+                    [
+                        "setpriv",
+                        f"--reuid={uid}",
+                        f"--regid={uid}",
+                        "--clear-groups",
+                        "env",
+                        f"PYTHONPATH={pythonpath}",
+                        cand,
+                        "-c",
+                        "import fdbroker.cli, grpc",
+                    ],
+                    capture_output=True,
+                    cwd="/",
+                ).returncode
+                == 0
+                for uid in (broker_c["securityContext"]["runAsUser"], NOBODY)
+            )
+        ),
+        None,
+    )
+    if py is None:
+        pytest.skip("no Python that other uids can run with fdbroker importable")
+    bindir = short_tmp / "bin"
+    bindir.mkdir()
+    (bindir / "fdbroker").write_text(f'#!/bin/sh\nPYTHONPATH={pythonpath} exec {py} -m fdbroker "$@"\n')
+    os.chmod(bindir / "fdbroker", 0o755)
+    os.chmod(bindir, 0o755)
+    path = f"{bindir}:{os.environ['PATH']}"
+
+    def environ(c: dict[str, Any]) -> dict[str, str]:
+        return {"PATH": path, **{k: localize(v) for k, v in env_of(c).items()}}
+
+    run_dir = Path(environ(broker_c)["FDBROKER_RUN_DIR"])
+    serve = [str(bindir / "fdbroker"), *image_entrypoint()[1:], *(localize(a) for a in broker_c["args"])]
+    broker = Serve(as_user(broker_c) + serve, short_tmp, env=environ(broker_c), cwd="/")
+    binder = app = None
+    try:
+        assert os.stat(run_dir).st_uid == broker_c["securityContext"]["runAsUser"]
+        ctl = os.stat(run_dir / "control.sock")
+        assert (stat.S_IMODE(ctl.st_mode), ctl.st_gid) == (0o660, fsgroup)
+
+        script = [localize(a) for a in binder_c["command"]]
+        binder = subprocess.Popen(
+            as_user(binder_c) + script,
+            env={**os.environ, **environ(binder_c)},
+            cwd="/",
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: fdb(run_dir, "stat", "web/https").returncode == 0, "the binder's deposit")
+
+        app_argv = [py if a == "python3" else a for a in app_c["command"]]
+        app = subprocess.Popen(
+            as_user(app_c) + app_argv,
+            env={**os.environ, **environ(app_c)},
+            cwd="/",
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def fetch() -> str | None:
+            assert app.poll() is None, app.stderr.read() if app.stderr else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    return str(resp.read().decode())
+            except OSError:
+                return None
+
+        assert wait_for(fetch, "the app to serve") == "served on a brokered listener\n"
+        # The app's uid may not take the listener away (the ConfigMap's policy).
+        r = subprocess.run(
+            [*as_user(app_c), "fdbroker", "rm", "web/https"],
+            env={**os.environ, **environ(app_c)},
+            cwd="/",
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 7, r.stderr
+    finally:
+        for p in (app, binder):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                p.wait(30)
+        code = broker.stop()
+    assert binder is not None and binder.returncode == 0  # its TERM trap: a clean exit
+    assert code == 0, broker.log()
