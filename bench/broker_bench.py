@@ -205,7 +205,11 @@ def main() -> int:
 
     from fdbroker.testing import BrokerProcess
 
-    broker = BrokerProcess.start(tmp / "run", args=["--log-level", "warning"])
+    # The registry-scale run fills the broker to capacity as one uid: raise the per-uid quotas (default 4096
+    # entries per uid) the way an operator would, in a policy file.
+    policy = tmp / "policy.toml"
+    policy.write_text("[limits]\nmax_entries_per_uid = 1000000\nmax_pending_tokens_per_uid = 1000000\n")
+    broker = BrokerProcess.start(tmp / "run", args=["--log-level", "warning", "--policy", str(policy)])
     import grpc
 
     from fdbroker import Client

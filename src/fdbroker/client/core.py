@@ -10,7 +10,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -132,74 +132,139 @@ class LeaseInfo:
     waiters: int
 
 
-@dataclass(frozen=True)
-class Entry:
-    """An entry as the broker describes it (a snapshot; it does not change when the broker's entry does)."""
+_ACCESS = {pb.ACCESS_MODE_READ: "r", pb.ACCESS_MODE_WRITE: "w", pb.ACCESS_MODE_READ_WRITE: "rw"}
+_LEASE_MODE = {pb.LeaseState.MODE_EXCLUSIVE: "exclusive", pb.LeaseState.MODE_SHARED: "shared"}
 
-    name: str
-    kind: str
-    summary: str
-    family: str
-    local_address: str
-    peer_address: str
-    listening: bool
-    path: str
-    access_mode: str
-    flags: tuple[str, ...]
-    owner_pid: int
-    owner_uid: int
-    owner_gid: int
-    labels: Mapping[str, str]
-    create_time: float
-    revision: int
-    create_revision: int
-    expire_time: float | None
-    ephemeral: bool
-    lease: LeaseInfo
-    raw: pb.Entry = field(repr=False, compare=False)
+
+class Entry:
+    """An entry as the broker described it (a snapshot: it does not follow later changes).
+
+    A thin view over the ``fdbroker.v1.Entry`` message in ``raw``: fields are decoded when read, so listing
+    20,000 entries costs one small object each, not twenty attribute conversions.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: pb.Entry) -> None:
+        self.raw = raw
 
     @classmethod
     def from_pb(cls, m: pb.Entry) -> Entry:
+        return cls(m)
+
+    def __repr__(self) -> str:
+        return f"Entry({self.name!r}, {self.summary!r}, revision={self.revision})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Entry) and self.raw == other.raw
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def name(self) -> str:
+        """The entry's name."""
+        return str(self.raw.name)
+
+    @property
+    def summary(self) -> str:
+        """One line, e.g. "tcp listener 0.0.0.0:5432"."""
+        return str(self.raw.info.summary)
+
+    @property
+    def family(self) -> str:
+        """Socket family ("AF_INET", …) or ""."""
+        return str(self.raw.info.family)
+
+    @property
+    def local_address(self) -> str:
+        """Local address of a socket, as text."""
+        return str(self.raw.info.local_address)
+
+    @property
+    def peer_address(self) -> str:
+        """Peer address of a connected socket, as text."""
+        return str(self.raw.info.peer_address)
+
+    @property
+    def listening(self) -> bool:
+        """Whether the socket listens."""
+        return bool(self.raw.info.listening)
+
+    @property
+    def path(self) -> str:
+        """Path of a file, directory or FIFO; a memfd's name."""
+        return str(self.raw.info.path)
+
+    @property
+    def owner_pid(self) -> int:
+        """Pid of the depositor."""
+        return int(self.raw.owner.pid)
+
+    @property
+    def owner_uid(self) -> int:
+        """Uid of the depositor."""
+        return int(self.raw.owner.uid)
+
+    @property
+    def owner_gid(self) -> int:
+        """Gid of the depositor."""
+        return int(self.raw.owner.gid)
+
+    @property
+    def revision(self) -> int:
+        """Registry revision of the last change."""
+        return int(self.raw.revision)
+
+    @property
+    def create_revision(self) -> int:
+        """Registry revision of the creation."""
+        return int(self.raw.create_revision)
+
+    @property
+    def ephemeral(self) -> bool:
+        """Removed when the depositing session ends."""
+        return bool(self.raw.ephemeral)
+
+    @property
+    def kind(self) -> str:
+        """Short kind name: ``tcp-listener``, ``pipe``, ``file``, ``memfd``, …"""
         from fdbroker.fdinfo import kind_name
 
-        i = m.info
-        lease = LeaseInfo(
-            mode={pb.LeaseState.MODE_EXCLUSIVE: "exclusive", pb.LeaseState.MODE_SHARED: "shared"}.get(
-                m.lease.mode, ""
-            ),
-            epoch=m.lease.epoch,
+        return kind_name(self.raw.info.kind)
+
+    @property
+    def access_mode(self) -> str:
+        """``r``, ``w``, ``rw`` or ``""``."""
+        return _ACCESS.get(self.raw.info.access_mode, "")
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(self.raw.info.flags)
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return dict(self.raw.labels)
+
+    @property
+    def create_time(self) -> float:
+        return float(self.raw.create_time.ToNanoseconds() / 1e9)
+
+    @property
+    def expire_time(self) -> float | None:
+        m = self.raw
+        return m.expire_time.ToNanoseconds() / 1e9 if m.HasField("expire_time") else None
+
+    @property
+    def lease(self) -> LeaseInfo:
+        ls = self.raw.lease
+        return LeaseInfo(
+            mode=_LEASE_MODE.get(ls.mode, ""),
+            epoch=ls.epoch,
             holders=tuple(
                 (h.lease_id, h.identity.pid, h.identity.uid, h.expire_time.ToNanoseconds() / 1e9)
-                for h in m.lease.holders
+                for h in ls.holders
             ),
-            waiters=m.lease.waiters,
-        )
-        return cls(
-            name=m.name,
-            kind=kind_name(i.kind),
-            summary=i.summary,
-            family=i.family,
-            local_address=i.local_address,
-            peer_address=i.peer_address,
-            listening=i.listening,
-            path=i.path,
-            access_mode={
-                pb.ACCESS_MODE_READ: "r",
-                pb.ACCESS_MODE_WRITE: "w",
-                pb.ACCESS_MODE_READ_WRITE: "rw",
-            }.get(i.access_mode, ""),
-            flags=tuple(i.flags),
-            owner_pid=m.owner.pid,
-            owner_uid=m.owner.uid,
-            owner_gid=m.owner.gid,
-            labels=dict(m.labels),
-            create_time=m.create_time.ToNanoseconds() / 1e9,
-            revision=m.revision,
-            create_revision=m.create_revision,
-            expire_time=m.expire_time.ToNanoseconds() / 1e9 if m.HasField("expire_time") else None,
-            ephemeral=m.ephemeral,
-            lease=lease,
-            raw=m,
+            waiters=ls.waiters,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -412,9 +477,11 @@ def now() -> float:
 class Mail(NamedTuple):
     """One answer on the conduit, filed under its token.
 
-    ``kind`` is ``"deliver"`` (``message`` a ``DeliverItem``, ``fd`` the received descriptor), ``"deposited"``
-    (a ``DepositResult``), ``"acked"`` (the ``Acked``) or ``"error"`` (an ``Error`` naming the token); ``fd`` is
-    -1 except for deliveries. Whoever holds a ``Mail`` with ``fd >= 0`` owns that descriptor.
+    ``kind`` is ``"deliver"`` (``message`` a ``DeliverItem``, ``fd`` the received descriptor), ``"batch"`` (the
+    answer to a batch token: ``message`` is ``(items, fds)``, every item of its ``Deliver`` frame and their
+    descriptors), ``"deposited"`` (a ``DepositResult``), ``"acked"`` (the ``Acked``) or ``"error"`` (an ``Error``
+    naming the token); ``fd`` is -1 except for deliveries. Whoever holds a ``Mail`` owns its descriptors (close
+    them with :func:`close_mail`).
     """
 
     kind: str
@@ -440,6 +507,9 @@ def sort_frame(frame: Frame) -> tuple[list[tuple[bytes, Mail]], BrokerError | No
                 f"the broker delivered {n} descriptor(s) for {len(items)} item(s); all were closed"
             )
         fds, frame.fds = frame.fds, []
+        if len(items) > 1 and not items[1].token:
+            # The answer to a batch token fills its frame alone; its items after the first carry no token.
+            return [(items[0].token, Mail("batch", (list(items), fds), -1))], None
         return [(item.token, Mail("deliver", item, fd)) for item, fd in zip(items, fds, strict=True)], None
     frame.close_fds()
     if kind == "deposited":
@@ -458,6 +528,9 @@ def close_mail(mails: Iterable[Mail]) -> None:
     for mail in mails:
         if mail.fd >= 0:
             _close_quietly(mail.fd)
+        if mail.kind == "batch":
+            for fd in mail.message[1]:
+                _close_quietly(fd)
 
 
 def deliveries(mails: Sequence[Mail], names: Sequence[str]) -> list[tuple[int, pb.DeliverItem]]:
