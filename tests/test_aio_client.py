@@ -235,6 +235,38 @@ def test_batch_get_of_300_entries_crosses_message_limit(fdbroker_broker):
             os.close(fd)
 
 
+def test_repeated_get_many_uses_batch_tokens_and_a_replace_voids_them(fdbroker_broker):
+    fds = [os.eventfd(0) for _ in range(10)]
+    names = [f"bt/e{i}" for i in range(10)]
+    fresh = os.eventfd(0)
+
+    async def main() -> None:
+        async with aclient(fdbroker_broker, prefetch=4) as c:
+            await c.put_many(list(zip(names, fds, strict=True)))
+            for _ in range(6):
+                got = await c.get_many(names)
+                for i, g in enumerate(got):
+                    os.eventfd_write(g.fileno(), i + 1)
+                    g.close()
+            # 1 RPC brings 4 batch tokens: 6 rounds = 2 RPCs + 4 redeems of the whole batch
+            assert (c.stats["batch_get_rpcs"], c.stats["redeems"]) == (2, 4)
+            await c.put("bt/e3", fresh, replace=True)
+            got = await c.get_many(names, raw=True)
+            assert all(isinstance(g, fdbroker.aio.OwnedFd) for g in got)
+            os.eventfd_write(got[3].fileno(), 99)
+            for g in got:
+                g.close()
+            assert c.stats["batch_get_rpcs"] == 3  # the voided batch token sent it back to the control plane
+
+    try:
+        run(main)
+        assert [os.eventfd_read(fd) for fd in fds] == [6 * (i + 1) for i in range(10)]
+        assert os.eventfd_read(fresh) == 99
+    finally:
+        for fd in [*fds, fresh]:
+            os.close(fd)
+
+
 def test_fifty_concurrent_gets_share_one_session(fdbroker_broker):
     r, w = os.pipe()
 

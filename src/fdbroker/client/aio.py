@@ -82,8 +82,8 @@ class Client:
     of the same name cost one conduit round trip instead of an RPC (None: adaptive, as :class:`fdbroker.Client`).
     Concurrent gets of one name share a prefetching RPC in flight instead of each asking for its own tokens.
 
-    Create and use it inside one event loop. ``stats`` counts ``get_rpcs`` and ``redeems`` (prefetched tokens
-    used), for the curious and for tests.
+    Create and use it inside one event loop. ``stats`` counts ``get_rpcs``, ``batch_get_rpcs`` and ``redeems``
+    (prefetched tokens used), for the curious and for tests.
     """
 
     def __init__(
@@ -475,56 +475,77 @@ class Client:
 
     # -- get -----------------------------------------------------------------------------------------------------
 
-    async def _redeem(self, name: str) -> tuple[int, pb.DeliverItem] | None:
-        """One copy through a prefetched token, or None when there is no usable token."""
+    async def _redeem(self, key: str, count: int) -> list[tuple[int, pb.DeliverItem]] | None:
+        """``count`` copies through one prefetched token for ``key`` (a name, or a batch's names joined by
+        ``\\0``), or None when there is no usable token."""
         while self._dead is None and self._conduit is not None:
-            tok = self._prefetched.pop(name)
+            tok = self._prefetched.pop(key)
             if tok is None:
                 return None
             mail = (
                 await self._exchange(
-                    [tok], pb.ConduitFrame(redeem=pb.Redeem(tokens=[tok])), what=f"redeeming {name!r}"
+                    [tok],
+                    pb.ConduitFrame(redeem=pb.Redeem(tokens=[tok])),
+                    what="redeeming a prefetched token",
                 )
             )[0]
             self.stats["redeems"] += 1
-            if mail.kind == "deliver":
-                return mail.fd, mail.message
+            if mail.kind == "batch" and len(mail.message[1]) == count:
+                items, fds = mail.message
+                return list(zip(fds, items, strict=True))
+            if mail.kind == "deliver" and count == 1:
+                return [(mail.fd, mail.message)]
             close_mail([mail])
-            self._prefetched.drop(name)  # replaced, deleted or leased away since: ask the control plane again
+            self._prefetched.drop(key)  # replaced, deleted or leased away since: ask the control plane again
         return None
 
-    async def _get_raw(self, name: str) -> tuple[int, pb.DeliverItem]:
+    async def _shared_prefetch(self, key: str, count: int) -> list[tuple[int, pb.DeliverItem]] | None:
+        """Redeem a prefetched token for ``key``; while another task's RPC is fetching tokens for it, wait for
+        that RPC and use its tokens instead of asking for more (concurrent gets of one name share them)."""
         while True:
-            got = await self._redeem(name)
+            got = await self._redeem(key, count)
             if got is not None:
                 return got
-            fetching = self._fetching.get(name)
+            fetching = self._fetching.get(key)
             if fetching is None:
-                break
-            await asyncio.shield(fetching)  # another task is fetching tokens for this name: share them
-        prefetch = self._policy.next(name, self.token_ttl)
-        done: asyncio.Future[None] | None = None
-        if prefetch:
-            done = asyncio.get_running_loop().create_future()
-            self._fetching[name] = done
+                return None
+            await asyncio.shield(fetching)
+
+    @contextlib.contextmanager
+    def _prefetching(self, key: str, prefetch: int) -> Iterator[None]:
+        """Mark an RPC that fetches ``prefetch`` tokens for ``key`` as in flight (see :meth:`_shared_prefetch`)."""
+        if not prefetch:
+            yield
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fetching[key] = done
         try:
-            with self._claiming():
-                resp = await self._rpc(
-                    "Get", pb.GetRequest(name=name, prefetch=prefetch), session=True, name=name
-                )
-                self.stats["get_rpcs"] += 1
-                tok = resp.handoffs[0].token
-                futs = self._expect([tok])
-                if resp.prefetch_tokens:
-                    ttl = self.token_ttl
-                    if resp.HasField("prefetch_expire_time"):
-                        ttl = resp.prefetch_expire_time.ToNanoseconds() / 1e9 - time.time()
-                    self._prefetched.add(name, resp.prefetch_tokens, time.monotonic() + ttl)
+            yield
         finally:
-            if done is not None:
-                if self._fetching.get(name) is done:
-                    del self._fetching[name]
-                done.set_result(None)
+            if self._fetching.get(key) is done:
+                del self._fetching[key]
+            done.set_result(None)
+
+    def _keep_prefetched(self, key: str, resp: Any) -> None:
+        if resp.prefetch_tokens:
+            ttl = self.token_ttl
+            if resp.HasField("prefetch_expire_time"):
+                ttl = resp.prefetch_expire_time.ToNanoseconds() / 1e9 - time.time()
+            self._prefetched.add(key, resp.prefetch_tokens, time.monotonic() + ttl)
+
+    async def _get_raw(self, name: str) -> tuple[int, pb.DeliverItem]:
+        got = await self._shared_prefetch(name, 1)
+        if got is not None:
+            return got[0]
+        prefetch = self._policy.next(name, self.token_ttl)
+        with self._prefetching(name, prefetch), self._claiming():
+            resp = await self._rpc(
+                "Get", pb.GetRequest(name=name, prefetch=prefetch), session=True, name=name
+            )
+            self.stats["get_rpcs"] += 1
+            tok = resp.handoffs[0].token
+            futs = self._expect([tok])
+            self._keep_prefetched(name, resp)
         return deliveries(await self._collect([tok], futs), [name])[0]
 
     async def get(self, name: str) -> Received:
@@ -537,14 +558,27 @@ class Client:
         return OwnedFd((await self._get_raw(name))[0])
 
     async def get_many(self, names: Sequence[str], *, raw: bool = False) -> list[Any]:
-        """Copies of many entries in one RPC, in order; descriptors arrive in messages of up to 253. The caller
-        owns them (``OwnedFd`` each with ``raw``). All or nothing: on any error none is returned or kept open."""
+        """Copies of many entries, in order: one BatchGet RPC, descriptors in messages of up to 253. The caller
+        owns them (``OwnedFd`` each with ``raw``). All or nothing: on any error none is returned or kept open.
+
+        A batch of at most 253 names fetched again soon after is served by a prefetched batch token (same
+        adaptive policy as ``get``): one conduit round trip for the whole batch, no RPC.
+        """
         names = list(names)
-        with self._claiming():
-            resp = await self._rpc("BatchGet", pb.BatchGetRequest(names=names), session=True)
-            toks = [h.token for h in resp.handoffs]
-            futs = self._expect(toks)
-        got = deliveries(await self._collect(toks, futs), names)
+        small = 0 < len(names) <= SCM_MAX_FD
+        key = "\0".join(names)  # \0 never occurs in a name: no clash with single-name keys
+        got = await self._shared_prefetch(key, len(names)) if small else None
+        if got is None:
+            prefetch = self._policy.next(key, self.token_ttl) if small else 0
+            with self._prefetching(key, prefetch), self._claiming():
+                resp = await self._rpc(
+                    "BatchGet", pb.BatchGetRequest(names=names, prefetch=prefetch), session=True
+                )
+                self.stats["batch_get_rpcs"] += 1
+                toks = [h.token for h in resp.handoffs]
+                futs = self._expect(toks)
+                self._keep_prefetched(key, resp)
+            got = deliveries(await self._collect(toks, futs), names)
         return [OwnedFd(fd) if raw else wrap_fd(fd, item.info) for fd, item in got]
 
     async def take(self, name: str, *, if_revision: int = 0, raw: bool = False) -> Any:
