@@ -48,7 +48,7 @@ from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 _Mail = tuple[str, Any, int]  # (kind, message, fd or -1)
 
 PREFETCH_MAX = 64
-_STALE_AFTER = 30.0
+_STALE_AFTER = 10.0
 WAIT_MARGIN = 0.5  # added to a lease wait for the RPC deadline (see Broker.lease)
 
 
@@ -85,6 +85,7 @@ class Client:
         self._cond = threading.Condition()
         self._reading = False
         self._mail: dict[bytes, tuple[float, _Mail]] = {}
+        self._oldest_mail = time.monotonic()
         self._dead: BrokerError | None = None
         self._prefetched: dict[str, collections.deque[tuple[bytes, float]]] = {}
         self._recent: dict[str, tuple[float, int]] = {}
@@ -201,8 +202,10 @@ class Client:
                 self._dead = self._dead or error_from_frame(m.error)
         else:
             frame.close_fds()
-        # Deliveries nobody waits for any more (a caller that gave up) must not pile up.
-        if len(self._mail) > 64:
+        # Deliveries nobody waits for any more (a caller that gave up) must not pile up; every answer normally
+        # finds its waiter within the same call, so anything this old is an orphan.
+        if self._mail and t - self._oldest_mail > _STALE_AFTER:
+            self._oldest_mail = t
             for k in [k for k, (ts, _) in self._mail.items() if t - ts > _STALE_AFTER]:
                 _close_mail(self._mail.pop(k)[1])
 
@@ -376,7 +379,10 @@ class Client:
         )
         if resp.prefetch_tokens:
             exp = time.monotonic() + self.token_ttl
-            self._prefetched[name] = collections.deque((t, exp) for t in resp.prefetch_tokens)
+            # extend, not replace: tokens another thread fetched meanwhile must not be orphaned
+            self._prefetched.setdefault(name, collections.deque()).extend(
+                (t, exp) for t in resp.prefetch_tokens
+            )
         return self._take_results(self._wait([resp.handoffs[0].token]), [name])[0]
 
     def get(self, name: str) -> Received:
@@ -441,7 +447,14 @@ class Client:
         fd, item = self._take_results(self._wait([tok]), [name])[0]
         try:
             assert self._conduit is not None
-            self._conduit.send(pb.ConduitFrame(ack=pb.Ack(tokens=[tok])), timeout=self.timeout)
+            try:
+                self._conduit.send(pb.ConduitFrame(ack=pb.Ack(tokens=[tok])), timeout=self.timeout)
+            except ConduitError as err:
+                raise Aborted(
+                    f"the conduit broke before the take of {name!r} was confirmed ({err}); the entry stays "
+                    "in the broker",
+                    name=name,
+                ) from None
             kind, msg, _ = self._wait([tok])[0]
             if kind != "acked":
                 raise error_from_frame(msg) if kind == "error" else Aborted(f"take of {name!r} not confirmed")
@@ -538,7 +551,14 @@ class Client:
         if return_fd is not None:
             tok = resp.handoff.token
             assert self._conduit is not None
-            self._conduit.send(pb.ConduitFrame(deposit=pb.Deposit(tokens=[tok])), [fileno_of(return_fd)])
+            try:
+                self._conduit.send(
+                    pb.ConduitFrame(deposit=pb.Deposit(tokens=[tok])),
+                    [fileno_of(return_fd)],
+                    timeout=self.timeout,
+                )
+            except ConduitError as err:
+                raise Aborted(f"the conduit broke while handing the descriptor back ({err})") from None
             kind, msg, _ = self._wait([tok])[0]
             if kind != "deposited" or msg.HasField("error"):
                 raise error_from_frame(msg.error if kind == "deposited" else msg)
