@@ -7,8 +7,8 @@ Floors (same machine, same moment):
 
 fdbroker (a real broker process, the sync client in this process):
   get-rpc      Client(prefetch=0).get_fd: one Get RPC + one Deliver frame per descriptor
-  get-fast     Client(prefetch=64).get_fd of the same entry: one Redeem/Deliver conduit round trip per get,
-               one RPC per 65 gets (every descriptor still moves against a token the control plane issued)
+  get-fast     Client(prefetch=256).get_fd of the same entry: one Redeem/Deliver conduit round trip per get,
+               one RPC per 257 gets (every descriptor still moves against a token the control plane issued)
   put          Client.put(replace=True) of a pipe: one Put RPC + Deposit/Deposited round trip
   batch-rpc    Client(prefetch=0).get_many of 253 entries: one BatchGet RPC + one Deliver frame of 253 descriptors
   batch-fast   Client(prefetch=64).get_many of the same 253 again: one Redeem of a batch token + one Deliver
@@ -112,6 +112,52 @@ def time_grpc(stub: object, iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e6
 
 
+# -- s6-fdholderd, the closest rival (optional: needs s6, libs6-dev, skalibs-dev and gcc) ------------------------
+
+ANCHORS = HERE.parent.parent / "shared" / "bench" / "anchors"
+
+
+def s6_start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str] | None:
+    """Start s6-fdholder-daemon holding one descriptor and build the anchors' libs6 client; None if unavailable."""
+    src = ANCHORS / "s6_client.c"
+    if not (shutil.which("s6-fdholder-daemon") and shutil.which("gcc") and src.exists()):
+        return None
+    exe = str(tmp / "s6_client")
+    if subprocess.run(
+        ["gcc", "-O2", "-o", exe, str(src), "-ls6", "-lskarnet"], capture_output=True
+    ).returncode:
+        return None
+    rules = tmp / "s6rules" / "uid" / str(os.getuid())
+    (rules / "env").mkdir(parents=True)
+    (rules / "allow").touch()
+    for k, v in (("STORE_REGEX", "^"), ("RETRIEVE_REGEX", "^"), ("LIST", "1")):
+        (rules / "env" / f"S6_FDHOLDER_{k}").write_text(v + "\n")
+    sock = str(tmp / "s6.sock")
+    daemon = subprocess.Popen(
+        ["s6-fdholder-daemon", "-c", "16", "-n", "1000", "-i", str(tmp / "s6rules"), sock],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.01)
+    with open("/dev/null", "rb") as null:
+        subprocess.run(["s6-fdholder-store", sock, "bench-held"], stdin=null, check=True)
+    return daemon, exe, sock
+
+
+def time_s6(exe: str, sock: str, iters: int) -> float:
+    out = subprocess.run(
+        [exe, sock, "retrieve", "bench-held", str(iters), "1"], capture_output=True, text=True
+    )
+    for word in out.stdout.split():
+        if word.startswith("us_per_op="):
+            return float(word.split("=", 1)[1])
+    raise RuntimeError(f"s6_client: {out.stdout}{out.stderr}")
+
+
 # -- fdbroker ----------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +185,9 @@ def time_batch(client: object, names: list[str], iters: int) -> float:
     return (time.perf_counter() - t0) / iters * 1e6
 
 
-def aggregate_worker(run_dir: str, name: str, seconds: float, prefetch: int | None, q: multiprocessing.Queue) -> None:
+def aggregate_worker(
+    run_dir: str, name: str, seconds: float, prefetch: int | None, q: multiprocessing.Queue
+) -> None:
     from fdbroker import Client
 
     with Client(run_dir, prefetch=prefetch) as c:
@@ -155,7 +203,9 @@ def aggregate_worker(run_dir: str, name: str, seconds: float, prefetch: int | No
 def aggregate(run_dir: str, name: str, procs: int, seconds: float, prefetch: int | None) -> float:
     ctx = multiprocessing.get_context("spawn")
     q: multiprocessing.Queue = ctx.Queue()
-    ps = [ctx.Process(target=aggregate_worker, args=(run_dir, name, seconds, prefetch, q)) for _ in range(procs)]
+    ps = [
+        ctx.Process(target=aggregate_worker, args=(run_dir, name, seconds, prefetch, q)) for _ in range(procs)
+    ]
     for p in ps:
         p.start()
     total = sum(q.get(timeout=120) for _ in ps)
@@ -210,6 +260,7 @@ def main() -> int:
     policy = tmp / "policy.toml"
     policy.write_text("[limits]\nmax_entries_per_uid = 1000000\nmax_pending_tokens_per_uid = 1000000\n")
     broker = BrokerProcess.start(tmp / "run", args=["--log-level", "warning", "--policy", str(policy)])
+    s6 = s6_start(tmp)
     import grpc
 
     from fdbroker import Client
@@ -222,7 +273,7 @@ def main() -> int:
 
         r, w = os.pipe()
         c_rpc = Client(broker.run_dir, prefetch=0)
-        c_fast = Client(broker.run_dir, prefetch=64)
+        c_fast = Client(broker.run_dir, prefetch=256)
         c_rpc.put("bench/one", w)
         names = [f"bench/b{i:03d}" for i in range(253)]
         c_rpc.put_many([(n, w) for n in names])
@@ -234,9 +285,30 @@ def main() -> int:
         time_raw(raw, 253, 20)
 
         res: dict[str, list[float]] = {
-            k: [] for k in ("raw-1", "grpc-unary", "get-rpc", "get-fast", "put", "raw-253", "batch-rpc", "batch-fast")
+            k: []
+            for k in (
+                "raw-1",
+                "grpc-unary",
+                "get-rpc",
+                "get-fast",
+                "put",
+                "raw-253",
+                "batch-rpc",
+                "batch-fast",
+            )
         }
-        ratios: dict[str, list[float]] = {"get-rpc/(unary+raw)": [], "get-fast/raw": [], "batch/raw-253 rate": []}
+        ratios: dict[str, list[float]] = {
+            "get-rpc/(unary+raw)": [],
+            "get-fast/raw": [],
+            "batch/raw-253 rate": [],
+        }
+        if s6 is not None:
+            res["s6-retrieve"] = []
+            ratios["get-fast/s6"] = []
+        else:
+            print(
+                "s6-fdholderd comparison skipped: needs s6, libs6-dev, skalibs-dev and gcc (see ../shared/bench)"
+            )
         print(f"rounds={rounds} single={n_single} rpc={n_rpc} batch={n_batch} (interleaved)")
         for rnd in range(rounds):
             t = {
@@ -249,6 +321,9 @@ def main() -> int:
                 "batch-rpc": time_batch(c_rpc, names, max(3, n_batch // 5)),
                 "batch-fast": time_batch(c_fast, names, n_batch),
             }
+            if s6 is not None:
+                t["s6-retrieve"] = time_s6(s6[1], s6[2], n_single)
+                ratios["get-fast/s6"].append(t["get-fast"] / t["s6-retrieve"])
             for k, v in t.items():
                 res[k].append(v)
             ratios["get-rpc/(unary+raw)"].append(t["get-rpc"] / (t["grpc-unary"] + t["raw-1"]))
@@ -262,21 +337,32 @@ def main() -> int:
             rate = [nf * 1e6 / x for x in xs]
             print(f"  {k:<11} {fmt_range(xs):>26} us/op   {med(rate):>12,.0f} fds/s")
         print("\n== ratios per round, median [min-max]")
-        print(f"  get-rpc / (grpc-unary + raw-1)     {fmt_range(ratios['get-rpc/(unary+raw)'], '.2f')}   target <= 1.20")
-        print(f"  get-fast / raw-1                   {fmt_range(ratios['get-fast/raw'], '.2f')}")
-        print(f"  batch-fast fds/s / raw-253 fds/s   {fmt_range(ratios['batch/raw-253 rate'], '.2f')}   target >= 0.50")
         print(
-            f"  get-fast vs s6-fdholderd C-API retrieve (anchor 71.9 us unpinned): "
-            f"{med(res['get-fast']):.1f} us  -> {med(res['get-fast']) / 71.9:.2f} x"
+            f"  get-rpc / (grpc-unary + raw-1)     {fmt_range(ratios['get-rpc/(unary+raw)'], '.2f')}   target <= 1.20"
         )
+        print(f"  get-fast / raw-1                   {fmt_range(ratios['get-fast/raw'], '.2f')}")
+        print(
+            f"  batch-fast fds/s / raw-253 fds/s   {fmt_range(ratios['batch/raw-253 rate'], '.2f')}   target >= 0.50"
+        )
+        if s6 is not None:
+            print(
+                f"  get-fast / s6-fdholderd C-API retrieve  {fmt_range(ratios['get-fast/s6'], '.2f')}   target <= 1.00"
+            )
+        else:
+            print(
+                f"  get-fast vs s6-fdholderd C-API retrieve (anchor 71.9 us unpinned, not this run): "
+                f"{med(res['get-fast']):.1f} us -> {med(res['get-fast']) / 71.9:.2f} x"
+            )
 
         # -- aggregate throughput ------------------------------------------------------------------------------
         secs = 1.0 if a.quick else 3.0
         print(f"\n== aggregate get throughput, {secs:.0f} s per run, client processes on the same 2 cores")
         for procs in (1, 4, 16):
             rpc_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 0)
-            fast_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 64)
-            print(f"  {procs:>2} procs: get-rpc {rpc_rate:>9,.0f} gets/s   get-fast {fast_rate:>9,.0f} gets/s")
+            fast_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 256)
+            print(
+                f"  {procs:>2} procs: get-rpc {rpc_rate:>9,.0f} gets/s   get-fast {fast_rate:>9,.0f} gets/s"
+            )
 
         c_fast.close()
         # -- registry scale ------------------------------------------------------------------------------------
@@ -296,7 +382,9 @@ def main() -> int:
         fill_s = time.perf_counter() - t0
         held = c_rpc.info().entries
         rss1 = rss_kib(broker.pid)
-        print(f"\n== registry scale: {held} entries held (capacity {info.max_entries}); filled in {fill_s:.1f} s")
+        print(
+            f"\n== registry scale: {held} entries held (capacity {info.max_entries}); filled in {fill_s:.1f} s"
+        )
         from fdbroker.errors import ResourceExhausted
 
         if held >= info.max_entries:
@@ -351,6 +439,9 @@ def main() -> int:
         channel.close()
     finally:
         broker.stop()
+        if s6 is not None:
+            s6[0].kill()
+            s6[0].wait()
         os.kill(raw_pid, 9)
         os.waitpid(raw_pid, 0)
         gsrv.kill()

@@ -38,6 +38,7 @@ import grpc
 import grpc.aio
 
 from fdbroker.client.core import (
+    BATCH_PREFETCH_LIMIT,
     Entry,
     Event,
     FdLike,
@@ -569,7 +570,7 @@ class Client:
         key = "\0".join(names)  # \0 never occurs in a name: no clash with single-name keys
         got = await self._shared_prefetch(key, len(names)) if small else None
         if got is None:
-            prefetch = self._policy.next(key, self.token_ttl) if small else 0
+            prefetch = min(BATCH_PREFETCH_LIMIT, self._policy.next(key, self.token_ttl)) if small else 0
             with self._prefetching(key, prefetch), self._claiming():
                 resp = await self._rpc(
                     "BatchGet", pb.BatchGetRequest(names=names, prefetch=prefetch), session=True

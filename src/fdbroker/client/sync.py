@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from fdbroker.client.core import (
+    BATCH_PREFETCH_LIMIT,
     Entry,
     Event,
     FdLike,
@@ -31,6 +32,7 @@ from fdbroker.client.core import (
     Lease,
     OwnedFd,
     Paths,
+    PrefetchPolicy,
     Received,
     error_from_frame,
     error_from_rpc,
@@ -47,7 +49,6 @@ from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
 _Mail = tuple[str, Any, int]  # (kind, message, fd or -1)
 
-PREFETCH_MAX = 64
 _STALE_AFTER = 10.0
 WAIT_MARGIN = 0.5  # added to a lease wait for the RPC deadline (see Broker.lease)
 
@@ -88,7 +89,7 @@ class Client:
         self._oldest_mail = time.monotonic()
         self._dead: BrokerError | None = None
         self._prefetched: dict[str, collections.deque[tuple[bytes, float]]] = {}
-        self._recent: dict[str, tuple[float, int]] = {}
+        self._policy = PrefetchPolicy(prefetch)
         self.token_ttl = 5.0
         self.identity: tuple[int, int, int] | None = None
 
@@ -347,15 +348,7 @@ class Client:
     # -- get -----------------------------------------------------------------------------------------------------
 
     def _next_prefetch(self, name: str) -> int:
-        if self.prefetch is not None:
-            return self.prefetch
-        t = time.monotonic()
-        last, n = self._recent.get(name, (0.0, 0))
-        n = n + 1 if t - last < self.token_ttl else 0
-        self._recent[name] = (t, n)
-        if len(self._recent) > 4096:
-            self._recent.clear()
-        return 0 if n == 0 else min(PREFETCH_MAX, 4 << min(n, 4))
+        return self._policy.next(name, self.token_ttl)
 
     def _get_raw(self, name: str) -> tuple[int, pb.DeliverItem]:
         cache = self._prefetched.get(name)
@@ -408,7 +401,7 @@ class Client:
                 return [OwnedFd(fd) for fd in fds]
             return [wrap_fd(fd, item.info) for item, fd in zip(items, fds, strict=True)]
         key = "\0".join(names)  # \0 never occurs in a name: no clash with single-name keys
-        prefetch = self._next_prefetch(key) if 0 < len(names) <= SCM_MAX_FD else 0
+        prefetch = min(BATCH_PREFETCH_LIMIT, self._next_prefetch(key)) if 0 < len(names) <= SCM_MAX_FD else 0
         resp = self._rpc(
             self._stub.BatchGet, pb.BatchGetRequest(names=names, prefetch=prefetch), session=True
         )
