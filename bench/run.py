@@ -14,6 +14,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = [
     "conduit_bench.py",
+    "broker_bench.py",
+    "lease_bench.py",
 ]
 
 
