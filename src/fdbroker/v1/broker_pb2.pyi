@@ -472,6 +472,7 @@ class Event(_message.Message):
         REASON_ENTRY_REMOVED: _ClassVar[Event.Reason]
         REASON_TAKEN: _ClassVar[Event.Reason]
         REASON_SESSION_ENDED: _ClassVar[Event.Reason]
+        REASON_HANDOVER: _ClassVar[Event.Reason]
     REASON_UNSPECIFIED: Event.Reason
     REASON_RELEASED: Event.Reason
     REASON_EXPIRED: Event.Reason
@@ -479,6 +480,7 @@ class Event(_message.Message):
     REASON_ENTRY_REMOVED: Event.Reason
     REASON_TAKEN: Event.Reason
     REASON_SESSION_ENDED: Event.Reason
+    REASON_HANDOVER: Event.Reason
     TYPE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -506,7 +508,7 @@ class WatchResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., header_revision: _Optional[int] = ...) -> None: ...
 
 class ConduitFrame(_message.Message):
-    __slots__ = ("fd_count", "welcome", "deposit", "deposited", "deliver", "redeem", "ack", "acked", "error", "ping", "pong")
+    __slots__ = ("fd_count", "welcome", "deposit", "deposited", "deliver", "redeem", "ack", "acked", "error", "ping", "pong", "handover_begin", "handover_entries", "handover_done", "handover_ack", "handover_released")
     FD_COUNT_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     DEPOSIT_FIELD_NUMBER: _ClassVar[int]
@@ -518,6 +520,11 @@ class ConduitFrame(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_BEGIN_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_DONE_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_ACK_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_RELEASED_FIELD_NUMBER: _ClassVar[int]
     fd_count: int
     welcome: Welcome
     deposit: Deposit
@@ -529,7 +536,12 @@ class ConduitFrame(_message.Message):
     error: Error
     ping: Ping
     pong: Pong
-    def __init__(self, fd_count: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., deposit: _Optional[_Union[Deposit, _Mapping]] = ..., deposited: _Optional[_Union[Deposited, _Mapping]] = ..., deliver: _Optional[_Union[Deliver, _Mapping]] = ..., redeem: _Optional[_Union[Redeem, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., acked: _Optional[_Union[Acked, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ...) -> None: ...
+    handover_begin: HandoverBegin
+    handover_entries: HandoverEntries
+    handover_done: HandoverDone
+    handover_ack: HandoverAck
+    handover_released: HandoverReleased
+    def __init__(self, fd_count: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., deposit: _Optional[_Union[Deposit, _Mapping]] = ..., deposited: _Optional[_Union[Deposited, _Mapping]] = ..., deliver: _Optional[_Union[Deliver, _Mapping]] = ..., redeem: _Optional[_Union[Redeem, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., acked: _Optional[_Union[Acked, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., handover_begin: _Optional[_Union[HandoverBegin, _Mapping]] = ..., handover_entries: _Optional[_Union[HandoverEntries, _Mapping]] = ..., handover_done: _Optional[_Union[HandoverDone, _Mapping]] = ..., handover_ack: _Optional[_Union[HandoverAck, _Mapping]] = ..., handover_released: _Optional[_Union[HandoverReleased, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("session_id", "identity", "version", "max_frame_bytes", "token_ttl")
@@ -634,3 +646,49 @@ class Pong(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+
+class HandoverBegin(_message.Message):
+    __slots__ = ("version", "pid", "revision", "epoch", "entries")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    pid: int
+    revision: int
+    epoch: int
+    entries: int
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ..., revision: _Optional[int] = ..., epoch: _Optional[int] = ..., entries: _Optional[int] = ...) -> None: ...
+
+class HandoverEntry(_message.Message):
+    __slots__ = ("entry", "ttl_remaining")
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    TTL_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    entry: Entry
+    ttl_remaining: _duration_pb2.Duration
+    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., ttl_remaining: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class HandoverEntries(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[HandoverEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[HandoverEntry, _Mapping]]] = ...) -> None: ...
+
+class HandoverDone(_message.Message):
+    __slots__ = ("entries", "revision")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    revision: int
+    def __init__(self, entries: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class HandoverAck(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    def __init__(self, entries: _Optional[int] = ...) -> None: ...
+
+class HandoverReleased(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
