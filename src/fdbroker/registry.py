@@ -428,6 +428,76 @@ class Registry:
         for listener in list(self._listeners):
             listener(ev)
 
+    # -- survival (fdbroker.handover, fdbroker.fdstore) ----------------------------------------------------------
+
+    def restore(
+        self,
+        name: str,
+        fd: int,
+        info: pb.DescriptorInfo,
+        owner: Owner,
+        *,
+        labels: dict[str, str] | None = None,
+        create_time: float | None = None,
+        create_revision: int = 0,
+        revision: int = 0,
+        expires_in: float | None = None,
+        expire_time: float | None = None,
+        ephemeral: bool = False,
+        session_id: str = "",
+        lease_epoch: int = 0,
+    ) -> Entry:
+        """Install an entry carried over from a previous broker process (handover or fd store), as it was.
+
+        No event and no new revision: the entry keeps ``revision``/``create_revision`` (0: the current revision),
+        and the registry's counter is raised to at least ``revision``. ``expires_in``: seconds left (None: never);
+        ``expire_time``: its wall-clock form (default now + ``expires_in``). ``lease_epoch``: the last fencing
+        epoch granted on the name (holders do not survive). Ownership as :meth:`put`: on success the registry owns
+        ``fd``; on :class:`AlreadyExists` / :class:`ResourceExhausted` it is still the caller's.
+        """
+        if name in self._entries:
+            raise AlreadyExists(f"entry {name!r} is restored twice", name=name)
+        if len(self._entries) >= self.capacity:
+            raise ResourceExhausted(
+                f"cannot restore {name!r}: the broker holds {len(self._entries)} descriptors, its limit "
+                f"({self.capacity}); raise RLIMIT_NOFILE or lower --reserve-fds",
+                name=name,
+            )
+        self.revision = max(self.revision, revision, create_revision)
+        now_wall = self._wall()
+        # The entry's layout is changing (info kept serialized); accept both until that settles.
+        info_kw: dict[str, object] = (
+            {"info_bytes": info.SerializeToString()}
+            if "info_bytes" in Entry.__dataclass_fields__
+            else {"info": info}
+        )
+        entry = Entry(
+            id=self._next_id,
+            name=name,
+            fd=fd,
+            owner=owner,
+            session_id=session_id,
+            labels=dict(labels or {}),
+            create_time=now_wall if create_time is None else create_time,
+            create_revision=create_revision or self.revision,
+            revision=revision or self.revision,
+            ephemeral=ephemeral,
+            **info_kw,  # type: ignore[arg-type]
+        )
+        self._next_id += 1
+        if expires_in is not None:
+            entry.expires_at = self._clock() + max(0.0, expires_in)
+            entry.expire_time = now_wall + max(0.0, expires_in) if expire_time is None else expire_time
+            self._expiring[name] = entry.expires_at
+        if lease_epoch:
+            from fdbroker.leases import LeaseTable
+
+            entry.lease = LeaseTable(epoch=lease_epoch)
+        bisect.insort(self._names, name)
+        self._entries[name] = entry
+        self._per_uid[owner.uid] += 1
+        return entry
+
 
 def _close(fd: int) -> None:
     if fd >= 0:
