@@ -34,7 +34,9 @@ infos = st.builds(
     )
 )
 def test_encode_deliver_parses_back(items):
-    data = encode_deliver([(t, op, item_tail(n, i, r)) for t, op, n, i, r in items], len(items))
+    data = encode_deliver(
+        [(t, op, item_tail(n, i.SerializeToString(), r)) for t, op, n, i, r in items], len(items)
+    )
     (length,) = struct.unpack(">I", data[:4])
     assert length == len(data) - 4
     frame = pb.ConduitFrame.FromString(data[4:])
@@ -54,7 +56,9 @@ def test_varint_matches_protobuf(n):
 
 
 def test_decoder_accepts_spliced_frame():
-    data = encode_deliver([(b"t" * 32, 2, item_tail("a/b", pb.DescriptorInfo(kind=pb.KIND_PIPE), 7))], 0)
+    data = encode_deliver(
+        [(b"t" * 32, 2, item_tail("a/b", pb.DescriptorInfo(kind=pb.KIND_PIPE).SerializeToString(), 7))], 0
+    )
     # fd_count 0 with no descriptors attached: the decoder yields the frame as is
     (frame,) = FrameDecoder().feed(data, [])
     assert frame.message.deliver.items[0].name == "a/b"

@@ -37,9 +37,18 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-def item_tail(name: str, info: pb.DescriptorInfo, revision: int) -> bytes:
-    """The entry-dependent fields of a ``DeliverItem`` (name, info, revision), serialized."""
-    return pb.DeliverItem(name=name, info=info, revision=revision).SerializeToString()
+_ITEM_INFO = b"\x22"  # DeliverItem.info = 4
+
+
+def item_tail(name: str, info: bytes, revision: int) -> bytes:
+    """The entry-dependent fields of a ``DeliverItem`` (name, serialized ``info``, revision), serialized."""
+    head = pb.DeliverItem(name=name, revision=revision).SerializeToString()
+    return head + _ITEM_INFO + varint(len(info)) + info
+
+
+def encode_repeated(key: bytes, payloads: Sequence[bytes]) -> bytes:
+    """A repeated message field (``key`` = field number << 3 | 2) from serialized messages."""
+    return b"".join([key + varint(len(p)) + p for p in payloads])
 
 
 def encode_item(token: bytes, operation: int, tail: bytes) -> bytes:

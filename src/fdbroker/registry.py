@@ -43,12 +43,17 @@ class Owner(NamedTuple):
 
 @dataclass(slots=True, eq=False)
 class Entry:
-    """One held descriptor. ``fd`` belongs to the registry."""
+    """One held descriptor. ``fd`` belongs to the registry.
+
+    Memory matters here (the broker holds up to RLIMIT_NOFILE of these): a upb message costs 0.6-1.7 KiB of
+    arena, its serialized form ~100 bytes, so an entry keeps its description and its protobuf form as bytes and
+    builds messages only when asked.
+    """
 
     id: int
     name: str
     fd: int
-    info: pb.DescriptorInfo
+    info_bytes: bytes  # a serialized pb.DescriptorInfo
     owner: Owner
     session_id: str
     labels: dict[str, str]
@@ -60,42 +65,51 @@ class Entry:
     ephemeral: bool = False
     taking: bytes | None = None  # token of a take in flight
     lease: LeaseTable | None = None
-    _pb: pb.Entry | None = field(default=None, repr=False)
+    _bytes: bytes | None = field(default=None, repr=False)
     _tail: bytes | None = field(default=None, repr=False)
 
+    @property
+    def info(self) -> pb.DescriptorInfo:
+        """What the broker read from the descriptor (a new message each call)."""
+        return pb.DescriptorInfo.FromString(self.info_bytes)
+
     def invalidate(self) -> None:
-        """Drop the cached protobuf forms (after any change that shows in them)."""
-        self._pb = None
+        """Drop the cached serialized forms (after any change that shows in them)."""
+        self._bytes = None
         self._tail = None
 
     def deliver_tail(self) -> bytes:
         """The entry's part of a serialized ``DeliverItem`` (see :mod:`fdbroker.delivery`), cached."""
         tail = self._tail
         if tail is None:
-            tail = self._tail = item_tail(self.name, self.info, self.revision)
+            tail = self._tail = item_tail(self.name, self.info_bytes, self.revision)
         return tail
 
-    def to_pb(self) -> pb.Entry:
-        """The protobuf form, cached until the entry changes. Callers must not modify it."""
-        cached = self._pb
+    def pb_bytes(self) -> bytes:
+        """The serialized ``pb.Entry``, cached until the entry changes."""
+        cached = self._bytes
         if cached is not None:
             return cached
         m = pb.Entry(
             name=self.name,
-            info=self.info,
             owner=pb.Identity(pid=self.owner.pid, uid=self.owner.uid, gid=self.owner.gid),
             labels=self.labels,
             revision=self.revision,
             create_revision=self.create_revision,
             ephemeral=self.ephemeral,
         )
+        m.info.MergeFromString(self.info_bytes)
         m.create_time.FromNanoseconds(int(self.create_time * 1e9))
         if self.expire_time is not None:
             m.expire_time.FromNanoseconds(int(self.expire_time * 1e9))
         if self.lease is not None:
             self.lease.fill_pb(m.lease)
-        self._pb = m
-        return m
+        data = self._bytes = m.SerializeToString()
+        return data
+
+    def to_pb(self) -> pb.Entry:
+        """The protobuf form (a new message; the caller may keep or change it)."""
+        return pb.Entry.FromString(self.pb_bytes())
 
 
 @dataclass(slots=True)
@@ -134,7 +148,9 @@ class Registry:
         self._names: list[str] = []  # sorted
         self._next_id = 1
         self.revision = 0
-        self._history: collections.deque[pb.Event] = collections.deque(maxlen=history)
+        # Compact records, not pb.Event messages (a upb message with an entry copy is ~1.7 KiB; a record shares
+        # the entry's serialized bytes): (type, revision, name, entry bytes, reason, lease id, epoch, time ns).
+        self._history: collections.deque[_Record] = collections.deque(maxlen=history)
         self._listeners: list[EventListener] = []
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._expiring: dict[str, float] = {}
@@ -262,7 +278,7 @@ class Registry:
             id=self._next_id,
             name=name,
             fd=fd,
-            info=info,
+            info_bytes=info.SerializeToString(),
             owner=owner,
             session_id=session_id,
             labels=dict(opts.labels),
@@ -386,7 +402,7 @@ class Registry:
     def oldest_revision(self) -> int:
         """The oldest revision a watch can start from."""
         if self._history and len(self._history) == self._history.maxlen:
-            return self._history[0].revision
+            return self._history[0][1]
         return 1
 
     def history_since(self, start_revision: int, prefix: str = "") -> list[pb.Event]:
@@ -398,35 +414,37 @@ class Registry:
                 f"the oldest revision available is {oldest}: list again and watch from the listing's revision + 1",
                 oldest_revision=oldest,
             )
-        if not self._history or start_revision > self._history[-1].revision:
+        if not self._history or start_revision > self._history[-1][1]:
             return []
         # History revisions are increasing but not dense (each event has its own revision); bisect by revision.
         hist = self._history
         lo, hi = 0, len(hist)
         while lo < hi:
             mid = (lo + hi) // 2
-            if hist[mid].revision < start_revision:
+            if hist[mid][1] < start_revision:
                 lo = mid + 1
             else:
                 hi = mid
-        return [hist[i] for i in range(lo, len(hist)) if hist[i].name.startswith(prefix)]
+        return [_event(hist[i]) for i in range(lo, len(hist)) if hist[i][2].startswith(prefix)]
 
     def _emit(
         self, event_type: int, entry: Entry, reason: int = 0, *, lease_id: str = "", epoch: int = 0
     ) -> None:
-        ev = pb.Event(
-            type=event_type,  # type: ignore[arg-type]
-            revision=self.revision,
-            name=entry.name,
-            entry=entry.to_pb(),
-            reason=reason,  # type: ignore[arg-type]
-            lease_id=lease_id,
-            epoch=epoch,
+        rec: _Record = (
+            event_type,
+            self.revision,
+            entry.name,
+            entry.pb_bytes(),
+            reason,
+            lease_id,
+            epoch,
+            int(self._wall() * 1e9),
         )
-        ev.time.FromNanoseconds(int(self._wall() * 1e9))
-        self._history.append(ev)
-        for listener in list(self._listeners):
-            listener(ev)
+        self._history.append(rec)
+        if self._listeners:
+            ev = _event(rec)  # one message, shared by every listener: they must not modify it
+            for listener in list(self._listeners):
+                listener(ev)
 
     # -- survival (fdbroker.handover, fdbroker.fdstore) ----------------------------------------------------------
 
@@ -497,6 +515,24 @@ class Registry:
         self._entries[name] = entry
         self._per_uid[owner.uid] += 1
         return entry
+
+
+_Record = tuple[int, int, str, bytes, int, str, int, int]
+
+
+def _event(rec: _Record) -> pb.Event:
+    event_type, revision, name, entry_bytes, reason, lease_id, epoch, time_ns = rec
+    ev = pb.Event(
+        type=event_type,  # type: ignore[arg-type]
+        revision=revision,
+        name=name,
+        reason=reason,  # type: ignore[arg-type]
+        lease_id=lease_id,
+        epoch=epoch,
+    )
+    ev.entry.MergeFromString(entry_bytes)
+    ev.time.FromNanoseconds(time_ns)
+    return ev
 
 
 def _close(fd: int) -> None:
