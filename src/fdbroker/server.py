@@ -27,9 +27,18 @@ from grpc_reflection.v1alpha import reflection
 
 from fdbroker import __version__
 from fdbroker.broker import Broker, BrokerConfig
-from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame
+from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame, FramedConduit
 from fdbroker.conduit_server import Connection, Listener
 from fdbroker.errors import BrokerError
+from fdbroker.fdstore import FdStore
+from fdbroker.handover import (
+    HANDOVER_SOCKET,
+    HandoverServer,
+    adopt_run_dir,
+    continue_epochs,
+    released,
+    take_over,
+)
 from fdbroker.notify import sd_notify
 from fdbroker.policy import Identity, Policy
 from fdbroker.rundir import RunDir
@@ -54,6 +63,9 @@ class ServeOptions:
     history: int = 10_000
     watch_queue: int = 4096
     max_frame_bytes: int = MAX_FRAME_BYTES
+    takeover: bool = False  # receive the entries of the broker serving run_dir (docs/survival.md)
+    handover_timeout: float = 30.0
+    fdstore: bool = False  # keep entries in systemd's file-descriptor store (docs/survival.md)
 
 
 def raise_nofile_limit() -> int:
@@ -80,6 +92,9 @@ class BrokerServer:
         self.grpc_server: grpc.aio.Server | None = None
         self.listener: Listener | None = None
         self.connections: set[Connection] = set()
+        self.handover: HandoverServer | None = None
+        self._handed_over: FramedConduit | None = None
+        self.fdstore: FdStore | None = None
 
     def _load_policy(self) -> Policy:
         if self.opts.policy_path is not None:
@@ -89,7 +104,8 @@ class BrokerServer:
     async def start(self) -> None:
         opts = self.opts
         policy = self._load_policy()
-        self.rundir = RunDir.claim(opts.run_dir)
+        if not opts.takeover:
+            self.rundir = RunDir.claim(opts.run_dir)
         nofile = raise_nofile_limit()
         capacity = max(16, nofile - opts.reserve_fds)
         Connection.fd_ceiling = nofile - opts.reserve_fds // 2  # queued deliveries keep half the reserve free
@@ -105,6 +121,11 @@ class BrokerServer:
         )
         self.broker._wakeup = self._wake.set
         loop = asyncio.get_running_loop()
+        if opts.takeover:
+            self.rundir = self._take_over()
+        assert self.rundir is not None
+        if opts.fdstore:
+            self.fdstore = FdStore.open(self.broker, self.rundir.path)
 
         gid = -1
         if opts.socket_group is not None:
@@ -151,6 +172,18 @@ class BrokerServer:
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._housekeeper = asyncio.create_task(self._housekeeping())
+        broker = self.broker
+        rundir = self.rundir
+        self.handover = HandoverServer(
+            loop,
+            rundir.path / HANDOVER_SOCKET,
+            broker.registry,
+            lambda: broker.epochs,
+            broker.clock,
+            lambda: rundir.lock_fd,
+            self._commit_handover,
+            timeout=opts.handover_timeout,
+        )
         log.info(
             "fdbroker %s serving: control %s, conduit %s (pid %d, capacity %d descriptors, policy %s)",
             __version__,
@@ -161,6 +194,35 @@ class BrokerServer:
             policy.source,
         )
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {self.rundir.path}")
+
+    # -- survival (docs/survival.md) -----------------------------------------------------------------------------
+
+    def _take_over(self) -> RunDir:
+        assert self.broker is not None
+        run_dir = self.opts.run_dir
+        t = take_over(run_dir, self.broker.registry, timeout=self.opts.handover_timeout)
+        self.broker.epochs = continue_epochs(t.epoch)
+        adopt_run_dir(run_dir, t.lock_fd)
+        log.info(
+            "took over %d entries from pid %d in %.3f s (revision %d)",
+            t.entries,
+            t.old_pid,
+            t.seconds,
+            t.revision,
+        )
+        return RunDir(run_dir, t.lock_fd)
+
+    def _commit_handover(self, conn: FramedConduit) -> None:
+        """The successor has every entry: stop everything that could change the registry, now, then exit."""
+        self._handed_over = conn
+        if self.fdstore is not None:
+            self.fdstore.detach()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for c in list(self.connections):
+            c.close()
+        self.stopping.set()
 
     # -- conduit -------------------------------------------------------------------------------------------------
 
@@ -224,6 +286,10 @@ class BrokerServer:
         sd_notify("STOPPING=1")
         if hasattr(self, "_housekeeper"):
             self._housekeeper.cancel()
+        if self.handover is not None:
+            self.handover.close()
+        if self.fdstore is not None:
+            self.fdstore.close()  # the store keeps the entries for the next start
         if self.listener is not None:
             self.listener.close()
         if self.grpc_server is not None:
@@ -232,6 +298,12 @@ class BrokerServer:
             conn.close()
         if self.broker is not None:
             self.broker.close()
+        if self._handed_over is not None and self.rundir is not None:
+            os.close(self.rundir.lock_fd)  # the successor holds the same lock: no unlink, no release
+            self.rundir = None
+            released(self._handed_over)
+            log.info("fdbroker handed over and stopped")
+            return
         if self.rundir is not None:
             self.rundir.release()
         log.info("fdbroker stopped")
@@ -303,6 +375,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "RESOURCE_EXHAUSTED (default 4096)",
     )
     parser.add_argument(
+        "--takeover",
+        action="store_true",
+        help="take every entry over from the broker serving this run directory (upgrade without losing "
+        "entries; it exits 0 once the handover is done, see docs/survival.md)",
+    )
+    parser.add_argument(
+        "--handover-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="how long either side of a handover waits for the other (default 30)",
+    )
+    parser.add_argument(
+        "--fdstore",
+        action="store_true",
+        default=os.environ.get("FDBROKER_FDSTORE", "") not in ("", "0", "no", "false"),
+        help="keep every entry in systemd's file-descriptor store too (FDSTORE=1), and restore entries "
+        "from it at start, so a crash or restart loses none (env FDBROKER_FDSTORE=1; needs NOTIFY_SOCKET "
+        "and FileDescriptorStoreMax=; see docs/survival.md)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("FDBROKER_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -320,6 +413,9 @@ def options_from_args(args: argparse.Namespace, run_dir: Path) -> ServeOptions:
         reserve_fds=args.reserve_fds,
         history=args.history,
         watch_queue=args.watch_queue,
+        takeover=args.takeover,
+        handover_timeout=args.handover_timeout,
+        fdstore=args.fdstore,
     )
 
 
