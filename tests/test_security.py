@@ -285,7 +285,7 @@ c.put("dead/eph2", w, ephemeral=True)
 c.put("dead/kept", r)
 c.get("dead/eph1").close()  # leaves 4 prefetched GET tokens pending
 put = c._rpc(c._stub.Put, pb.PutRequest(name="dead/never"), session=True).handoff.token
-gets = [t for t, _ in c._prefetched["dead/eph1"]]
+gets = [t for t, _ in c._prefetched._by_name["dead/eph1"]]
 print("TOKENS", put.hex(), " ".join(t.hex() for t in gets), flush=True)
 time.sleep(120)
 """

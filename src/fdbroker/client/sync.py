@@ -32,6 +32,7 @@ from fdbroker.client.core import (
     Lease,
     OwnedFd,
     Paths,
+    PrefetchedTokens,
     PrefetchPolicy,
     Received,
     error_from_frame,
@@ -88,7 +89,7 @@ class Client:
         self._mail: dict[bytes, tuple[float, _Mail]] = {}
         self._oldest_mail = time.monotonic()
         self._dead: BrokerError | None = None
-        self._prefetched: dict[str, collections.deque[tuple[bytes, float]]] = {}
+        self._prefetched = PrefetchedTokens()
         self._policy = PrefetchPolicy(prefetch)
         self.token_ttl = 5.0
         self.identity: tuple[int, int, int] | None = None
@@ -350,20 +351,30 @@ class Client:
     def _next_prefetch(self, name: str) -> int:
         return self._policy.next(name, self.token_ttl)
 
+    def _redeem(self, name: str) -> _Mail | None:
+        """Redeem the next prefetched token filed under ``name`` (a name, or a batch key): its conduit answer,
+        or None when there is no usable token (the caller then asks the control plane)."""
+        tok = self._prefetched.pop(name)
+        if tok is None or self._conduit is None or self._dead is not None:
+            return None
+        try:
+            self._conduit.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[tok])), timeout=self.timeout)
+        except ConduitError:
+            return None
+        mail = self._wait([tok])[0]
+        if mail[0] not in ("deliver", "batch"):
+            # replaced, deleted or leased away since the token was issued: the rest are void too
+            _close_mail(mail)
+            self._prefetched.drop(name)
+            return None
+        return mail
+
     def _get_raw(self, name: str) -> tuple[int, pb.DeliverItem]:
-        cache = self._prefetched.get(name)
-        while cache:
-            tok, exp = cache.popleft()
-            if exp - time.monotonic() < 0.25 or self._conduit is None or self._dead is not None:
-                continue
-            try:
-                self._conduit.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[tok])), timeout=self.timeout)
-            except ConduitError:
-                break
-            kind, msg, fd = self._wait([tok])[0]
-            if kind == "deliver":
-                return fd, msg
-            cache.clear()  # replaced, deleted or leased away since: ask the control plane again
+        mail = self._redeem(name)
+        if mail is not None and mail[0] == "deliver":
+            return mail[2], mail[1]
+        if mail is not None:
+            _close_mail(mail)
         resp = self._rpc(
             self._stub.Get,
             pb.GetRequest(name=name, prefetch=self._next_prefetch(name)),
@@ -371,11 +382,8 @@ class Client:
             name=name,
         )
         if resp.prefetch_tokens:
-            exp = time.monotonic() + self.token_ttl
-            # extend, not replace: tokens another thread fetched meanwhile must not be orphaned
-            self._prefetched.setdefault(name, collections.deque()).extend(
-                (t, exp) for t in resp.prefetch_tokens
-            )
+            # add, not replace: tokens another thread fetched meanwhile must not be orphaned
+            self._prefetched.add(name, resp.prefetch_tokens, time.monotonic() + self.token_ttl)
         return self._take_results(self._wait([resp.handoffs[0].token]), [name])[0]
 
     def get(self, name: str) -> Received:
@@ -406,29 +414,21 @@ class Client:
             self._stub.BatchGet, pb.BatchGetRequest(names=names, prefetch=prefetch), session=True
         )
         if resp.prefetch_tokens:
-            exp = time.monotonic() + self.token_ttl
-            self._prefetched[key] = collections.deque((t, exp) for t in resp.prefetch_tokens)
+            self._prefetched.add(key, resp.prefetch_tokens, time.monotonic() + self.token_ttl)
         got = self._take_results(self._wait([h.token for h in resp.handoffs]), names)
         return [OwnedFd(fd) if raw else wrap_fd(fd, item.info) for fd, item in got]
 
     def _get_many_prefetched(self, names: list[str]) -> tuple[Sequence[pb.DeliverItem], list[int]] | None:
         """Redeem a cached batch token for ``names``: (items, fds) in order, or None to ask by RPC."""
-        cache = self._prefetched.get("\0".join(names))
-        while cache:
-            tok, exp = cache.popleft()
-            if exp - time.monotonic() < 0.25 or self._conduit is None or self._dead is not None:
-                continue
-            try:
-                self._conduit.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[tok])), timeout=self.timeout)
-            except ConduitError:
-                return None
-            kind, msg, fd = self._wait([tok])[0]
-            if kind == "batch" and len(msg[1]) == len(names):
-                return msg  # type: ignore[no-any-return]
-            if kind == "deliver" and len(names) == 1:
-                return [msg], [fd]
-            _close_mail((kind, msg, fd))
-            cache.clear()  # an entry was replaced, deleted or leased away: ask the control plane again
+        mail = self._redeem("\0".join(names))
+        if mail is None:
+            return None
+        kind, msg, fd = mail
+        if kind == "batch" and len(msg[1]) == len(names):
+            return msg  # type: ignore[no-any-return]
+        if kind == "deliver" and len(names) == 1:
+            return [msg], [fd]
+        _close_mail(mail)
         return None
 
     def take(self, name: str, *, if_revision: int = 0, raw: bool = False) -> Any:
@@ -463,7 +463,7 @@ class Client:
         resp = self._rpc(
             self._stub.Delete, pb.DeleteRequest(name=name, if_revision=if_revision), session=True, name=name
         )
-        self._prefetched.pop(name, None)
+        self._prefetched.drop(name)
         return int(resp.revision)
 
     def stat(self, name: str) -> Entry:
