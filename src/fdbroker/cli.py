@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import socket
 
     from fdbroker.client import Client, Entry, Event
+    from fdbroker.client.quick import QuickClient
 
 PROG = "fdbroker"
 DEFAULT_TIMEOUT = 10.0
@@ -192,8 +193,8 @@ def format_event(ev: Event) -> str:
 # -- helpers -------------------------------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> Client:
-    """The client for this invocation. Refuses early (before importing gRPC) when the run directory is absent."""
+def _run_dir(args: argparse.Namespace) -> str:
+    """The run directory for this invocation; refuses early (before importing gRPC) when it is absent."""
     from fdbroker.rundir import resolve_run_dir
 
     run_dir = resolve_run_dir(args.run_dir)
@@ -204,9 +205,23 @@ def _client(args: argparse.Namespace) -> Client:
             f"no broker at {run_dir} (the directory does not exist); start one with "
             f"`fdbroker serve --run-dir {run_dir}` or point --run-dir / FDBROKER_RUN_DIR at a running one"
         )
+    return str(run_dir)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """The client for this invocation."""
+    run_dir = _run_dir(args)
     from fdbroker.client import Client
 
     return Client(run_dir, timeout=args.timeout)
+
+
+def _quick(args: argparse.Namespace) -> QuickClient:
+    """For read-only verbs: queries on the conduit, so the command starts without loading gRPC."""
+    run_dir = _run_dir(args)
+    from fdbroker.client.quick import QuickClient
+
+    return QuickClient(run_dir, timeout=args.timeout)
 
 
 def _need_cmd(args: argparse.Namespace, cmd: list[str], why: str) -> None:
@@ -485,7 +500,7 @@ def _print_json(obj: object) -> None:
 def cmd_stat(args: argparse.Namespace, cmd: list[str]) -> int:
     import time
 
-    with _client(args) as client:
+    with _quick(args) as client:
         entry = client.stat(args.name)
     if args.json:
         _print_json(entry.to_json())
@@ -497,7 +512,7 @@ def cmd_stat(args: argparse.Namespace, cmd: list[str]) -> int:
 def cmd_ls(args: argparse.Namespace, cmd: list[str]) -> int:
     import time
 
-    with _client(args) as client:
+    with _quick(args) as client:
         entries = client.list(args.prefix, selector=args.selector)
     if args.json:
         _print_json([e.to_json() for e in entries])
@@ -509,7 +524,7 @@ def cmd_ls(args: argparse.Namespace, cmd: list[str]) -> int:
 def cmd_status(args: argparse.Namespace, cmd: list[str]) -> int:
     import time
 
-    with _client(args) as client:
+    with _quick(args) as client:
         info = client.info()
         run_dir = str(client.paths.run_dir)
     if args.json:

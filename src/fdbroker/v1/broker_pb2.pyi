@@ -508,7 +508,7 @@ class WatchResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., header_revision: _Optional[int] = ...) -> None: ...
 
 class ConduitFrame(_message.Message):
-    __slots__ = ("fd_count", "welcome", "deposit", "deposited", "deliver", "redeem", "ack", "acked", "error", "ping", "pong", "handover_begin", "handover_entries", "handover_done", "handover_ack", "handover_released")
+    __slots__ = ("fd_count", "welcome", "deposit", "deposited", "deliver", "redeem", "ack", "acked", "error", "ping", "pong", "handover_begin", "handover_entries", "handover_done", "handover_ack", "handover_released", "query", "query_result")
     FD_COUNT_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     DEPOSIT_FIELD_NUMBER: _ClassVar[int]
@@ -525,6 +525,8 @@ class ConduitFrame(_message.Message):
     HANDOVER_DONE_FIELD_NUMBER: _ClassVar[int]
     HANDOVER_ACK_FIELD_NUMBER: _ClassVar[int]
     HANDOVER_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_RESULT_FIELD_NUMBER: _ClassVar[int]
     fd_count: int
     welcome: Welcome
     deposit: Deposit
@@ -541,7 +543,9 @@ class ConduitFrame(_message.Message):
     handover_done: HandoverDone
     handover_ack: HandoverAck
     handover_released: HandoverReleased
-    def __init__(self, fd_count: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., deposit: _Optional[_Union[Deposit, _Mapping]] = ..., deposited: _Optional[_Union[Deposited, _Mapping]] = ..., deliver: _Optional[_Union[Deliver, _Mapping]] = ..., redeem: _Optional[_Union[Redeem, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., acked: _Optional[_Union[Acked, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., handover_begin: _Optional[_Union[HandoverBegin, _Mapping]] = ..., handover_entries: _Optional[_Union[HandoverEntries, _Mapping]] = ..., handover_done: _Optional[_Union[HandoverDone, _Mapping]] = ..., handover_ack: _Optional[_Union[HandoverAck, _Mapping]] = ..., handover_released: _Optional[_Union[HandoverReleased, _Mapping]] = ...) -> None: ...
+    query: Query
+    query_result: QueryResult
+    def __init__(self, fd_count: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., deposit: _Optional[_Union[Deposit, _Mapping]] = ..., deposited: _Optional[_Union[Deposited, _Mapping]] = ..., deliver: _Optional[_Union[Deliver, _Mapping]] = ..., redeem: _Optional[_Union[Redeem, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., acked: _Optional[_Union[Acked, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., handover_begin: _Optional[_Union[HandoverBegin, _Mapping]] = ..., handover_entries: _Optional[_Union[HandoverEntries, _Mapping]] = ..., handover_done: _Optional[_Union[HandoverDone, _Mapping]] = ..., handover_ack: _Optional[_Union[HandoverAck, _Mapping]] = ..., handover_released: _Optional[_Union[HandoverReleased, _Mapping]] = ..., query: _Optional[_Union[Query, _Mapping]] = ..., query_result: _Optional[_Union[QueryResult, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("session_id", "identity", "version", "max_frame_bytes", "token_ttl")
@@ -634,6 +638,32 @@ class Error(_message.Message):
     token: bytes
     name: str
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., token: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Query(_message.Message):
+    __slots__ = ("id", "list", "stat", "info")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    STAT_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    list: ListRequest
+    stat: StatRequest
+    info: GetInfoRequest
+    def __init__(self, id: _Optional[int] = ..., list: _Optional[_Union[ListRequest, _Mapping]] = ..., stat: _Optional[_Union[StatRequest, _Mapping]] = ..., info: _Optional[_Union[GetInfoRequest, _Mapping]] = ...) -> None: ...
+
+class QueryResult(_message.Message):
+    __slots__ = ("id", "list", "stat", "info", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    STAT_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    list: ListResponse
+    stat: StatResponse
+    info: GetInfoResponse
+    error: Error
+    def __init__(self, id: _Optional[int] = ..., list: _Optional[_Union[ListResponse, _Mapping]] = ..., stat: _Optional[_Union[StatResponse, _Mapping]] = ..., info: _Optional[_Union[GetInfoResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("nonce",)
