@@ -265,7 +265,7 @@ class FdStore:
         reg = self.registry
         if passed or doc:
             rev = int(doc.get("revision", 0) or 0)
-            reg.revision = max(reg.revision, rev) + REVISION_GAP
+            reg.raise_revision(max(reg.revision, rev) + REVISION_GAP)
             epoch = int(doc.get("epoch", 0) or 0)
             self._epoch = epoch
             self.broker.epochs = EpochCounter(seed=max(epoch + FLUSH_EVERY, int(time.time() * 1_000_000)))

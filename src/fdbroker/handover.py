@@ -282,7 +282,7 @@ def take_over(
         leases: list[tuple[str, str, int]] = []
         lock_fd = _receive_entries(conn, registry, total, on_progress, leases)
         got = len(registry)
-        registry.revision = max(registry.revision, begin.revision)
+        registry.raise_revision(begin.revision)
         _end_sessions(registry, leases)
         conn.send(pb.ConduitFrame(handover_ack=pb.HandoverAck(entries=got)))
         _wait_released(conn, pidfd, begin.pid, timeout)

@@ -151,6 +151,9 @@ class Registry:
         # Compact records, not pb.Event messages (a upb message with an entry copy is ~1.7 KiB; a record shares
         # the entry's serialized bytes): (type, revision, name, entry bytes, reason, lease id, epoch, time ns).
         self._history: collections.deque[_Record] = collections.deque(maxlen=history)
+        # Revisions <= the floor happened before this registry's history began (a takeover or a restart from the
+        # fd store jumps the counter): a watch cannot start there.
+        self._floor = 0
         self._listeners: list[EventListener] = []
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._expiring: dict[str, float] = {}
@@ -403,7 +406,12 @@ class Registry:
         """The oldest revision a watch can start from."""
         if self._history and len(self._history) == self._history.maxlen:
             return self._history[0][1]
-        return 1
+        return max(1, self._floor + 1)
+
+    def raise_revision(self, revision: int) -> None:
+        """Continue from at least ``revision`` (a successor or a restart); earlier revisions cannot be watched."""
+        self.revision = max(self.revision, revision)
+        self._floor = max(self._floor, self.revision)
 
     def history_since(self, start_revision: int, prefix: str = "") -> list[pb.Event]:
         """Events with revision >= ``start_revision`` under ``prefix``; :class:`OutOfRange` if compacted away."""
@@ -481,7 +489,7 @@ class Registry:
                 f"({self.capacity}); raise RLIMIT_NOFILE or lower --reserve-fds",
                 name=name,
             )
-        self.revision = max(self.revision, revision, create_revision)
+        self.raise_revision(max(revision, create_revision))
         now_wall = self._wall()
         # The entry's layout is changing (info kept serialized); accept both until that settles.
         info_kw: dict[str, object] = (

@@ -1,0 +1,88 @@
+"""The registry on its own, with real descriptors: paging, capacity, the event history and its floor."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fdbroker import fdinfo
+from fdbroker.errors import OutOfRange, ResourceExhausted
+from fdbroker.registry import Owner, PutOptions, Registry
+from fdbroker.v1 import broker_pb2 as pb
+
+OWNER = Owner(os.getpid(), os.getuid(), os.getgid())
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    yield w
+    os.close(r)
+    os.close(w)
+
+
+def put(reg: Registry, name: str, w: int, **opts: object) -> None:
+    fd = os.dup(w)
+    reg.put(name, fd, fdinfo.describe(fd), OWNER, "s", PutOptions(**opts))  # type: ignore[arg-type]
+
+
+def test_pages_follow_name_order_and_selectors(pipe):
+    reg = Registry(capacity=100)
+    try:
+        for i in range(25):
+            put(reg, f"a/{i:02d}", pipe, labels={"odd": "yes"} if i % 2 else {})
+        put(reg, "b/x", pipe)
+        names, after = [], ""
+        while True:
+            page, after = reg.page("a/", after=after, limit=10)
+            names += [e.name for e in page]
+            if not after:
+                break
+        assert names == [f"a/{i:02d}" for i in range(25)]
+        odd, more = reg.page("", limit=100, match=lambda e: e.labels.get("odd") == "yes")
+        assert [e.name for e in odd] == [f"a/{i:02d}" for i in range(1, 25, 2)] and more == ""
+        # the cached protobuf form is what the entry says
+        e = reg.get("a/03")
+        m = e.to_pb()
+        assert m.name == "a/03" and m.labels["odd"] == "yes" and m.info.kind == pb.KIND_PIPE
+    finally:
+        reg.close_all()
+
+
+def test_capacity_is_refused_without_taking_the_descriptor(pipe):
+    reg = Registry(capacity=3)
+    try:
+        for i in range(3):
+            put(reg, f"c/{i}", pipe)
+        fd = os.dup(pipe)
+        with pytest.raises(ResourceExhausted) as ei:
+            reg.put("c/3", fd, fdinfo.describe(fd), OWNER, "s", PutOptions())
+        assert "c/3" in str(ei.value)
+        os.fstat(fd)  # still open: a refused put leaves the descriptor with the caller
+        os.close(fd)
+    finally:
+        reg.close_all()
+
+
+def test_history_replays_from_a_revision_and_refuses_below_its_floor(pipe):
+    reg = Registry(capacity=100, history=5)
+    try:
+        for i in range(3):
+            put(reg, f"h/{i}", pipe)
+        assert [ev.name for ev in reg.history_since(2)] == ["h/1", "h/2"]
+        for i in range(3, 8):
+            put(reg, f"h/{i}", pipe)
+        assert reg.oldest_revision == 4  # only the last 5 events are kept
+        with pytest.raises(OutOfRange) as ei:
+            reg.history_since(3)
+        assert ei.value.oldest_revision == 4
+        # A successor continuing at revision 1000 has no history of what came before.
+        succ = Registry(capacity=100)
+        succ.raise_revision(1000)
+        assert succ.oldest_revision == 1001
+        with pytest.raises(OutOfRange):
+            succ.history_since(999)
+        assert succ.history_since(1001) == []
+    finally:
+        reg.close_all()
