@@ -417,3 +417,17 @@ def test_delete_by_holder_ends_lease_and_fails_waiters(fdbroker_broker):
         assert col.wait_for(lambda e: e.type == "delete").revision == ev.revision + 1
         assert list(a.keepalive([h.lease_id]).gone) == [h.lease_id]
         h.release()  # already gone: closes the descriptor quietly
+
+
+def test_put_without_replace_of_a_leased_entry_is_already_exists(fdbroker_broker):
+    """Found by the model: the lease check ran before the existence check and said "cannot replace" to a put
+    that never asked to replace."""
+    from fdbroker.errors import AlreadyExists
+
+    with fdbroker_broker.client() as a, fdbroker_broker.client() as b:
+        _put_memfd(a, "ae/res")
+        with b.lease("ae/res", ttl=30):
+            with pytest.raises(AlreadyExists):
+                _put_memfd(a, "ae/res")
+            with pytest.raises(FailedPrecondition, match="cannot replace"):
+                _put_memfd(a, "ae/res", replace=True)

@@ -246,7 +246,7 @@ class Broker:
         uid = s.identity.uid
         old = self.registry.find(name)
         self.policy.check(s.identity, "put", name, None if old is None else old.owner.uid)
-        if old is not None:
+        if old is not None and (opts.replace or opts.if_revision):  # without replace: ALREADY_EXISTS below
             self._check_lease_free(old, s, "replace")
         self.registry.check_put(name, uid, opts, pending=self.pending_puts + extra_pending)
         limit = self.policy.limits.max_entries_per_uid
