@@ -331,6 +331,7 @@ def model_broker(tmp_path_factory):
             _broker = None
 
 
+@pytest.mark.timeout(1800)  # room for FDBROKER_MODEL_EXAMPLES explorations; the default run takes ~10 s
 def test_leases_against_reference_model(model_broker):
     n = int(os.environ.get("FDBROKER_MODEL_EXAMPLES", "12"))
     LeaseMachine.TestCase.settings = settings(
