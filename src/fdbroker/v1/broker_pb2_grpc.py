@@ -187,8 +187,10 @@ class FdBrokerServicer:
     def Lease(self, request, context):
         """Grants a lease on an entry to the caller's session and delivers the descriptor on the conduit like `Get`.
         Exclusive leases exclude every other lease; shared leases exclude exclusive ones. With `wait`, the call
-        queues (FIFO) until the lease can be granted or the RPC deadline passes (DEADLINE_EXCEEDED). Without it, a
-        conflicting lease gives FAILED_PRECONDITION naming the holder. Needs a session.
+        queues (FIFO) until the lease can be granted; the broker gives up 0.5 s before the RPC deadline and answers
+        DEADLINE_EXCEEDED naming the holders (so a grant never races the caller's own timeout: set the deadline to
+        the wait you want + 0.5 s). Without `wait`, a conflicting lease gives FAILED_PRECONDITION naming the holder.
+        Needs a session. See docs/leasing.md.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,7 +206,10 @@ class FdBrokerServicer:
 
     def Release(self, request, context):
         """Ends a lease. With `return_descriptor`, the response carries a token; the caller sends a `Deposit` frame
-        with it and the (possibly replaced) descriptor, which becomes the entry's descriptor (check-in).
+        with it and the (possibly replaced) descriptor, which becomes the entry's descriptor (check-in). The lease
+        stays held until that descriptor arrives (so no waiter is handed the old one); if the token expires or the
+        session ends first, the lease is released and the entry is unchanged. A check-in after the entry was
+        replaced since the grant is FAILED_PRECONDITION (nothing changes, the lease is still held).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
