@@ -347,6 +347,19 @@ class Registry:
         self._emit(event, entry, reason, lease_id=lease_id, epoch=epoch)
         return self.revision
 
+    def due(self, now: float | None = None) -> list[Entry]:
+        """Entries whose TTL has passed and that are not being taken, in name order (the caller removes them
+        with event EXPIRE, after ending their leases)."""
+        if not self._expiring:
+            return []
+        now = self._clock() if now is None else now
+        out = []
+        for name in sorted(n for n, t in self._expiring.items() if t <= now):
+            e = self._entries.get(name)
+            if e is not None and e.taking is None:
+                out.append(e)
+        return out
+
     def next_expiry(self) -> float | None:
         return min(self._expiring.values()) if self._expiring else None
 
