@@ -420,6 +420,11 @@ def main() -> int:
         # -- CLI cold start ------------------------------------------------------------------------------------
         fdb = shutil.which("fdbroker", path=str(Path(sys.executable).parent))
         if fdb:
+            # An editable install under PYTHONDONTWRITEBYTECODE=1 (this machine's default) recompiles our modules
+            # on every start while grpc's come from .pyc files; a normal install ships .pyc. Compare like with like.
+            import compileall
+
+            compileall.compile_dir(str(HERE.parent / "src"), quiet=2)
             env = dict(os.environ, FDBROKER_RUN_DIR=str(broker.run_dir))
             runs = 5 if a.quick else 20
 
