@@ -13,7 +13,6 @@ part of a frame went out leaves the stream unusable; later sends raise ``Conduit
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import socket
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from fdbroker.v1 import broker_pb2 as pb
 
 from .conduit import Credentials, peer_credentials
 from .errors import ConduitError, ErrType, error_from_oserror
-from .frames import _RECV_BYTES, MAX_FRAME_BYTES, Frame, FrameDecoder, encode_frame
+from .frames import MAX_FRAME_BYTES, Frame, FrameReader, encode_frame
 from .receive import SCM_MAX_FD, BatchReader, recv_fds_nonblocking
 from .send import SINGLE_PAYLOAD, batch_messages, send_with_fds
 
@@ -155,12 +154,10 @@ class AsyncFramedConduit:
         sock.setblocking(False)
         self._sock = sock
         self.max_frame_bytes = max_frame_bytes
-        self._decoder = FrameDecoder(max_frame_bytes)
-        self._ready: collections.deque[Frame | ConduitError] = collections.deque()
+        self._reader = FrameReader(sock, max_frame_bytes)
         self._send_lock = asyncio.Lock()
         self._recv_lock = asyncio.Lock()
         self._send_broken: ConduitError | None = None
-        self._eof: ConduitError | None = None
 
     @classmethod
     async def open(
@@ -245,54 +242,20 @@ class AsyncFramedConduit:
                 raise ConduitError(ErrType.TIMEOUT, "recv timed out") from None
 
     async def _recv_locked(self) -> Frame:
-        ready = self._ready
-        sock = self._sock
+        reader = self._reader
         while True:
-            if ready:
-                item = ready.popleft()
-                if isinstance(item, ConduitError):
-                    raise item
+            item = reader.next_ready()
+            if item is not None:
                 return item
-            if self._eof is not None:
-                raise self._eof
-            try:
-                data, fds = recv_fds_nonblocking(sock, _RECV_BYTES, SCM_MAX_FD)
-            except BlockingIOError:
-                await _wait(sock, False)
-                continue
-            except ConduitError as exc:
-                ready.append(exc)
-                data, fds = exc.data, []
-                if not data:
-                    continue
-            except OSError as exc:
-                err = error_from_oserror(exc, "recvmsg")
-                if err.type is ErrType.PEER_CLOSED:
-                    self._eof = err
-                    self._decoder.close()
-                raise err from None
-            if not data:
-                pending = self._decoder.pending_bytes
-                self._decoder.close()
-                self._eof = ConduitError(
-                    ErrType.PEER_CLOSED,
-                    f"the peer hung up in the middle of a frame ({pending} bytes held, closed)"
-                    if pending
-                    else "the peer closed the conduit",
-                )
-                continue
-            ready.extend(self._decoder.feed(data, fds))
+            if not reader.read():
+                await _wait(self._sock, False)
 
     def close(self) -> None:
         """Closes the socket and every descriptor held for frames not yet returned. Idempotent. Call it
         from the
         loop's thread with no send/recv in progress (cancel them first)."""
         self._sock.close()
-        self._decoder.close()
-        while self._ready:
-            item = self._ready.popleft()
-            if isinstance(item, Frame):
-                item.close_fds()
+        self._reader.close()
 
     async def __aenter__(self) -> AsyncFramedConduit:
         return self

@@ -42,6 +42,7 @@ __all__ = [
     "SCM_MAX_FD",
     "Frame",
     "FrameDecoder",
+    "FrameReader",
     "FramedConduit",
     "encode_frame",
 ]
@@ -226,6 +227,76 @@ def _unsolicited(b: _Batch) -> ConduitError:
     return ConduitError(ErrType.BAD_CTRL_MESG, f"{n} unsolicited descriptor(s) closed")
 
 
+class FrameReader:
+    """The receive side shared by :class:`FramedConduit` and the asyncio endpoint: one non-blocking
+    ``recvmsg`` at a time into a reused buffer, decoded into a queue of frames and non-fatal problems, with the
+    peer's end remembered. Only the waiting differs between the two endpoints (``poll`` or the event loop).
+    """
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder(max_frame_bytes)
+        self.ready: collections.deque[Frame | ConduitError] = collections.deque()
+        self.eof: ConduitError | None = None
+        # Reused: a fresh 64 KiB buffer per recvmsg is an allocation (and page faults) per message.
+        self._buf = bytearray(_RECV_BYTES)
+
+    def next_ready(self) -> Frame | None:
+        """The next decoded frame, None if none is decoded yet. Raises a queued non-fatal ``ConduitError``, or
+        the end-of-stream error once everything before it was returned."""
+        if self.ready:
+            item = self.ready.popleft()
+            if isinstance(item, ConduitError):
+                raise item
+            return item
+        if self.eof is not None:
+            raise self.eof
+        return None
+
+    def read(self) -> bool:
+        """One non-blocking ``recvmsg``; False when there is nothing to read yet (wait until readable)."""
+        try:
+            n, fds = recv_fds_into(self.sock, self._buf, SCM_MAX_FD)
+            data: bytes | bytearray = self._buf[:n]
+        except BlockingIOError:
+            return False
+        except ConduitError as exc:
+            self.ready.append(exc)
+            data, fds = exc.data, []
+            if not data:
+                return True
+        except OSError as exc:
+            err = error_from_oserror(exc, "recvmsg")
+            if err.type is ErrType.PEER_CLOSED:
+                self.set_eof(err)
+            raise err from None
+        if not data:
+            pending = self.decoder.pending_bytes
+            self.set_eof(
+                ConduitError(
+                    ErrType.PEER_CLOSED,
+                    f"the peer hung up in the middle of a frame ({pending} bytes held, closed)"
+                    if pending
+                    else "the peer closed the conduit",
+                )
+            )
+            return True
+        self.ready.extend(self.decoder.feed(data, fds))
+        return True
+
+    def set_eof(self, err: ConduitError) -> None:
+        self.eof = err
+        self.decoder.close()
+
+    def close(self) -> None:
+        """Close every descriptor held for frames not yet returned."""
+        self.decoder.close()
+        while self.ready:
+            item = self.ready.popleft()
+            if isinstance(item, Frame):
+                item.close_fds()
+
+
 class FramedConduit:
     """A blocking framed endpoint for clients, over a ``SOCK_STREAM`` ``AF_UNIX`` socket it owns.
 
@@ -249,17 +320,14 @@ class FramedConduit:
         #: Default timeout in seconds for :meth:`send` and :meth:`recv` (``None``: wait forever).
         self.timeout = timeout
         self.max_frame_bytes = max_frame_bytes
-        self._decoder = FrameDecoder(max_frame_bytes)
-        self._ready: collections.deque[Frame | ConduitError] = collections.deque()
+        self._reader = FrameReader(sock, max_frame_bytes)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
-        self._rbuf = bytearray(_RECV_BYTES)
         self._rpoll = select.poll()
         self._rpoll.register(self._fd, select.POLLIN)
         self._wpoll = select.poll()
         self._wpoll.register(self._fd, select.POLLOUT)
         self._send_broken: ConduitError | None = None
-        self._eof: ConduitError | None = None
 
     @classmethod
     def connect(
@@ -347,52 +415,18 @@ class FramedConduit:
         ``BAD_CTRL_MESG`` (unsolicited descriptors, truncated control data).
         """
         with self._recv_lock:
-            ready = self._ready
+            reader = self._reader
             deadline: float | None = None
             first = True
             while True:
-                if ready:
-                    item = ready.popleft()
-                    if isinstance(item, ConduitError):
-                        raise item
+                item = reader.next_ready()
+                if item is not None:
                     return item
-                if self._eof is not None:
-                    raise self._eof
                 if first:
                     deadline = self._deadline(timeout)
                     first = False
-                try:
-                    n, fds = recv_fds_into(self._sock, self._rbuf, SCM_MAX_FD)
-                    data: bytes | bytearray = self._rbuf[:n]
-                except BlockingIOError:
+                if not reader.read():
                     self._wait(self._rpoll, deadline, "recv")
-                    continue
-                except ConduitError as exc:
-                    ready.append(exc)
-                    data, fds = exc.data, []
-                    if not data:
-                        continue
-                except OSError as exc:
-                    err = error_from_oserror(exc, "recvmsg")
-                    if err.type is ErrType.PEER_CLOSED:
-                        self._set_eof(err)
-                    raise err from None
-                if not data:
-                    pending = self._decoder.pending_bytes
-                    self._set_eof(
-                        ConduitError(
-                            ErrType.PEER_CLOSED,
-                            f"the peer hung up in the middle of a frame ({pending} bytes held, closed)"
-                            if pending
-                            else "the peer closed the conduit",
-                        )
-                    )
-                    continue
-                ready.extend(self._decoder.feed(data, fds))
-
-    def _set_eof(self, err: ConduitError) -> None:
-        self._eof = err
-        self._decoder.close()
 
     def close(self) -> None:
         """Closes the conduit: shuts the socket down (waking a thread blocked in send/recv, which then gets
@@ -407,11 +441,7 @@ class FramedConduit:
         got_r = self._recv_lock.acquire(timeout=5)
         try:
             self._sock.close()
-            self._decoder.close()
-            while self._ready:
-                item = self._ready.popleft()
-                if isinstance(item, Frame):
-                    item.close_fds()
+            self._reader.close()
         finally:
             if got_r:
                 self._recv_lock.release()
