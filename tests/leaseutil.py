@@ -5,33 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fdbroker.client.core import Event
-from fdbroker.testing import BrokerProcess
+from fdbroker.testing import BrokerProcess, checked_broker
 
 
-@contextlib.contextmanager
-def broker_with(args: Sequence[str] = ()) -> Iterator[BrokerProcess]:
+def broker_with(args: Sequence[str] = ()) -> contextlib.AbstractContextManager[BrokerProcess]:
     """Like the ``fdbroker_broker`` fixture (leak check, clean exit), with extra ``fdbroker serve`` options."""
-    run_dir = Path(tempfile.mkdtemp(prefix="fdb-", dir="/tmp")) / "run"
-    broker = BrokerProcess.start(run_dir, args=args)
-    try:
-        broker.settle_baseline()
-        yield broker
-        if broker.proc.poll() is None:
-            broker.assert_no_leak()
-        code = broker.stop()
-        assert code == 0, f"broker exited with {code}:\n{broker.log()[-4000:]}"
-    finally:
-        broker.stop()
-        with contextlib.suppress(OSError):
-            broker.log_path.unlink()
+    return checked_broker(args)
 
 
 def memfd(content: bytes) -> int:

@@ -14,14 +14,14 @@ import sysconfig
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from fdbroker.conduit.frames import Frame, FrameDecoder, encode_frame
-from fdbroker.testing import BrokerProcess
+from fdbroker.testing import BrokerProcess, checked_broker
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -199,23 +199,11 @@ def new_run_dir() -> Path:
     return parent / "run"
 
 
-@contextlib.contextmanager
 def custom_broker(
     args: Sequence[str] = (), preexec: Sequence[str] = (), run_dir: Path | None = None
-) -> Iterator[BrokerProcess]:
+) -> contextlib.AbstractContextManager[BrokerProcess]:
     """A broker started with extra arguments; leak-checked and stopped cleanly at the end."""
-    b = BrokerProcess.start(run_dir or new_run_dir(), args=list(args), preexec=list(preexec))
-    try:
-        b.settle_baseline()
-        yield b
-        if b.proc.poll() is None:
-            b.assert_no_leak()
-        code = b.stop()
-        assert code == 0, f"broker exited with {code}:\n{b.log()[-4000:]}"
-    finally:
-        b.stop()
-        with contextlib.suppress(OSError):
-            b.log_path.unlink()
+    return checked_broker(args, preexec=preexec, run_dir=run_dir or new_run_dir())
 
 
 def _site_packages() -> str:

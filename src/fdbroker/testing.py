@@ -169,11 +169,17 @@ class BrokerProcess:
             self.log_path.unlink()
 
 
-@pytest.fixture
-def fdbroker_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerProcess]:
-    """A real broker in a temp run directory; checks for descriptor leaks and a clean exit at teardown."""
-    run_dir = Path(tempfile.mkdtemp(prefix="fdb-", dir="/tmp")) / "run"  # short: sun_path is 108 bytes
-    broker = BrokerProcess.start(run_dir)
+@contextlib.contextmanager
+def checked_broker(
+    args: Sequence[str] = (), *, preexec: Sequence[str] = (), run_dir: str | os.PathLike[str] | None = None
+) -> Iterator[BrokerProcess]:
+    """A real broker (``fdbroker serve ARGS``) that must leak nothing and exit 0 when the block ends.
+
+    The ``fdbroker_broker`` fixture is this with no extra options; use it directly for a broker with a policy
+    file, small limits, or a ``preexec`` prefix (``prlimit``, ``setpriv``, …).
+    """
+    path = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="fdb-", dir="/tmp")) / "run"
+    broker = BrokerProcess.start(path, args=args, preexec=preexec)  # /tmp: sun_path is 108 bytes
     try:
         broker.settle_baseline()
         yield broker
@@ -181,8 +187,15 @@ def fdbroker_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker
             broker.assert_no_leak()
         code = broker.stop()
         assert code == 0, f"broker exited with {code}:\n{broker.log()[-4000:]}"
-        assert not (run_dir / "control.sock").exists(), "broker left control.sock behind"
     finally:
         broker.stop()
         with contextlib.suppress(OSError):
             broker.log_path.unlink()
+
+
+@pytest.fixture
+def fdbroker_broker() -> Iterator[BrokerProcess]:
+    """A real broker in a temp run directory; checks for descriptor leaks and a clean exit at teardown."""
+    with checked_broker() as broker:
+        yield broker
+    assert not (broker.run_dir / "control.sock").exists(), "broker left control.sock behind"
