@@ -36,7 +36,10 @@ class Collector:
     """Reads a watch in a thread so a test can wait for events with a (generous) timeout."""
 
     def __init__(self, client: Any, prefix: str = "", start_revision: int = 0) -> None:
-        self.watch = client.watch(prefix, start_revision=start_revision)
+        # From the revision the broker is at now, not "from whenever the stream reaches the broker": the put a
+        # test makes right after this must be seen however late the thread's RPC arrives.
+        start = start_revision or client.info().revision + 1
+        self.watch = client.watch(prefix, start_revision=start)
         self.events: queue.Queue[Event | BaseException] = queue.Queue()
         self.seen: list[Event] = []
         self._thread = threading.Thread(target=self._run, daemon=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fdbroker import __version__, fdinfo
+from fdbroker import __version__, closer, fdinfo, limits
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, SCM_MAX_FD, Frame
 from fdbroker.delivery import encode_deliver, encode_item, encode_repeated, frame_from_items
 from fdbroker.errors import (
@@ -41,16 +41,13 @@ from fdbroker.registry import Entry, Owner, PutOptions, Registry
 from fdbroker.sessions import FrameSink, Session, SessionTable
 from fdbroker.tokens import Token, TokenBook, TokenError, short
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.watch import WatchHub
 
 log = logging.getLogger("fdbroker.broker")
 
 MAX_PREFETCH = 1024
 MAX_BATCH_PREFETCH = 64
 MAX_BATCH = 10_000
-DEFAULT_PAGE_SIZE = 1000
-MAX_PAGE_SIZE = 20_000
-MIN_LEASE_TTL = 0.1
-MAX_LEASE_TTL = 24 * 3600.0
 
 OP = pb.Operation
 _LIST_ENTRIES = b"\x0a"  # ListResponse.entries = 1
@@ -89,6 +86,7 @@ class Broker:
         self.tokens = TokenBook(config.token_ttl, clock=clock)
         self.sessions = SessionTable(max_per_uid=policy.limits.max_sessions_per_uid)
         self.epochs = EpochCounter()
+        self.watches = WatchHub(self.registry, lambda: self.policy, queue_limit=config.watch_queue)
         self.leases: dict[str, Holder] = {}
         self.start_time = time.time()
         self._pending_puts: collections.Counter[int] = collections.Counter()
@@ -155,6 +153,7 @@ class Broker:
     # -- tokens --------------------------------------------------------------------------------------------------
 
     def _issue(self, s: Session, op: int, name: str, entry_id: int = 0, payload: Any = None) -> Token:
+        """A token for an explicit operation; RESOURCE_EXHAUSTED past the uid's pending-token quota."""
         uid = s.identity.uid
         limit = self.policy.limits.max_pending_tokens_per_uid
         if self.tokens.pending_for_uid(uid) >= limit:
@@ -170,6 +169,28 @@ class Broker:
             self._pending_puts[uid] += 1
         self._wakeup()
         return tok
+
+    def _prefetch(self, s: Session, count: int, name: str, entry_id: int, payload: Any = None) -> list[Token]:
+        """Up to ``count`` speculative GET tokens, as many as the uid's prefetch pool has room for (maybe none:
+        prefetching is an optimisation, and a full pool never fails the call that asked for it)."""
+        uid = s.identity.uid
+        room = self.policy.limits.max_prefetch_tokens_per_uid - self.tokens.speculative_for_uid(uid)
+        issue = self.tokens.issue
+        toks = [
+            issue(
+                operation=OP.OPERATION_GET,
+                name=name,
+                session_id=s.id,
+                uid=uid,
+                entry_id=entry_id,
+                payload=payload,
+                speculative=True,
+            )
+            for _ in range(max(0, min(count, room)))
+        ]
+        if toks:
+            self._wakeup()
+        return toks
 
     def _handoff_pb(self, tok: Token) -> pb.Handoff:
         h = pb.Handoff(token=tok.token, operation=tok.operation, name=tok.name)  # type: ignore[arg-type]
@@ -197,6 +218,12 @@ class Broker:
     @property
     def pending_puts(self) -> int:
         return sum(self._pending_puts.values())
+
+    def _promised(self) -> int:
+        """Descriptors the broker must keep room for besides its entries: deposits announced by a token, and
+        descriptors given up but not yet closed (each still open in the broker's table until the closer gets
+        to it)."""
+        return self.pending_puts + closer.pending()
 
     # -- info ----------------------------------------------------------------------------------------------------
 
@@ -231,9 +258,13 @@ class Broker:
             validate_labels(req.options.labels)
         except InvalidArgument as err:  # name the entry: a batch may carry many
             raise InvalidArgument(f"labels of {req.name!r}: {err.message}", name=req.name) from None
-        ttl = req.options.ttl.ToNanoseconds() / 1e9 if req.options.HasField("ttl") else 0.0
-        if ttl < 0:
-            raise InvalidArgument(f"ttl for {req.name!r} must not be negative", name=req.name)
+        ttl = limits.duration(
+            req.options.ttl,
+            "entry ttl",
+            minimum=limits.MIN_ENTRY_TTL,
+            maximum=limits.MAX_ENTRY_TTL,
+            name=req.name,
+        )
         return PutOptions(
             labels=dict(req.options.labels),
             ttl=ttl,
@@ -248,7 +279,7 @@ class Broker:
         self.policy.check(s.identity, "put", name, None if old is None else old.owner.uid)
         if old is not None and (opts.replace or opts.if_revision):  # without replace: ALREADY_EXISTS below
             self._check_lease_free(old, s, "replace")
-        self.registry.check_put(name, uid, opts, pending=self.pending_puts + extra_pending)
+        self.registry.check_put(name, uid, opts, pending=self._promised() + extra_pending)
         limit = self.policy.limits.max_entries_per_uid
         if (
             old is None
@@ -289,23 +320,32 @@ class Broker:
         return pb.BatchPutResponse(handoffs=[self._handoff_pb(t) for t in toks])
 
     def _on_deposit(self, s: Session, frame: Frame) -> None:
+        """Store each descriptor of a ``Deposit`` under its token and answer ``Deposited``.
+
+        Ownership: the descriptors leave ``frame.fds`` at once; each becomes an entry's (the registry owns it) or
+        goes to the closer, on every path, unexpected errors included.
+        """
         tokens = list(frame.message.deposit.tokens)
-        fds = frame.fds
-        results: list[pb.DepositResult] = []
+        fds, frame.fds = frame.fds, []
+        uid = s.identity.uid
         if len(tokens) != len(fds):
-            for fd in fds:
-                _close(fd)
+            closer.discard(fds, uid)
+            for t in tokens:  # the tokens are spent: a half-understood frame must not be retried blindly
+                self._void_token(t, s)
             s.conn.send(
                 _error_frame(
                     Code.INVALID_ARGUMENT,
                     f"deposit frame carries {len(fds)} descriptors for {len(tokens)} tokens; all were closed",
                 )
             )
-            for t in tokens:  # the tokens are spent: a half-understood frame must not be retried blindly
-                self._void_token(t, s)
             return
-        for t, fd in zip(tokens, fds, strict=True):
-            results.append(self._deposit_one(s, t, fd))
+        results: list[pb.DepositResult] = []
+        waiting = collections.deque(fds)
+        try:
+            for t in tokens:
+                results.append(self._deposit_one(s, t, waiting.popleft()))  # it owns the descriptor now
+        finally:
+            closer.discard(waiting, uid)  # left over only if a deposit raised: nobody took them
         s.conn.send(pb.ConduitFrame(deposited=pb.Deposited(results=results)))
 
     def _void_token(self, token: bytes, s: Session) -> None:
@@ -315,39 +355,57 @@ class Broker:
             self._forget_token(tok)
 
     def _deposit_one(self, s: Session, token: bytes, fd: int) -> pb.DepositResult:
+        """Redeem a PUT or CHECKIN token and store ``fd`` under its name.
+
+        Ownership: on success the registry owns ``fd``; on any failure, expected or not, ``fd`` went to the
+        closer before this returns or raises. Everything that can fail about the answer is built before the
+        registry takes ``fd``.
+        """
+        stored = False
+        name = ""
         try:
-            tok = self.tokens.redeem(
-                token, session_id=s.id, operations=(OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
-            )
-        except TokenError as err:
-            _close(fd)
-            log.warning("deposit refused for session %s…: %s", s.id[:6], err.message)
-            return pb.DepositResult(token=token, error=_error_pb(err))
-        self._unreserve_put(tok.uid)
-        try:
-            info = fdinfo.describe(fd)
-            if tok.operation == OP.OPERATION_CHECKIN:
-                entry = self._checkin(s, tok, fd, info)
-            else:
-                opts: PutOptions = tok.payload
-                self._check_put(s, tok.name, opts)
-                owner = Owner(s.identity.pid, s.identity.uid, s.identity.gid)
-                entry = self.registry.put(tok.name, fd, info, owner, s.id, opts, pending=self.pending_puts)
-                if opts.ephemeral:
-                    s.ephemeral.add(tok.name)
-                self._wakeup()
-        except BrokerError as err:
-            _close(fd)
-            return pb.DepositResult(token=token, name=tok.name, error=_error_pb(err))
-        except OSError as err:
-            _close(fd)
+            try:
+                tok = self.tokens.redeem(
+                    token, session_id=s.id, operations=(OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
+                )
+            except TokenError as err:
+                log.warning("deposit refused for session %s…: %s", s.id[:6], err.message)
+                return pb.DepositResult(token=token, error=_error_pb(err))
+            self._unreserve_put(tok.uid)
+            name = tok.name
+            try:
+                info = fdinfo.describe(fd)
+                if tok.operation == OP.OPERATION_CHECKIN:
+                    entry = self._checkin(s, tok, fd, info)
+                    stored = True
+                else:
+                    opts: PutOptions = tok.payload
+                    self._check_put(s, tok.name, opts)
+                    owner = Owner(s.identity.pid, s.identity.uid, s.identity.gid)
+                    entry = self.registry.put(tok.name, fd, info, owner, s.id, opts, pending=self._promised())
+                    stored = True
+                    if opts.ephemeral:
+                        s.ephemeral.add(tok.name)
+                    self._wakeup()
+            except BrokerError as err:
+                return pb.DepositResult(token=token, name=tok.name, error=_error_pb(err))
+            except OSError as err:
+                return pb.DepositResult(
+                    token=token,
+                    name=tok.name,
+                    error=pb.Error(code=Code.INTERNAL, message=str(err), name=tok.name),
+                )
+            log.info("put %r (%s) by pid %d", entry.name, info.summary, s.identity.pid)
             return pb.DepositResult(
                 token=token,
-                name=tok.name,
-                error=pb.Error(code=Code.INTERNAL, message=str(err), name=tok.name),
+                name=entry.name,
+                revision=entry.revision,
+                entry=pb.Entry.FromString(entry.pb_bytes()),
             )
-        log.info("put %r (%s) by pid %d", entry.name, info.summary, s.identity.pid)
-        return pb.DepositResult(token=token, name=entry.name, revision=entry.revision, entry=entry.to_pb())
+        finally:
+            held = self.registry.find(name) if name else None
+            if not stored and (held is None or held.fd != fd):
+                closer.discard(fd, s.identity.uid)
 
     # -- get / take ----------------------------------------------------------------------------------------------
 
@@ -386,9 +444,7 @@ class Broker:
         e = self._readable_entry(s, name, "get")
         resp = pb.GetResponse(entry=e.to_pb())
         if prefetch:
-            limit = self.policy.limits.max_pending_tokens_per_uid
-            prefetch = min(prefetch, max(0, limit - self.tokens.pending_for_uid(s.identity.uid)))
-            toks = [self._issue(s, OP.OPERATION_GET, name, e.id) for _ in range(prefetch)]
+            toks = self._prefetch(s, prefetch, name, e.id)
             if toks:
                 resp.prefetch_tokens.extend([t.token for t in toks])
                 resp.prefetch_expire_time.FromNanoseconds(
@@ -408,13 +464,8 @@ class Broker:
         entries = [self._readable_entry(s, n, "get") for n in names]
         resp = pb.BatchGetResponse(entries=[e.to_pb() for e in entries])
         if prefetch and 0 < len(entries) <= SCM_MAX_FD:
-            limit = self.policy.limits.max_pending_tokens_per_uid
-            prefetch = min(prefetch, max(0, limit - self.tokens.pending_for_uid(s.identity.uid)))
             plan = BatchPlan.of(entries)  # shared by every token of this batch
-            toks = [
-                self._issue(s, OP.OPERATION_GET, entries[0].name, entries[0].id, plan)
-                for _ in range(prefetch)
-            ]
+            toks = self._prefetch(s, prefetch, entries[0].name, entries[0].id, plan)
             if toks:
                 resp.prefetch_tokens.extend([t.token for t in toks])
                 resp.prefetch_expire_time.FromNanoseconds(
@@ -463,7 +514,6 @@ class Broker:
             send(data, [e.fd for _, _, e in chunk])
 
     def _on_redeem(self, s: Session, frame: Frame) -> None:
-        frame.close_fds()
         ok: list[tuple[bytes, int, Entry]] = []
         for t in frame.message.redeem.tokens:
             try:
@@ -502,12 +552,17 @@ class Broker:
         if e.taking is not None:
             raise FailedPrecondition(f"entry {name!r} is already being taken; retry shortly", name=name)
         tok = self._issue(s, OP.OPERATION_TAKE, name, e.id)
+        try:
+            resp = pb.TakeResponse(entry=e.to_pb(), handoff=self._handoff_pb(tok))
+        except BaseException:
+            self.tokens.cancel(tok.token)
+            raise
+        # The answer is built: nothing fails between the Deliver and the RPC's return.
         e.taking = tok.token
         self._deliver(s, [(tok.token, OP.OPERATION_TAKE, e)])
-        return pb.TakeResponse(entry=e.to_pb(), handoff=self._handoff_pb(tok))
+        return resp
 
     def _on_ack(self, s: Session, frame: Frame) -> None:
-        frame.close_fds()
         acked: list[bytes] = []
         for t in frame.message.ack.tokens:
             try:
@@ -565,9 +620,7 @@ class Broker:
         """One page of entries. ``max_bytes`` (conduit queries) also ends the page before it outgrows a frame."""
         policy = self.policy
         policy.check(identity, "list")
-        size = req.page_size or DEFAULT_PAGE_SIZE
-        if size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size is at most {MAX_PAGE_SIZE}, got {size}")
+        size = limits.page_size(req.page_size)
         after = ""
         if req.page_token:
             after = _decode_page_token(req.page_token, req.prefix, req.label_selector)
@@ -608,12 +661,14 @@ class Broker:
         mode = req.mode or EXCLUSIVE
         if mode not in (EXCLUSIVE, SHARED):
             raise InvalidArgument(f"unknown lease mode {mode} for {req.name!r}", name=req.name)
-        ttl = req.ttl.ToNanoseconds() / 1e9 if req.HasField("ttl") else 0.0
-        if not MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL:
-            raise InvalidArgument(
-                f"lease ttl for {req.name!r} must be between {MIN_LEASE_TTL}s and {MAX_LEASE_TTL:.0f}s, got {ttl}s",
-                name=req.name,
-            )
+        ttl = limits.duration(
+            req.ttl,
+            "lease ttl",
+            minimum=limits.MIN_LEASE_TTL,
+            maximum=limits.MAX_LEASE_TTL,
+            name=req.name,
+            optional=False,
+        )
         validate_name(req.name)
         e = self.registry.get(req.name)
         self.policy.check(s.identity, "lease", req.name, e.owner.uid)
@@ -639,9 +694,13 @@ class Broker:
             self._end_lease(h, pb.Event.REASON_RELEASED)
             raise NotFound(f"entry {req.name!r} went away as its lease was granted", name=req.name)
         handoff, item = self._push_handoff(s, OP.OPERATION_LEASE, e2)
+        try:
+            r = pb.LeaseResponse(lease_id=h.lease_id, epoch=h.epoch, entry=e2.to_pb(), handoff=handoff)
+            r.expire_time.FromNanoseconds(int(h.expire_time * 1e9))
+        except BaseException:
+            self._end_lease(h, pb.Event.REASON_RELEASED)
+            raise
         self._deliver(s, [item])
-        r = pb.LeaseResponse(lease_id=h.lease_id, epoch=h.epoch, entry=e2.to_pb(), handoff=handoff)
-        r.expire_time.FromNanoseconds(int(h.expire_time * 1e9))
         return r
 
     def _grant(self, s: Session, e: Entry, lt: LeaseTable, mode: int, ttl: float) -> Holder:
@@ -780,7 +839,7 @@ class Broker:
             opts = PutOptions(labels=dict(old.labels), replace=True, ephemeral=old.ephemeral)
             if old.expires_at is not None:
                 opts.ttl = max(0.001, old.expires_at - self.clock())
-            self.registry.put(tok.name, fd, info, old.owner, old.session_id, opts, pending=self.pending_puts)
+            self.registry.put(tok.name, fd, info, old.owner, old.session_id, opts, pending=self._promised())
         finally:
             self._end_lease(h, pb.Event.REASON_RELEASED)
         return self.registry.get(tok.name)
@@ -844,12 +903,17 @@ class Broker:
     # -- conduit frames ------------------------------------------------------------------------------------------
 
     def on_frame(self, s: Session, frame: Frame) -> None:
-        """Dispatch one frame from a session's conduit. Owns ``frame.fds``: each is kept or closed."""
+        """Dispatch one frame from a session's conduit.
+
+        Ownership: a handler takes the descriptors it keeps out of ``frame.fds`` (and gives the rest to the
+        closer); whatever is still in ``frame.fds`` when this returns or raises was not taken, and the caller
+        (the connection) discards it.
+        """
         kind = frame.message.WhichOneof("body")
-        if kind in ("redeem", "ack", "ping", "query") and frame.fds:
-            # Unsolicited descriptors: closed at once and called out; the frame itself is still served.
+        if kind != "deposit" and frame.fds:
             n = len(frame.fds)
-            frame.close_fds()
+            _drop_fds(s, frame)
+            # Unsolicited descriptors: closed and called out; the frame itself is still served.
             s.conn.send(
                 _error_frame(
                     Code.INVALID_ARGUMENT,
@@ -864,19 +928,12 @@ class Broker:
         elif kind == "ack":
             self._on_ack(s, frame)
         elif kind == "ping":
-            frame.close_fds()
             s.conn.send(pb.ConduitFrame(pong=pb.Pong(nonce=frame.message.ping.nonce)))
-        elif kind == "query" and not frame.fds:
+        elif kind == "query":
             s.conn.send(pb.ConduitFrame(query_result=self._query(s, frame.message.query)))
         else:
-            n = len(frame.fds)
-            frame.close_fds()
             s.conn.send(
-                _error_frame(
-                    Code.INVALID_ARGUMENT,
-                    f"unexpected {kind or 'empty'} frame from a client"
-                    + (f"; its {n} descriptor(s) were closed" if n else ""),
-                )
+                _error_frame(Code.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} frame from a client")
             )
 
     def _query(self, s: Session, q: pb.Query) -> pb.QueryResult:
@@ -939,37 +996,50 @@ def _error_pb(err: BrokerError, token: bytes = b"") -> pb.Error:
     return pb.Error(code=int(err.code), message=err.message, name=err.name, token=token)
 
 
+def _drop_fds(s: Session, frame: Frame) -> None:
+    """Give a frame's descriptors to the closer (they came from the session's client)."""
+    fds, frame.fds = frame.fds, []
+    closer.discard(fds, s.identity.uid)
+
+
 def _error_frame(code: Code, message: str) -> pb.ConduitFrame:
     return pb.ConduitFrame(error=pb.Error(code=int(code), message=message))
 
 
-def _encode_page_token(last: str, prefix: str, selector: str) -> str:
-    import base64
-    import json
+_PAGE_TOKEN_VERSION = b"\x01"
 
-    raw = json.dumps([last, prefix, selector], separators=(",", ":")).encode()
+
+def _page_scope(prefix: str, selector: str) -> bytes:
+    """8 bytes binding a page token to the listing it continues (same prefix, same selector)."""
+    import hashlib
+
+    return hashlib.blake2b(f"{prefix}\0{selector}".encode(), digest_size=8).digest()
+
+
+def _encode_page_token(last: str, prefix: str, selector: str) -> str:
+    """An opaque continuation: version byte, scope hash, the last name sent. Flat bytes, so decoding cannot
+    recurse or allocate more than the token's own (bounded) length."""
+    import base64
+
+    raw = _PAGE_TOKEN_VERSION + _page_scope(prefix, selector) + last.encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def _decode_page_token(token: str, prefix: str, selector: str) -> str:
     import base64
-    import json
+    import binascii
 
+    bad = InvalidArgument(
+        "invalid page_token: pass the next_page_token of the previous response unchanged, with the same prefix "
+        "and label selector"
+    )
+    if len(token) > limits.MAX_PAGE_TOKEN:
+        raise bad
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        last, p, sel = json.loads(raw)
-        if not isinstance(last, str) or p != prefix or sel != selector:
-            raise ValueError
-        return last
-    except (ValueError, TypeError) as err:
-        raise InvalidArgument(
-            "invalid page_token: pass the next_page_token of the previous response, with the same prefix and "
-            "label selector"
-        ) from err
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+        last = raw[9:].decode()
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise bad from None
+    if raw[:1] != _PAGE_TOKEN_VERSION or raw[1:9] != _page_scope(prefix, selector) or not last:
+        raise bad
+    return last

@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Iterable
 
-__all__ = ["Closer", "discard", "pending", "pending_for_uid", "drain", "default"]
+__all__ = ["Closer", "default", "discard", "drain", "pending", "pending_for_uid"]
 
 MAX_THREADS = 8
 """At most this many closes block at once; more wait in the queue (still counted as pending)."""

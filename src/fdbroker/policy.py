@@ -60,6 +60,11 @@ class Limits:
     max_entries_per_uid: int = 4096
     max_sessions_per_uid: int = 256
     max_pending_tokens_per_uid: int = 4096
+    # Speculative prefetch tokens have a pool of their own: a full one only means fewer prefetched tokens, never
+    # an error, and it never eats into max_pending_tokens_per_uid.
+    max_prefetch_tokens_per_uid: int = 4096
+    max_watchers_per_uid: int = 64
+    max_anonymous_watchers: int = 64  # anonymous watch streams in all (gRPC cannot tell their uid apart)
 
 
 @dataclass(slots=True, frozen=True)
@@ -283,9 +288,7 @@ def _build(doc: dict[str, Any], text: str, source: str, broker_uid: int) -> Poli
     raw_limits = doc.get("limits", {})
     if not isinstance(raw_limits, dict):
         raise PolicyError(f"{source}: [limits] must be a table")
-    _no_unknown(
-        raw_limits, {"max_entries_per_uid", "max_sessions_per_uid", "max_pending_tokens_per_uid"}, source
-    )
+    _no_unknown(raw_limits, set(Limits.__dataclass_fields__), source)
     for key, value in raw_limits.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PolicyError(f"{source}: [limits] {key} must be a positive integer, got {value!r}")

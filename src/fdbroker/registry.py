@@ -1,8 +1,12 @@
 """The named registry: held descriptors, the revision counter and the event history.
 
 Pure bookkeeping, no gRPC and no sockets: the broker's event loop is its only caller, so nothing here locks.
-The registry owns the descriptor of every entry it holds and closes it when the entry leaves (delete, replace,
-expiry, completed take, session end); callers never close an entry's ``fd`` themselves.
+The registry owns the descriptor of every entry it holds and gives it up when the entry leaves (delete, replace,
+expiry, completed take, session end) to its ``discard`` function (the broker's closer thread: a held descriptor
+came from a client, and its last close may block); callers never close an entry's ``fd`` themselves.
+
+Every step that can fail (building the entry's serialized forms) runs before the registry takes a descriptor, so
+once it owns one no error path can close it behind its back.
 
 Every change gets the next revision of one broker-wide counter, and is recorded as an event in a bounded history
 window, so a client can list at revision R and watch from R + 1 with nothing missed and nothing repeated.
@@ -12,12 +16,12 @@ from __future__ import annotations
 
 import bisect
 import collections
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from fdbroker import closer
 from fdbroker.delivery import item_tail
 from fdbroker.errors import (
     AlreadyExists,
@@ -124,6 +128,8 @@ class PutOptions:
 
 
 EventListener = Callable[[pb.Event], None]
+Discard = Callable[[int, int], None]
+"""Gives up a descriptor the registry no longer holds: ``discard(fd, owner_uid)`` (never blocks)."""
 
 
 class Registry:
@@ -140,8 +146,10 @@ class Registry:
         history: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        discard: Discard = closer.discard,
     ) -> None:
         self.capacity = capacity
+        self._discard = discard
         self._clock = clock
         self._wall = wall
         self._entries: dict[str, Entry] = {}
@@ -149,12 +157,16 @@ class Registry:
         self._next_id = 1
         self.revision = 0
         # Compact records, not pb.Event messages (a upb message with an entry copy is ~1.7 KiB; a record shares
-        # the entry's serialized bytes): (type, revision, name, entry bytes, reason, lease id, epoch, time ns).
-        self._history: collections.deque[_Record] = collections.deque(maxlen=history)
+        # the entry's serialized bytes): see Record.
+        # A list, trimmed in chunks, not a deque: watchers bisect and slice it, and a deque indexes in O(n).
+        self._history: list[Record] = []
+        self._history_len = history
         # Revisions <= the floor happened before this registry's history began (a takeover or a restart from the
         # fd store jumps the counter): a watch cannot start there.
         self._floor = 0
         self._listeners: list[EventListener] = []
+        #: Called with each new record before the listeners (the watch hub: cheap, no message is built for it).
+        self.on_record: Callable[[Record], None] | None = None
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._expiring: dict[str, float] = {}
 
@@ -276,7 +288,7 @@ class Registry:
         """
         old = self.check_put(name, owner.uid, opts, pending=pending)
         now_wall = self._wall()
-        self.revision += 1
+        revision = self.revision + 1
         entry = Entry(
             id=self._next_id,
             name=name,
@@ -286,22 +298,30 @@ class Registry:
             session_id=session_id,
             labels=dict(opts.labels),
             create_time=now_wall,
-            create_revision=self.revision if old is None else old.create_revision,
-            revision=self.revision,
+            create_revision=revision if old is None else old.create_revision,
+            revision=revision,
             ephemeral=opts.ephemeral,
         )
-        self._next_id += 1
         if opts.ttl > 0:
             entry.expires_at = self._clock() + opts.ttl
             entry.expire_time = now_wall + opts.ttl
+        if old is not None:
+            # The lease state (epoch, holders) belongs to the name, not the descriptor: a replaced entry keeps it.
+            entry.lease = old.lease
+        _prepare(entry)  # may raise: nothing has changed yet and ``fd`` is still the caller's
+        # From here on nothing raises: the registry owns ``fd``.
+        self.revision = revision
+        self._next_id += 1
+        if entry.expires_at is not None:
             self._expiring[name] = entry.expires_at
         else:
             self._expiring.pop(name, None)
         if old is not None:
-            # The lease state (epoch, holders) belongs to the name, not the descriptor: a replaced entry keeps it.
-            entry.lease = old.lease
             self._per_uid[old.owner.uid] -= 1
-            _close(old.fd)
+            if not self._per_uid[old.owner.uid]:
+                del self._per_uid[old.owner.uid]
+            self._discard(old.fd, old.owner.uid)
+            old.fd = -1
         else:
             bisect.insort(self._names, name)
         self._entries[name] = entry
@@ -321,23 +341,10 @@ class Registry:
         self.revision += 1
         entry.revision = self.revision
         entry.invalidate()
-        _close(entry.fd)
+        self._discard(entry.fd, entry.owner.uid)
         entry.fd = -1
         self._emit(event, entry, reason)
         return entry
-
-    def delete(self, name: str, *, if_revision: int = 0) -> int:
-        """Delete ``name`` (checking ``if_revision`` and takes in flight); return the delete's revision."""
-        entry = self.get(name)
-        if if_revision and entry.revision != if_revision:
-            raise FailedPrecondition(
-                f"entry {name!r} is at revision {entry.revision}, not {if_revision}; nothing was deleted",
-                name=name,
-            )
-        if entry.taking is not None:
-            raise FailedPrecondition(f"entry {name!r} is being taken; retry when the take is done", name=name)
-        self.remove(name)
-        return self.revision
 
     def touch(self, entry: Entry, event: int, reason: int = 0, *, lease_id: str = "", epoch: int = 0) -> int:
         """Record a change to ``entry`` that is not a put or delete (lease grant or release)."""
@@ -364,9 +371,9 @@ class Registry:
         return min(self._expiring.values()) if self._expiring else None
 
     def close_all(self) -> None:
-        """Close every held descriptor (broker shutdown). No events."""
+        """Give up every held descriptor (broker shutdown). No events."""
         for e in self._entries.values():
-            _close(e.fd)
+            self._discard(e.fd, e.owner.uid)
             e.fd = -1
         self._entries.clear()
         self._names.clear()
@@ -390,8 +397,9 @@ class Registry:
     @property
     def oldest_revision(self) -> int:
         """The oldest revision a watch can start from."""
-        if self._history and len(self._history) == self._history.maxlen:
-            return self._history[0][1]
+        hist = self._history
+        if len(hist) >= self._history_len:
+            return hist[len(hist) - self._history_len][1]
         return max(1, self._floor + 1)
 
     def raise_revision(self, revision: int) -> None:
@@ -399,8 +407,8 @@ class Registry:
         self.revision = max(self.revision, revision)
         self._floor = max(self._floor, self.revision)
 
-    def history_since(self, start_revision: int, prefix: str = "") -> list[pb.Event]:
-        """Events with revision >= ``start_revision`` under ``prefix``; :class:`OutOfRange` if compacted away."""
+    def check_history(self, start_revision: int) -> None:
+        """:class:`OutOfRange` if events from ``start_revision`` on are no longer all in the history window."""
         oldest = self.oldest_revision
         if start_revision < oldest:
             raise OutOfRange(
@@ -408,23 +416,26 @@ class Registry:
                 f"the oldest revision available is {oldest}: list again and watch from the listing's revision + 1",
                 oldest_revision=oldest,
             )
-        if not self._history or start_revision > self._history[-1][1]:
-            return []
-        # History revisions are increasing but not dense (each event has its own revision); bisect by revision.
+
+    def records_after(self, revision: int) -> Iterator[Record]:
+        """The history's records with a revision above ``revision``, oldest first (a live view: do not change the
+        registry while iterating)."""
         hist = self._history
-        lo, hi = 0, len(hist)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if hist[mid][1] < start_revision:
-                lo = mid + 1
-            else:
-                hi = mid
-        return [_event(hist[i]) for i in range(lo, len(hist)) if hist[i][2].startswith(prefix)]
+        if not hist or revision >= hist[-1][1]:
+            return iter(())
+        # Revisions are increasing but not dense (each event has its own revision); only the window counts.
+        lo = bisect.bisect_right(hist, revision, lo=max(0, len(hist) - self._history_len), key=_revision_of)
+        return (hist[i] for i in range(lo, len(hist)))
+
+    def history_since(self, start_revision: int, prefix: str = "") -> list[pb.Event]:
+        """Events with revision >= ``start_revision`` under ``prefix``; :class:`OutOfRange` if compacted away."""
+        self.check_history(start_revision)
+        return [event_of(r) for r in self.records_after(start_revision - 1) if r[2].startswith(prefix)]
 
     def _emit(
         self, event_type: int, entry: Entry, reason: int = 0, *, lease_id: str = "", epoch: int = 0
     ) -> None:
-        rec: _Record = (
+        rec: Record = (
             event_type,
             self.revision,
             entry.name,
@@ -433,10 +444,16 @@ class Registry:
             lease_id,
             epoch,
             int(self._wall() * 1e9),
+            entry.owner.uid,
         )
-        self._history.append(rec)
+        hist = self._history
+        hist.append(rec)
+        if len(hist) >= 2 * self._history_len:
+            del hist[: len(hist) - self._history_len]
+        if self.on_record is not None:
+            self.on_record(rec)
         if self._listeners:
-            ev = _event(rec)  # one message, shared by every listener: they must not modify it
+            ev = event_of(rec)  # one message, shared by every listener: they must not modify it
             for listener in list(self._listeners):
                 listener(ev)
 
@@ -465,7 +482,8 @@ class Registry:
         and the registry's counter is raised to at least ``revision``. ``expires_in``: seconds left (None: never);
         ``expire_time``: its wall-clock form (default now + ``expires_in``). ``lease_epoch``: the last fencing
         epoch granted on the name (holders do not survive). Ownership as :meth:`put`: on success the registry owns
-        ``fd``; on :class:`AlreadyExists` / :class:`ResourceExhausted` it is still the caller's.
+        ``fd``; on any :class:`BrokerError` (:class:`AlreadyExists`, :class:`ResourceExhausted`,
+        :class:`InvalidArgument` for metadata that cannot be encoded) it is still the caller's.
         """
         if name in self._entries:
             raise AlreadyExists(f"entry {name!r} is restored twice", name=name)
@@ -475,47 +493,68 @@ class Registry:
                 f"({self.capacity}); raise RLIMIT_NOFILE or lower --reserve-fds",
                 name=name,
             )
-        self.raise_revision(max(revision, create_revision))
         now_wall = self._wall()
-        # The entry's layout is changing (info kept serialized); accept both until that settles.
-        info_kw: dict[str, object] = (
-            {"info_bytes": info.SerializeToString()}
-            if "info_bytes" in Entry.__dataclass_fields__
-            else {"info": info}
-        )
+        floor = max(self.revision, revision, create_revision)
         entry = Entry(
             id=self._next_id,
             name=name,
             fd=fd,
+            info_bytes=info.SerializeToString(),
             owner=owner,
             session_id=session_id,
             labels=dict(labels or {}),
             create_time=now_wall if create_time is None else create_time,
-            create_revision=create_revision or self.revision,
-            revision=revision or self.revision,
+            create_revision=create_revision or floor,
+            revision=revision or floor,
             ephemeral=ephemeral,
-            **info_kw,  # type: ignore[arg-type]
         )
-        self._next_id += 1
         if expires_in is not None:
-            entry.expires_at = self._clock() + max(0.0, expires_in)
-            entry.expire_time = now_wall + max(0.0, expires_in) if expire_time is None else expire_time
-            self._expiring[name] = entry.expires_at
+            left = min(max(0.0, expires_in), _MAX_RESTORED_TTL)
+            entry.expires_at = self._clock() + left
+            entry.expire_time = now_wall + left if expire_time is None else expire_time
         if lease_epoch:
             from fdbroker.leases import LeaseTable
 
             entry.lease = LeaseTable(epoch=lease_epoch)
+        _prepare(entry)  # may raise: nothing has changed yet and ``fd`` is still the caller's
+        self.raise_revision(floor)
+        self._next_id += 1
+        if entry.expires_at is not None:
+            self._expiring[name] = entry.expires_at
         bisect.insort(self._names, name)
         self._entries[name] = entry
         self._per_uid[owner.uid] += 1
         return entry
 
 
-_Record = tuple[int, int, str, bytes, int, str, int, int]
+def _prepare(entry: Entry) -> None:
+    """Build (and cache) every serialized form of a new entry, so nothing that later shows it can fail.
+
+    :class:`InvalidArgument` when a field cannot be encoded (a time outside the ``Timestamp`` range: the
+    request's own range checks should have refused it first).
+    """
+    try:
+        entry.pb_bytes()
+        entry.deliver_tail()
+    except (ValueError, OverflowError) as err:
+        entry.invalidate()
+        raise InvalidArgument(f"entry {entry.name!r} cannot be encoded: {err}", name=entry.name) from None
 
 
-def _event(rec: _Record) -> pb.Event:
-    event_type, revision, name, entry_bytes, reason, lease_id, epoch, time_ns = rec
+# A restored expiry is clamped like a requested one (a corrupt fd-store record must not make an entry unencodable).
+_MAX_RESTORED_TTL = 366 * 24 * 3600.0
+
+Record = tuple[int, int, str, bytes, int, str, int, int, int]
+"""One history event: (type, revision, name, entry bytes, reason, lease id, epoch, time ns, owner uid)."""
+
+
+def _revision_of(rec: Record) -> int:
+    return rec[1]
+
+
+def event_of(rec: Record) -> pb.Event:
+    """The ``pb.Event`` of a history record (a new message)."""
+    event_type, revision, name, entry_bytes, reason, lease_id, epoch, time_ns, _ = rec
     ev = pb.Event(
         type=event_type,  # type: ignore[arg-type]
         revision=revision,
@@ -527,11 +566,3 @@ def _event(rec: _Record) -> pb.Event:
     ev.entry.MergeFromString(entry_bytes)
     ev.time.FromNanoseconds(time_ns)
     return ev
-
-
-def _close(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

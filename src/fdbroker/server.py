@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fdbroker import __version__
+from fdbroker import __version__, closer
 from fdbroker.broker import Broker, BrokerConfig
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame, FramedConduit
 from fdbroker.conduit_server import Connection, Listener
@@ -42,10 +42,9 @@ from fdbroker.handover import (
 from fdbroker.notify import sd_notify
 from fdbroker.policy import Identity, Policy
 from fdbroker.rundir import RunDir
-from fdbroker.servicer import FdBrokerServicer
+from fdbroker.servicer import FdBrokerServicer, add_to_server
 from fdbroker.sessions import Session
 from fdbroker.v1 import broker_pb2 as pb
-from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fdbroker.server")
 
@@ -144,7 +143,7 @@ class BrokerServer:
                     ("grpc.so_reuseport", 0),
                 ]
             )
-            pb_grpc.add_FdBrokerServicer_to_server(FdBrokerServicer(self.broker), server)
+            add_to_server(FdBrokerServicer(self.broker), server)
             self.health = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             reflection.enable_server_reflection(
@@ -238,10 +237,16 @@ class BrokerServer:
             max_frame_bytes=self.opts.max_frame_bytes,
         )
         try:
-            conn.session = self.broker.open_session(identity, conn)
+            session = self.broker.open_session(identity, conn)
         except BrokerError as err:
             conn.send(pb.ConduitFrame(error=pb.Error(code=int(err.code), message=err.message)))
             conn.close()
+            return
+        conn.session = session
+        if conn.closed:
+            # The peer was gone before its Welcome went out (the send failed and closed the connection before it
+            # had a session to end): end it now, or it would hold its uid's session quota for good.
+            self.broker.end_session(session)
             return
         self.connections.add(conn)
 
@@ -298,6 +303,7 @@ class BrokerServer:
             conn.close()
         if self.broker is not None:
             self.broker.close()
+        closer.drain(timeout=2.0)  # a lingering socket may take longer; the kernel finishes it at exit
         if self._handed_over is not None and self.rundir is not None:
             os.close(self.rundir.lock_fd)  # the successor holds the same lock: no unlink, no release
             self.rundir = None

@@ -6,7 +6,6 @@ place (:func:`_abort`). No registry logic lives here.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fdbroker.broker import Broker
-from fdbroker.errors import BrokerError, OutOfRange, ResourceExhausted
+from fdbroker.errors import BrokerError, InvalidArgument, OutOfRange
 from fdbroker.policy import Identity
 from fdbroker.sessions import SESSION_METADATA_KEY, Session
 from fdbroker.v1 import broker_pb2 as pb
@@ -41,6 +40,100 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: BrokerError) 
     await context.abort(grpc.StatusCode[err.code.name], err.message)
 
 
+async def _internal(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """A bug, not the caller's fault: logged with its traceback, answered INTERNAL (never grpc's UNKNOWN)."""
+    log.exception("internal error serving an RPC")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error in the broker; its log has the details")
+
+
+class _Undecodable:
+    """What the request deserializer returns for bytes that are not the method's request message."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self, method: str) -> InvalidArgument:
+        return InvalidArgument(f"the {method} request is not a valid fdbroker.v1 message: {self.reason}")
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    parse = message_class.FromString
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as err:  # DecodeError, and whatever else hostile bytes provoke
+            return _Undecodable(str(err) or type(err).__name__)
+
+    return deserialize
+
+
+def add_to_server(servicer: FdBrokerServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` for every RPC of ``fdbroker.v1.FdBroker``.
+
+    Unlike the generated ``add_FdBrokerServicer_to_server``, an undecodable request is answered
+    INVALID_ARGUMENT (gRPC's own deserializer failure is UNKNOWN): the deserializer returns a marker and the
+    handler refuses it before the servicer sees it.
+    """
+    service = pb.DESCRIPTOR.services_by_name["FdBroker"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for m in service.methods:
+        req_cls = getattr(pb, m.input_type.name)
+        resp_cls = getattr(pb, m.output_type.name)
+        fn = getattr(servicer, m.name)
+        kw = {"request_deserializer": _lenient(req_cls), "response_serializer": resp_cls.SerializeToString}
+        if m.client_streaming and m.server_streaming:
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(_checked_stream_stream(m.name, fn), **kw)
+        elif m.server_streaming:
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(_checked_unary_stream(m.name, fn), **kw)
+        elif not m.client_streaming:
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(_checked_unary(m.name, fn), **kw)
+        else:  # pragma: no cover - the service has no client-streaming-only RPC
+            raise TypeError(f"client-streaming RPC {m.name} is not supported")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _checked_unary(
+    method: str, fn: Callable[[Any, Any], Awaitable[Any]]
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handler(request: Any, context: Any) -> Any:
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error(method))
+        return await fn(request, context)
+
+    return handler
+
+
+def _checked_unary_stream(
+    method: str, fn: Callable[[Any, Any], AsyncIterator[Any]]
+) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def handler(request: Any, context: Any) -> AsyncIterator[Any]:
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error(method))
+        async for item in fn(request, context):
+            yield item
+
+    return handler
+
+
+def _checked_stream_stream(
+    method: str, fn: Callable[[Any, Any], AsyncIterator[Any]]
+) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def requests(it: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in it:
+            if isinstance(request, _Undecodable):
+                raise request.error(method)  # a BrokerError: the servicer answers it like its own
+            yield request
+
+    async def handler(request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for item in fn(requests(request_iterator), context):
+            yield item
+
+    return handler
+
+
 class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
     """The control-plane service."""
 
@@ -56,14 +149,18 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
             return fn()
         except BrokerError as err:
             await _abort(context, err)
-            raise AssertionError("unreachable") from err
+        except Exception:
+            await _internal(context)
+        raise AssertionError("unreachable")
 
     async def _acall(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[T]]) -> T:
         try:
             return await fn()
         except BrokerError as err:
             await _abort(context, err)
-            raise AssertionError("unreachable") from err
+        except Exception:
+            await _internal(context)
+        raise AssertionError("unreachable")
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: Any) -> pb.GetInfoResponse:
         def run() -> pb.GetInfoResponse:
@@ -121,6 +218,8 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
                 yield self.broker.keepalive(s, req.lease_ids)
         except BrokerError as err:
             await _abort(context, err)
+        except Exception:
+            await _internal(context)
 
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         return await self._call(
@@ -131,75 +230,26 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
         )
 
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchResponse]:
-        broker = self.broker
-        reg = broker.registry
-        queue: asyncio.Queue[pb.Event | None] = asyncio.Queue()
-        limit = broker.config.watch_queue
-        overflow = False
-        prefix = request.prefix
-
-        ident: Identity | None = None
-
-        def visible(ev: pb.Event) -> bool:
-            return ev.name.startswith(prefix) and broker.policy.allows(
-                ident, "watch", ev.name, ev.entry.owner.uid
-            )
-
-        def listener(ev: pb.Event) -> None:
-            nonlocal overflow
-            if overflow or not visible(ev):
-                return
-            if queue.qsize() >= limit:
-                # Cut off: drop what was queued (the watcher resumes from the last revision it was sent) so a
-                # stalled watcher holds no events at all while it waits to be told.
-                overflow = True
-                while not queue.empty():
-                    queue.get_nowait()
-                queue.put_nowait(None)
-                return
-            queue.put_nowait(ev)
-
         try:
             _, ident = self._caller(context)
-            broker.policy.check(ident, "watch")
-            # Subscribe and read the history in one step of the loop: nothing can fall between them.
-            start = request.start_revision
-            backlog = [ev for ev in reg.history_since(start, prefix) if visible(ev)] if start else []
-            unsubscribe = reg.subscribe(listener)
-            header = (start - 1) if start else reg.revision
+            w = self.broker.watches.open(ident, request.prefix, request.start_revision)
         except BrokerError as err:
             await _abort(context, err)
             return
         try:
-            yield pb.WatchResponse(header_revision=header)
-            last = header
-            if backlog:
-                last = backlog[-1].revision
-                for i in range(0, len(backlog), 256):
-                    yield pb.WatchResponse(events=backlog[i : i + 256])
+            yield pb.WatchResponse(header_revision=w.header)
             while True:
-                ev = await queue.get()
-                batch: list[pb.Event] = []
-                cut_off = False
-                while True:
-                    if ev is None:
-                        cut_off = True
-                        break
-                    if ev.revision > last:
-                        batch.append(ev)
-                        last = ev.revision
-                    if queue.empty() or len(batch) >= 256:
-                        break
-                    ev = queue.get_nowait()
-                if batch:
-                    yield pb.WatchResponse(events=batch)
-                if cut_off:
-                    # Everything up to `last` was sent (the batch above included); nothing after it was.
-                    cut = ResourceExhausted(
-                        f"watcher fell more than {limit} events behind and was cut off; "
-                        f"resume with start_revision={last + 1}"
-                    )
-                    await _abort(context, cut)
+                try:
+                    events = w.read()
+                except BrokerError as err:
+                    await _abort(context, err)
                     return
+                except Exception:
+                    await _internal(context)
+                    return
+                if events:
+                    yield pb.WatchResponse(events=events)
+                else:
+                    await w.wait()
         finally:
-            unsubscribe()
+            w.close()

@@ -92,6 +92,7 @@ class Token:
     entry_id: int  # 0 when the entry does not exist yet (PUT)
     expires_at: float  # on the book's (monotonic) clock
     payload: Any = None  # opaque per-operation data the broker attaches (e.g. put options)
+    speculative: bool = False  # a prefetch token: counted in its own pool, never against explicit operations
 
     def __repr__(self) -> str:
         return (
@@ -117,7 +118,8 @@ class TokenBook:
         # Per distinct TTL: lookup id -> token, in issue order, hence in expiry order.
         self._queues: dict[float, OrderedDict[bytes, Token]] = {}
         self._by_session: dict[str, dict[bytes, None]] = {}
-        self._by_uid: dict[int, int] = {}
+        self._by_uid: dict[int, int] = {}  # explicit tokens per uid
+        self._spec_by_uid: dict[int, int] = {}  # speculative (prefetch) tokens per uid
         # lookup id -> (whole token, reason) for recently retired tokens.
         self._retired: OrderedDict[bytes, tuple[bytes, str]] = OrderedDict()
         # Random bytes are drawn from the kernel 4 KiB at a time: one getrandom() per 128 tokens instead of one
@@ -149,8 +151,13 @@ class TokenBook:
         entry_id: int = 0,
         payload: Any = None,
         ttl: float | None = None,
+        speculative: bool = False,
     ) -> Token:
-        """Issues a new single-use token valid for ``ttl`` seconds (default: the book's)."""
+        """Issues a new single-use token valid for ``ttl`` seconds (default: the book's).
+
+        ``speculative`` tokens (prefetch) are counted by :meth:`speculative_for_uid`, not :meth:`pending_for_uid`,
+        so a client's prefetching can never use up the quota its explicit operations need.
+        """
         if ttl is None:
             ttl = self.ttl
         elif not ttl > 0:
@@ -162,14 +169,17 @@ class TokenBook:
             # one.
             if lookup not in self._live and lookup not in self._retired:
                 break
-        tok = Token(raw, operation, name, session_id, uid, entry_id, self._clock() + ttl, payload)
+        tok = Token(
+            raw, operation, name, session_id, uid, entry_id, self._clock() + ttl, payload, speculative
+        )
         self._live[lookup] = (tok, ttl)
         queue = self._queues.get(ttl)
         if queue is None:
             queue = self._queues[ttl] = OrderedDict()
         queue[lookup] = tok
         self._by_session.setdefault(session_id, {})[lookup] = None
-        self._by_uid[uid] = self._by_uid.get(uid, 0) + 1
+        counts = self._spec_by_uid if speculative else self._by_uid
+        counts[uid] = counts.get(uid, 0) + 1
         return tok
 
     def redeem(self, token: bytes, *, session_id: str, operations: Collection[int]) -> Token:
@@ -251,8 +261,12 @@ class TokenBook:
         return best
 
     def pending_for_uid(self, uid: int) -> int:
-        """Live tokens issued to sessions of ``uid`` (for the pending-token quota)."""
+        """Live explicit (not speculative) tokens issued to sessions of ``uid`` (for the pending-token quota)."""
         return self._by_uid.get(uid, 0)
+
+    def speculative_for_uid(self, uid: int) -> int:
+        """Live speculative (prefetch) tokens issued to sessions of ``uid``."""
+        return self._spec_by_uid.get(uid, 0)
 
     # -- internals
 
@@ -304,11 +318,12 @@ class TokenBook:
         del session[lookup]
         if not session:
             del self._by_session[tok.session_id]
-        left = self._by_uid[tok.uid] - 1
+        counts = self._spec_by_uid if tok.speculative else self._by_uid
+        left = counts[tok.uid] - 1
         if left:
-            self._by_uid[tok.uid] = left
+            counts[tok.uid] = left
         else:
-            del self._by_uid[tok.uid]
+            del counts[tok.uid]
         if remember is not None:
             self._retired[lookup] = (tok.token, remember)
             if len(self._retired) > RETIRED_MEMORY:
