@@ -57,10 +57,11 @@ def duration(
         )
     if seconds > maximum:
         raise InvalidArgument(f"{what}{where} is at most {_span(maximum)}, got {seconds}s", name=name)
-    value = seconds + nanos / NANOS
-    if value == 0 and optional:
+    total = seconds * NANOS + nanos  # exact: a float would round 366 days + 1 ns down to the maximum
+    if total == 0 and optional:
         return 0.0
-    if not minimum <= value <= maximum:
+    value = total / NANOS
+    if not round(minimum * NANOS) <= total <= round(maximum * NANOS):
         raise InvalidArgument(
             f"{what}{where} must be between {_span(minimum)} and {_span(maximum)}, got {value:g}s", name=name
         )
