@@ -2,7 +2,8 @@
 
 A put the broker refuses leaves the system as it was: the file it opened keeps its content, size, mtime and ctime
 in every mode, a file or unix socket file the command created is gone again, and a path that existed before is
-never removed. Truncation happens only once the broker said yes. A real broker, the CLI as a separate process (as root, and as uid
+never removed. Nothing irreversible (truncating, taking an entry, granting a lease) happens before the broker said
+yes or before the command to run was found. A real broker, the CLI as a separate process (as root, and as uid
 65534 against a policy that denies it).
 """
 
@@ -286,6 +287,51 @@ def test_writable_modes_do_not_follow_a_symlink(fdbroker_broker: BrokerProcess, 
     # Reading through a symlink changes nothing, so --mode r follows it.
     assert f"file {target}" in ok(cli(fdbroker_broker, "put", "s", "--file", str(link)))
     assert snapshot(target) == before
+
+
+# -- commands: found before the broker is asked ----------------------------------------------------------------
+
+
+def test_a_missing_command_costs_nothing(fdbroker_broker: BrokerProcess, short_dir: Path) -> None:
+    # On main: `take t -- typo` removed the entry and then failed to run typo (the descriptor was lost);
+    # `lease` granted and released a lease (a fencing epoch spent); `put --ephemeral` bound and left a socket file.
+    f = precious(short_dir / "data")
+    ok(cli(fdbroker_broker, "put", "t", "--file", str(f)))
+    before = json.loads(ok(cli(fdbroker_broker, "stat", "t", "--json")))
+    not_exec = short_dir / "not-executable"
+    not_exec.write_text("#!/bin/sh\n")
+    for verb in (["take", "t"], ["get", "t"], ["exec", "t"], ["lease", "t", "--ttl", "5s"]):
+        for cmd, code in (("no-such-command-fdb", 127), (str(not_exec), 126)):
+            refused(cli(fdbroker_broker, *verb, "--", cmd), code, cmd)
+            assert fdb_names(fdbroker_broker) == ["t"], (verb, cmd)
+    after = json.loads(ok(cli(fdbroker_broker, "stat", "t", "--json")))
+    assert after["revision"] == before["revision"]
+    assert after["lease"]["epoch"] == before["lease"]["epoch"]
+
+    sock = short_dir / "e.sock"
+    r = cli(
+        fdbroker_broker, "put", "e", "--listen", f"unix:{sock}", "--ephemeral", "--", "no-such-command-fdb"
+    )
+    refused(r, 127)
+    new = short_dir / "new"
+    r = cli(
+        fdbroker_broker,
+        *(
+            "put",
+            "e",
+            "--file",
+            str(new),
+            "--mode",
+            "w",
+            "--create",
+            "--ephemeral",
+            "--",
+            "no-such-command-fdb",
+        ),
+    )
+    refused(r, 127)
+    assert sorted(os.listdir(short_dir)) == ["data", "not-executable"]
+    assert fdb_names(fdbroker_broker) == ["t"]
 
 
 def fdb_names(broker: BrokerProcess) -> list[str]:

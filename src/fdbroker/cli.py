@@ -247,9 +247,24 @@ def _exec(fds: list[int], names: list[str], cmd: list[str]) -> int:
         raise CliError(f"cannot run {cmd[0]}: {err.strerror}", EXIT_NOT_EXECUTABLE) from None
 
 
+def _check_command(cmd: list[str]) -> None:
+    """Find CMD before the broker is asked for anything: a typo must not cost a taken entry, a lease grant or
+    a deposit (126/127 as if it had run). CMD is looked up again when it runs."""
+    from fdbroker.activation import resolve_command
+
+    try:
+        resolve_command(cmd[0])
+    except FileNotFoundError:
+        raise CliError(f"{cmd[0]}: command not found", EXIT_COMMAND_NOT_FOUND) from None
+    except PermissionError:
+        raise CliError(f"{cmd[0]}: not executable", EXIT_NOT_EXECUTABLE) from None
+
+
 def _fetch_and_exec(args: argparse.Namespace, cmd: list[str], fetch: Callable[[Client], list[int]]) -> int:
     """Fetch descriptors with ``fetch`` and exec ``cmd`` on them (socket activation)."""
     from fdbroker import activation
+
+    _check_command(cmd)
 
     # Keep 3..3+n-1 away from gRPC's own descriptors: exec_with_fds overwrites those numbers while gRPC's
     # threads may still be running.
@@ -667,6 +682,8 @@ def _check_put_args(args: argparse.Namespace, cmd: list[str]) -> None:
         raise CliError("--create and --truncate go with --file only", EXIT_USAGE)
     if args.truncate and args.mode == "r":
         raise CliError("--truncate needs a writable --mode (w, a or rw)", EXIT_USAGE)
+    if cmd:
+        _check_command(cmd)
 
 
 def cmd_put(args: argparse.Namespace, cmd: list[str]) -> int:
@@ -810,6 +827,7 @@ def cmd_status(args: argparse.Namespace, cmd: list[str]) -> int:
 
 def cmd_lease(args: argparse.Namespace, cmd: list[str]) -> int:
     _need_cmd(args, cmd, "fdbroker lease NAME --ttl D -- CMD [ARGS]")
+    _check_command(cmd)
     with (
         _client(args) as client,
         client.lease(args.name, args.ttl, shared=args.shared, wait=args.wait) as held,
@@ -1114,7 +1132,7 @@ _PAGES: dict[str, Callable[[], dict[str, Any]]] = {
         notes="  A refused put leaves things as they were: opening never truncates or creates a file\n"
         "  (--truncate acts only after the broker stored the entry; a file made by --create and a unix:\n"
         "  socket file are removed again, and only if still the ones this command made; a path that\n"
-        "  existed before is never touched).\n"
+        "  existed before is never touched). CMD is looked up before anything is opened.\n"
         "  TCP listeners get SO_REUSEADDR. Port 0 picks a free port; the printed entry shows which.\n"
         "  A unix: socket file stays after this command ends (the broker holds the listener).\n"
         "  --ephemeral entries belong to this command's session and vanish when it exits, so --ephemeral\n"
@@ -1146,7 +1164,8 @@ _PAGES: dict[str, Callable[[], dict[str, Any]]] = {
     "take": lambda: _page(
         "Move NAME's descriptor out of the broker: the entry is removed once this process has received it\n"
         "(atomic: if we die mid-way, the entry stays). With CMD, exec it as with `get`.",
-        notes="  Without CMD the descriptor is received, described, and closed: a delete that proves receipt.",
+        notes="  Without CMD the descriptor is received, described, and closed: a delete that proves receipt.\n"
+        "  CMD is looked up first: a missing one (127) or a non-executable one (126) takes nothing.",
         example="  fdbroker take jobs/queue -- ./worker",
         exits=_COMMON_EXIT + _CMD_EXIT,
     ),
