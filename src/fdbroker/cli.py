@@ -383,7 +383,8 @@ class _Created:
             _warn(f"left {self.path} in place: cannot check it ({err.strerror})")
             return
         if (st.st_dev, st.st_ino) != self.ident or (self.file and st.st_size):
-            _warn(f"left {self.path} in place: it is no longer the empty file this command created")
+            what = "empty file" if self.file else "socket file"
+            _warn(f"left {self.path} in place: it is no longer the {what} this command created")
             return
         try:
             os.unlink(self.name, dir_fd=self.dir_fd)
