@@ -182,13 +182,14 @@ def test_ls_stat_rm(fdbroker_broker: BrokerProcess, tmp_path: Path) -> None:
             str(log),
             "--mode",
             "a",
+            "--create",
             "--label",
             "tier=log",
             "--ttl",
             "1h",
         )
     )
-    assert log.exists()  # --mode a creates
+    assert log.exists()  # --create creates
 
     table = ok(fdb(fdbroker_broker, "ls")).splitlines()
     assert table[0].split() == ["NAME", "KIND", "DETAIL", "OWNER", "AGE", "EXPIRES", "LEASE"]

@@ -247,9 +247,24 @@ def _exec(fds: list[int], names: list[str], cmd: list[str]) -> int:
         raise CliError(f"cannot run {cmd[0]}: {err.strerror}", EXIT_NOT_EXECUTABLE) from None
 
 
+def _check_command(cmd: list[str]) -> None:
+    """Find CMD before the broker is asked for anything: a typo must not cost a taken entry, a lease grant or
+    a deposit (126/127 as if it had run). CMD is looked up again when it runs."""
+    from fdbroker.activation import resolve_command
+
+    try:
+        resolve_command(cmd[0])
+    except FileNotFoundError:
+        raise CliError(f"{cmd[0]}: command not found", EXIT_COMMAND_NOT_FOUND) from None
+    except PermissionError:
+        raise CliError(f"{cmd[0]}: not executable", EXIT_NOT_EXECUTABLE) from None
+
+
 def _fetch_and_exec(args: argparse.Namespace, cmd: list[str], fetch: Callable[[Client], list[int]]) -> int:
     """Fetch descriptors with ``fetch`` and exec ``cmd`` on them (socket activation)."""
     from fdbroker import activation
+
+    _check_command(cmd)
 
     # Keep 3..3+n-1 away from gRPC's own descriptors: exec_with_fds overwrites those numbers while gRPC's
     # threads may still be running.
@@ -330,7 +345,118 @@ def cmd_serve(args: argparse.Namespace, cmd: list[str]) -> int:
     return server.run(server.options_from_args(args, resolve_run_dir(args.run_dir)), args.log_level)
 
 
-def _open_listen(addr: str, backlog: int) -> socket.socket:
+# -- put: open or bind here, undo it if the broker says no -----------------------------------------------------
+#
+# The broker decides a put only once the descriptor exists (the Put RPC, then the descriptor on the conduit), so
+# whatever opening or binding does happens before its answer. Hence: opening never changes a file (no O_TRUNC, no
+# O_CREAT unless --create); --truncate waits for the broker's yes; and a path this command created (a unix:
+# socket file, a --create'd file) is removed again when the broker refused — but only while it is still the
+# very file this command created, so a path that existed before, or was replaced meanwhile, is never touched.
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG} put: note: {message}", file=sys.stderr)
+
+
+class _Created:
+    """A directory entry this command created (a unix socket file, or a file made by ``--create``).
+
+    It is identified by device and inode and reached through a descriptor of the directory it was created in, so
+    a parent directory renamed or swapped for a symlink meanwhile cannot point the clean-up anywhere else.
+    """
+
+    def __init__(self, dir_fd: int, name: str, ident: tuple[int, int], path: str, *, file: bool) -> None:
+        self.dir_fd = dir_fd
+        self.name = name
+        self.ident = ident
+        self.path = path
+        self.file = file
+
+    def remove(self) -> None:
+        """Unlink it if it is still ours: the same inode and, for a file, still empty (data someone wrote into it
+        meanwhile is not ours to drop). Never raises; what it leaves is said on stderr."""
+        try:
+            st = os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            _warn(f"left {self.path} in place: cannot check it ({err.strerror})")
+            return
+        if (st.st_dev, st.st_ino) != self.ident or (self.file and st.st_size):
+            what = "empty file" if self.file else "socket file"
+            _warn(f"left {self.path} in place: it is no longer the {what} this command created")
+            return
+        try:
+            os.unlink(self.name, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            _warn(f"could not remove {self.path}, which this command created: {err.strerror}")
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _parent_dir(path: str) -> tuple[int, str]:
+    """An ``O_PATH`` descriptor of ``path``'s directory and the last component (the caller closes the fd)."""
+    import errno
+
+    head, name = os.path.split(path)
+    if not name or name in (".", ".."):
+        raise OSError(errno.EINVAL, "not a file name", path)
+    return os.open(head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), name
+
+
+def _bind_unix(path: str, backlog: int) -> tuple[socket.socket, _Created | None]:
+    """A listening Unix socket at ``path`` (``@NAME``: abstract) and, if its socket file could be told apart
+    from anything else, the record of that file. ``bind`` never replaces an existing path (``EADDRINUSE``)."""
+    import socket
+    import stat
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if path.startswith("@"):
+        try:
+            sock.bind("\0" + path[1:])
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, None
+    created: _Created | None = None
+    try:
+        dir_fd, name = _parent_dir(path)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        sock.bind(path)
+        # Ours only if the name seen through the directory descriptor and through the path is one socket inode:
+        # otherwise something moved between bind and now, and we shall never remove anything.
+        try:
+            here = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            there = os.lstat(path)
+        except OSError:
+            pass
+        else:
+            ident = (here.st_dev, here.st_ino)
+            if stat.S_ISSOCK(here.st_mode) and ident == (there.st_dev, there.st_ino):
+                created = _Created(dir_fd, name, ident, path, file=False)
+        sock.listen(backlog)
+    except BaseException:
+        if created is not None:
+            created.remove()
+        os.close(dir_fd)
+        sock.close()
+        raise
+    if created is None:
+        os.close(dir_fd)
+    return sock, created
+
+
+def _open_listen(addr: str, backlog: int) -> tuple[socket.socket, _Created | None]:
+    """Bind (and listen on) ``addr``: the socket, and the socket file it created (``unix:PATH`` only)."""
     import socket
 
     if addr.startswith("unix:"):
@@ -339,15 +465,7 @@ def _open_listen(addr: str, backlog: int) -> socket.socket:
             path = path[2:]
         if not path:
             raise CliError(f"invalid address {addr!r}: expected unix:PATH or unix:@ABSTRACT", 3)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        bind_to: Any = "\0" + path[1:] if path.startswith("@") else path
-        try:
-            sock.bind(bind_to)
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return _bind_unix(path, backlog)
     scheme, sep, rest = addr.partition("://")
     if not sep or scheme not in ("tcp", "udp"):
         raise CliError(f"invalid address {addr!r}: expected tcp://HOST:PORT, udp://HOST:PORT or unix:PATH", 3)
@@ -372,15 +490,55 @@ def _open_listen(addr: str, backlog: int) -> socket.socket:
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, None
 
 
+# What each --mode opens. None of them truncates or creates: that is --truncate (after the broker said yes) and
+# --create.
 _FILE_MODES = {
     "r": os.O_RDONLY,
-    "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-    "rw": os.O_RDWR | os.O_CREAT,
+    "w": os.O_WRONLY,
+    "a": os.O_WRONLY | os.O_APPEND,
+    "rw": os.O_RDWR,
 }
+
+
+def _open_file(path: str, mode: str, *, create: bool) -> tuple[int, _Created | None]:
+    """Open ``path`` for ``mode``; with ``create``, make it (empty, 0666 minus the umask) if it is missing.
+
+    O_NOCTTY: opening a terminal must not make it ours. O_NOFOLLOW for the writable modes: a symlink planted at
+    PATH would aim the writes (and --truncate) of whoever gets the descriptor at any file the caller may write,
+    root's included; reading through one changes nothing. O_CREAT always with O_EXCL, which never follows a
+    symlink either, so a created file is known to be ours. O_CLOEXEC: no child of ours inherits it.
+    """
+    import errno
+
+    flags = _FILE_MODES[mode] | os.O_CLOEXEC | os.O_NOCTTY
+    if mode != "r":
+        flags |= os.O_NOFOLLOW
+    if not create:
+        return os.open(path, flags), None
+    dir_fd, name = _parent_dir(path)
+    try:
+        for _ in range(3):  # missing, then created by someone else before us: open theirs
+            try:
+                return os.open(name, flags, dir_fd=dir_fd), None
+            except FileNotFoundError:
+                pass
+            try:
+                fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
+            except FileExistsError:
+                continue
+            st = os.fstat(fd)
+            created = _Created(dir_fd, name, (st.st_dev, st.st_ino), path, file=True)
+            dir_fd = -1  # created owns it now
+            return fd, created
+        raise FileExistsError(
+            errno.EEXIST, "it exists but cannot be opened (a dangling symbolic link?)", path
+        )
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
 
 
 def _os_error(err: OSError, what: str) -> CliError:
@@ -395,13 +553,123 @@ def _os_error(err: OSError, what: str) -> CliError:
         errno.EADDRNOTAVAIL: 3,
         errno.EBADF: 3,
         errno.EINVAL: 3,
+        errno.EISDIR: 3,
+        errno.ELOOP: 3,
         errno.EMFILE: 8,
         errno.ENFILE: 8,
     }.get(err.errno or 0, 13)
     return CliError(f"{what}: {err.strerror or err}", code)
 
 
-def cmd_put(args: argparse.Namespace, cmd: list[str]) -> int:
+class _Source:
+    """What ``put`` deposits: the descriptor opened or bound here, the object that closes it, and the path it
+    created (if any). The broker stores its own duplicate, so ours is closed in every case."""
+
+    def __init__(self, fd: int, what: str, closer: Any, created: _Created | None, *, truncate: bool) -> None:
+        self.fd = fd
+        self.what = what
+        self._closer = closer
+        self.created = created
+        self.truncate = truncate
+
+    def undo(self) -> None:
+        """Remove what opening created (nothing was deposited)."""
+        if self.created is not None:
+            self.created.remove()
+
+    def refused(self, err: BaseException, name: str) -> None:
+        """The put failed with ``err``: remove what opening created if the broker certainly stored nothing;
+        if the outcome is unknown (no answer, a broken conduit, Ctrl-C), leave it and say so."""
+        if self.created is None:
+            return
+        if _certainly_refused(err):
+            self.undo()
+        else:
+            _warn(
+                f"left {self.created.path} in place: whether the broker stored {name!r} is unknown "
+                f"(see `{PROG} stat {name}`; remove it yourself if the entry is not there)"
+            )
+
+    def accepted(self, name: str) -> None:
+        """The broker holds the entry: truncate now if asked (never before), then close our copy."""
+        try:
+            if self.truncate:
+                os.ftruncate(self.fd, 0)
+        except OSError as err:
+            raise _os_error(
+                err, f"{name!r} was stored, but truncating {self.what} failed (it is unchanged)"
+            ) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            if isinstance(closer, int):
+                os.close(closer)
+            else:
+                closer.close()
+        if self.created is not None:
+            self.created.close()
+
+
+def _certainly_refused(err: BaseException) -> bool:
+    """Whether a failed put certainly stored nothing: the broker answered no (to the Put RPC, or in its
+    Deposited result, after which it closed its copy) or was never reached. A deadline, a broken conduit, an
+    internal error or an interrupt leave it open whether the entry exists."""
+    from fdbroker.errors import BrokerError, Code
+
+    return isinstance(err, BrokerError) and err.code in (
+        Code.INVALID_ARGUMENT,
+        Code.NOT_FOUND,
+        Code.ALREADY_EXISTS,
+        Code.FAILED_PRECONDITION,
+        Code.PERMISSION_DENIED,
+        Code.UNAUTHENTICATED,
+        Code.RESOURCE_EXHAUSTED,
+        Code.OUT_OF_RANGE,
+        Code.UNAVAILABLE,
+    )
+
+
+def _open_source(args: argparse.Namespace) -> _Source:
+    """Open, bind or check the one source of a put; everything here must leave the system as it was except for
+    what :meth:`_Source.refused` can undo."""
+    import stat
+
+    try:
+        if args.listen is not None:
+            what = args.listen
+            sock, created = _open_listen(args.listen, args.backlog)
+            return _Source(sock.fileno(), what, sock, created, truncate=False)
+        if args.file is not None:
+            what = args.file
+            fd, created = _open_file(args.file, args.mode, create=args.create)
+            src = _Source(fd, what, fd, created, truncate=args.truncate)
+            if args.truncate and not stat.S_ISREG(os.fstat(fd).st_mode):
+                src.undo()
+                src.close()
+                raise CliError(f"--truncate needs a regular file; {args.file} is not one", 3)
+            return src
+        what = f"descriptor {args.fd}"
+        os.fstat(args.fd)
+        return _Source(args.fd, what, None, None, truncate=False)
+    except OSError as err:
+        import errno
+
+        if err.errno == errno.ELOOP and args.file is not None and os.path.islink(args.file):
+            raise CliError(
+                f"cannot open {args.file}: it is a symbolic link, and --mode {args.mode} does not follow one "
+                f"(it could point at any file); name the file itself, e.g. $(realpath {args.file})",
+                3,
+            ) from None
+        if err.errno == errno.ENOENT and args.file is not None and not args.create:
+            hint = " (--create creates it)" if os.path.isdir(os.path.dirname(args.file) or ".") else ""
+            raise CliError(f"cannot open {args.file}: no such file{hint}", 4) from None
+        raise _os_error(err, f"cannot open {what}") from None
+
+
+def _check_put_args(args: argparse.Namespace, cmd: list[str]) -> None:
     if args.ephemeral:
         _need_cmd(
             args,
@@ -411,49 +679,46 @@ def cmd_put(args: argparse.Namespace, cmd: list[str]) -> int:
         )
     elif cmd:
         raise CliError("a command after -- is only accepted with --ephemeral", EXIT_USAGE)
+    if (args.create or args.truncate) and args.file is None:
+        raise CliError("--create and --truncate go with --file only", EXIT_USAGE)
+    if args.truncate and args.mode == "r":
+        raise CliError("--truncate needs a writable --mode (w, a or rw)", EXIT_USAGE)
+    if cmd:
+        _check_command(cmd)
+
+
+def cmd_put(args: argparse.Namespace, cmd: list[str]) -> int:
+    _check_put_args(args, cmd)
     labels = dict(args.label or [])
-    opened: Any = None
-    fd: int
+    src = _open_source(args)
     try:
-        if args.listen is not None:
-            opened = _open_listen(args.listen, args.backlog)
-            fd = opened.fileno()
-            what = args.listen
-        elif args.file is not None:
-            what = args.file
-            fd = opened = os.open(args.file, _FILE_MODES[args.mode] | os.O_CLOEXEC, 0o666)
-        else:
-            what = f"descriptor {args.fd}"
-            os.fstat(args.fd)
-            fd = args.fd
-    except OSError as err:
-        raise _os_error(err, f"cannot open {what}") from None
-    try:
-        with _client(args) as client:
-            entry = client.put(
-                args.name,
-                fd,
-                labels=labels,
-                ttl=args.ttl,
-                ephemeral=args.ephemeral,
-                replace=args.replace,
-                if_revision=args.if_revision,
-            )
+        try:
+            client = _client(args)
+        except BaseException as err:
+            src.refused(err, args.name)
+            raise
+        with client:
+            try:
+                entry = client.put(
+                    args.name,
+                    src.fd,
+                    labels=labels,
+                    ttl=args.ttl,
+                    ephemeral=args.ephemeral,
+                    replace=args.replace,
+                    if_revision=args.if_revision,
+                )
+            except BaseException as err:
+                src.refused(err, args.name)
+                raise
             # The broker holds its own duplicate now; ours goes before CMD runs (CMD does not inherit it).
-            if isinstance(opened, int):
-                os.close(opened)
-            elif opened is not None:
-                opened.close()
-            opened = None
+            src.accepted(entry.name)
             print(f"{entry.name}: {entry.summary} (revision {entry.revision})", flush=True)
             if cmd:
                 return run_child(cmd)
             return 0
     finally:
-        if isinstance(opened, int):
-            os.close(opened)
-        elif opened is not None:
-            opened.close()
+        src.close()
 
 
 def cmd_get(args: argparse.Namespace, cmd: list[str]) -> int:
@@ -563,6 +828,7 @@ def cmd_status(args: argparse.Namespace, cmd: list[str]) -> int:
 
 def cmd_lease(args: argparse.Namespace, cmd: list[str]) -> int:
     _need_cmd(args, cmd, "fdbroker lease NAME --ttl D -- CMD [ARGS]")
+    _check_command(cmd)
     with (
         _client(args) as client,
         client.lease(args.name, args.ttl, shared=args.shared, wait=args.wait) as held,
@@ -731,8 +997,18 @@ def _args_put(p: argparse.ArgumentParser, selected: bool) -> None:
         "--mode",
         choices=sorted(_FILE_MODES),
         default="r",
-        help="with --file: r read (default), w write (create, truncate), a append (create), "
-        "rw read-write (create)",
+        help="with --file: r read (default), w write, a append, rw read-write; none of them creates or "
+        "truncates PATH (see --create, --truncate), and w, a, rw do not follow a symlink at PATH",
+    )
+    p.add_argument(
+        "--create",
+        action="store_true",
+        help="with --file: create PATH (empty) if it is missing; removed again if the broker refuses the put",
+    )
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="with --file and --mode w, a or rw: empty PATH once the broker has stored the entry (never before)",
     )
     p.add_argument(
         "--label", metavar="KEY=VALUE", type=parse_label, action="append", help="attach a label (repeatable)"
@@ -854,13 +1130,18 @@ _PAGES: dict[str, Callable[[], dict[str, Any]]] = {
     "put": lambda: _page(
         "Open or bind a descriptor in this process, deposit it under NAME (the broker keeps its own copy),\n"
         "print the stored entry, and close ours. Exactly one source: --listen, --file or --fd.",
-        notes="  TCP listeners get SO_REUSEADDR. Port 0 picks a free port; the printed entry shows which.\n"
+        notes="  A refused put leaves things as they were: opening never truncates or creates a file\n"
+        "  (--truncate acts only after the broker stored the entry; a file made by --create and a unix:\n"
+        "  socket file are removed again, and only if still the ones this command made; a path that\n"
+        "  existed before is never touched). CMD is looked up before anything is opened.\n"
+        "  TCP listeners get SO_REUSEADDR. Port 0 picks a free port; the printed entry shows which.\n"
         "  A unix: socket file stays after this command ends (the broker holds the listener).\n"
         "  --ephemeral entries belong to this command's session and vanish when it exits, so --ephemeral\n"
         "  needs -- CMD: the entry lives while CMD runs, and the exit status is CMD's.\n"
-        "  Errors opening the source use the same codes: 7 permission, 5 address in use, 4 no such file.",
+        "  Errors opening the source use the same codes: 7 permission, 5 address in use, 4 no such file,\n"
+        "  3 a symlink at PATH with a writable --mode.",
         example="  fdbroker put web --listen tcp://0.0.0.0:443 --label tier=web\n"
-        "  fdbroker put log/audit --file /var/log/audit.log --mode a\n"
+        "  fdbroker put log/audit --file /var/log/audit.log --mode a --create\n"
         "  fdbroker put db --fd 3 3<>/run/db.sock",
     ),
     "get": lambda: _page(
@@ -884,7 +1165,8 @@ _PAGES: dict[str, Callable[[], dict[str, Any]]] = {
     "take": lambda: _page(
         "Move NAME's descriptor out of the broker: the entry is removed once this process has received it\n"
         "(atomic: if we die mid-way, the entry stays). With CMD, exec it as with `get`.",
-        notes="  Without CMD the descriptor is received, described, and closed: a delete that proves receipt.",
+        notes="  Without CMD the descriptor is received, described, and closed: a delete that proves receipt.\n"
+        "  CMD is looked up first: a missing one (127) or a non-executable one (126) takes nothing.",
         example="  fdbroker take jobs/queue -- ./worker",
         exits=_COMMON_EXIT + _CMD_EXIT,
     ),
@@ -935,7 +1217,8 @@ _PAGES: dict[str, Callable[[], dict[str, Any]]] = {
 
 
 _USAGES = {
-    "put": "fdbroker put NAME (--listen ADDR | --file PATH [--mode M] | --fd N) [options] [-- CMD [ARGS...]]",
+    "put": "fdbroker put NAME (--listen ADDR | --file PATH [--mode M] [--create] [--truncate] | --fd N) "
+    "[options] [-- CMD [ARGS...]]",
     "get": "fdbroker get [options] NAME [-- CMD [ARGS...]]",
     "exec": "fdbroker exec [options] NAME... -- CMD [ARGS...]",
     "take": "fdbroker take [options] NAME [-- CMD [ARGS...]]",
