@@ -6,6 +6,8 @@
                                  time from the release RPC's start to the waiter holding the lease
   watch fan-out                  one writer replaces an entry N times; 1 and 16 watcher processes each count
                                  the N events: events/s delivered (sum over watchers) and time to the last event
+  writer vs idle watchers        put+delete pairs with 0 and with 200 watch streams open that never read (anonymous,
+                                 another process): the writer's ops/s and the broker's CPU per op, and the ratio
 
 usage: python bench/lease_bench.py [--quick]
 """
@@ -61,6 +63,41 @@ def _watcher(run_dir: str, n: int, q: multiprocessing.Queue) -> None:
         w.close()
 
 
+def _idle_watchers(run_dir: str, n: int, q: multiprocessing.Queue) -> None:
+    """Open ``n`` Watch streams on the whole registry and never read them (until told to stop)."""
+    import grpc
+
+    from fdbroker.v1 import broker_pb2 as pb
+    from fdbroker.v1 import broker_pb2_grpc as pb_grpc
+
+    ch = grpc.insecure_channel(f"unix://{run_dir}/control.sock")
+    stub = pb_grpc.FdBrokerStub(ch)
+    calls = [stub.Watch(pb.WatchRequest()) for _ in range(n)]
+    for c in calls:
+        next(c)  # the header: the stream is open on the broker; from now on nobody reads
+    q.put("ready")
+    q.get()
+    for c in calls:
+        c.cancel()
+    ch.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _writer_round(c, w: int, pid: int, n: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    cpu0 = _cpu_seconds(pid)
+    t0 = time.perf_counter()
+    for i in range(n):
+        c.put(f"bench/iw/{i}", w)
+        c.delete(f"bench/iw/{i}")
+    dt = time.perf_counter() - t0
+    return 2 * n / dt, (_cpu_seconds(pid) - cpu0) / (2 * n) * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -69,7 +106,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fdb-lbench-", dir="/tmp"))
     from fdbroker.testing import BrokerProcess
 
-    broker = BrokerProcess.start(tmp / "run", args=["--log-level", "warning"])
+    policy = tmp / "policy.toml"
+    policy.write_text("[limits]\nmax_anonymous_watchers = 256\n")
+    broker = BrokerProcess.start(tmp / "run", args=["--log-level", "warning", "--policy", str(policy)])
     ctx = multiprocessing.get_context("spawn")
     run_dir = str(broker.run_dir)
     try:
@@ -162,6 +201,24 @@ def main() -> int:
                 f"watch fan-out, {watchers:2} watcher(s)    {n_ev * watchers / t_all:8.0f} events/s delivered "
                 f"({n_ev} puts in {t_put:.2f} s; last watcher saw event {n_ev} after {t_all:.2f} s)"
             )
+
+        # -- the writer next to watch streams that never read ---------------------------------------------------
+        n_w = 150 if a.quick else 1000
+        alone = [_writer_round(c, w, broker.pid, n_w) for _ in range(2)]
+        q4: multiprocessing.Queue = ctx.Queue()
+        idle = ctx.Process(target=_idle_watchers, args=(run_dir, 200, q4))
+        idle.start()
+        assert q4.get(timeout=120) == "ready"
+        crowded = [_writer_round(c, w, broker.pid, n_w) for _ in range(2)]
+        q4.put("stop")
+        idle.join()
+        a_ops, a_cpu = max(alone)
+        c_ops, c_cpu = max(crowded)
+        print(f"writer, no watchers           {a_ops:8.0f} ops/s  (broker CPU {a_cpu:.0f} us/op; put or delete)")
+        print(
+            f"writer, 200 idle watchers     {c_ops:8.0f} ops/s  (broker CPU {c_cpu:.0f} us/op)  "
+            f"ratio {c_ops / a_ops:.2f} of the throughput alone"
+        )
         c.close()
         os.close(r)
         os.close(w)

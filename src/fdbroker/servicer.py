@@ -70,6 +70,16 @@ def _lenient(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
+def _serializer(message_class: Any) -> Callable[[Any], bytes]:
+    """Serialize a response; bytes pass through (Watch shares one encoded response among its watchers)."""
+    serialize = message_class.SerializeToString
+
+    def serializer(m: Any) -> bytes:
+        return m if isinstance(m, bytes) else serialize(m)
+
+    return serializer
+
+
 def add_to_server(servicer: FdBrokerServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` for every RPC of ``fdbroker.v1.FdBroker``.
 
@@ -83,7 +93,7 @@ def add_to_server(servicer: FdBrokerServicer, server: grpc.aio.Server) -> None:
         req_cls = getattr(pb, m.input_type.name)
         resp_cls = getattr(pb, m.output_type.name)
         fn = getattr(servicer, m.name)
-        kw = {"request_deserializer": _lenient(req_cls), "response_serializer": resp_cls.SerializeToString}
+        kw = {"request_deserializer": _lenient(req_cls), "response_serializer": _serializer(resp_cls)}
         if m.client_streaming and m.server_streaming:
             handlers[m.name] = grpc.stream_stream_rpc_method_handler(_checked_stream_stream(m.name, fn), **kw)
         elif m.server_streaming:
@@ -240,15 +250,15 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
             yield pb.WatchResponse(header_revision=w.header)
             while True:
                 try:
-                    events = w.read()
+                    data = w.read_encoded()
                 except BrokerError as err:
                     await _abort(context, err)
                     return
                 except Exception:
                     await _internal(context)
                     return
-                if events:
-                    yield pb.WatchResponse(events=events)
+                if data is not None:
+                    yield data  # type: ignore[misc]  # a serialized WatchResponse, shared (see add_to_server)
                 else:
                     await w.wait()
         finally:

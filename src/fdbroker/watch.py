@@ -7,6 +7,11 @@ whether the event is for them, count it and wake them if they wait. A watcher th
 stream is full) costs the writer nothing and holds no events; encoding happens on the watcher's own turn, from a
 shared cache of decoded events.
 
+When many streams are open, a group is woken at most once per *linger* (0 for a handful of watchers, growing
+with their number to at most :data:`MAX_LINGER`): every member then sends one message carrying everything that
+happened meanwhile, encoded once for all members at the same position. Fan-out costs the writer a bounded share
+of the loop however many watchers there are, and a watcher's latency grows by at most the linger.
+
 A watcher more than ``queue_limit`` of its events behind (it is not reading, or reads slower than events come)
 is cut off with RESOURCE_EXHAUSTED naming the revision to resume from, as is one whose cursor fell out of the
 history window. Watch streams are capped per uid and, for anonymous callers (whom gRPC cannot tell apart), in
@@ -28,6 +33,9 @@ from fdbroker.v1 import broker_pb2 as pb
 
 BATCH = 256  # events per WatchResponse
 _CACHE = 4096  # decoded events and visibility decisions kept, by revision
+LINGER_PER_WATCHER = 0.000_5  # seconds of wake-up delay per open watch stream beyond FREE_WATCHERS
+FREE_WATCHERS = 8
+MAX_LINGER = 0.1
 
 VisKey = tuple[int, int] | None  # (uid, gid) of the watcher, None when anonymous
 
@@ -39,6 +47,10 @@ class _Group:
     seq: int = 0  # events for this group since it was created
     members: int = 0
     waiter: asyncio.Future[int] | None = None
+    wake_at: int = 0  # first revision of a scheduled (lingering) wake-up; 0: none scheduled
+    # The last batch a member encoded: (cursor before, broker revision then, cursor after, counted, bytes).
+    # Members at the same cursor before anything changed get the same bytes.
+    shared: tuple[int, int, int, int, bytes] | None = None
 
 
 @dataclass(eq=False)
@@ -59,6 +71,11 @@ class Watcher:
         """The next events for this watcher (at most :data:`BATCH`), advancing its cursor; [] when it has read
         everything so far. :class:`ResourceExhausted` when it was cut off (the message says where to resume)."""
         return self.hub._read(self)
+
+    def read_encoded(self) -> bytes | None:
+        """:meth:`read` as a serialized ``WatchResponse`` (shared with group members at the same position);
+        None when there is nothing new."""
+        return self.hub._read_encoded(self)
 
     async def wait(self) -> None:
         """Until something may be there for :meth:`read`."""
@@ -163,11 +180,26 @@ class WatchHub:
             if not name.startswith(prefix) or not self._visible(rec, vis, g.identity):
                 continue
             g.seq += 1
-            fut = g.waiter
-            if fut is not None:
-                g.waiter = None
-                if not fut.done():
-                    fut.set_result(rev)
+            if g.waiter is None or g.wake_at:
+                continue
+            linger = self._linger()
+            if linger:
+                g.wake_at = rev
+                asyncio.get_running_loop().call_later(linger, self._wake, g)
+            else:
+                g.wake_at = rev
+                self._wake(g)
+
+    def _linger(self) -> float:
+        extra = len(self) - FREE_WATCHERS
+        return 0.0 if extra <= 0 else min(MAX_LINGER, extra * LINGER_PER_WATCHER)
+
+    @staticmethod
+    def _wake(g: _Group) -> None:
+        fut, rev = g.waiter, g.wake_at
+        g.waiter, g.wake_at = None, 0
+        if fut is not None and not fut.done():
+            fut.set_result(rev)
 
     def _visible(self, rec: Record, vis: VisKey, identity: Identity | None) -> bool:
         """The policy's decision for one event and one identity, made once and shared."""
@@ -215,6 +247,26 @@ class WatchHub:
         w.cursor = cursor
         w.seen += counted
         return out
+
+    def _read_encoded(self, w: Watcher) -> bytes | None:
+        g, rev = w.group, self.registry.revision
+        shared = g.shared
+        if (
+            shared is not None
+            and shared[0] == w.cursor
+            and shared[1] == rev
+            and g.seq - w.seen <= self.queue_limit
+        ):
+            _, _, w.cursor, counted, data = shared
+            w.seen += counted
+            return data
+        before, seen = w.cursor, w.seen
+        events = self._read(w)
+        if not events:
+            return None
+        data = pb.WatchResponse(events=events).SerializeToString()
+        g.shared = (before, rev, w.cursor, w.seen - seen, data)
+        return data
 
     async def _wait(self, w: Watcher) -> None:
         if w.cursor < self.registry.revision:
