@@ -214,7 +214,9 @@ def main() -> int:
         idle.join()
         a_ops, a_cpu = max(alone)
         c_ops, c_cpu = max(crowded)
-        print(f"writer, no watchers           {a_ops:8.0f} ops/s  (broker CPU {a_cpu:.0f} us/op; put or delete)")
+        print(
+            f"writer, no watchers           {a_ops:8.0f} ops/s  (broker CPU {a_cpu:.0f} us/op; put or delete)"
+        )
         print(
             f"writer, 200 idle watchers     {c_ops:8.0f} ops/s  (broker CPU {c_cpu:.0f} us/op)  "
             f"ratio {c_ops / a_ops:.2f} of the throughput alone"
