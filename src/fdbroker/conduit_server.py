@@ -4,6 +4,11 @@ Connections are driven by ``loop.add_reader``/``add_writer`` callbacks that call
 directly; asyncio streams cannot carry SCM_RIGHTS, and a callback per readable event keeps a handoff to one
 recvmsg, one decode and one sendmsg. This module knows frames and descriptors, not names: every decoded frame
 goes to the ``on_frame`` callback (the broker), which owns the frame's descriptors from then on.
+
+Descriptors a client sent that the broker does not keep (unsolicited ones, those of a frame cut off by a hang-up
+or a fatal error, duplicates queued for a delivery that never went out) and the connection's own socket (whose
+receive queue may still hold a client's descriptors) go to :func:`fdbroker.closer.discard`, attributed to the
+connection's uid: a ``close`` on the event loop could block it (a lingering socket).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+from fdbroker import closer
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame, FrameDecoder, encode_frame
 from fdbroker.conduit.receive import recv_fds_into
@@ -59,7 +65,7 @@ class Connection:
         self.identity = identity
         self._on_frame = on_frame
         self._on_close = on_close
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self._decoder = FrameDecoder(max_frame_bytes, close=self._discard)
         self._rbuf = bytearray(RECV_BYTES)  # reused: a fresh 64 KiB buffer per recvmsg costs an mmap
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self._out_bytes = 0
@@ -73,25 +79,32 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
+    def _discard(self, fds: Iterable[int] | int) -> None:
+        """Close client-supplied descriptors off the event loop, counted against our uid until closed."""
+        closer.discard(fds, self.identity.uid)
+
     def _readable(self) -> None:
         if self.closed:
             return
+        report: ConduitError | None = None
         try:
-            n, fds = recv_fds_into(self.sock, self._rbuf, SCM_MAX_FD)
-            data = self._rbuf[:n]
+            n, fds = recv_fds_into(self.sock, self._rbuf, SCM_MAX_FD, close=self._discard)
+            data: bytes | bytearray = self._rbuf[:n]
         except (BlockingIOError, InterruptedError):
             return
         except ConduitError as err:
-            # Truncated control data: the descriptors that arrived are closed; the stream is still in sync.
-            self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
-            return
+            # Bad control data (truncated, foreign): its descriptors went to the closer; its bytes still belong to
+            # the stream (the frame they start then claims descriptors it did not get: NO_FD).
+            report, data, fds = err, err.data, []
+            if not data:
+                self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
+                return
         except OSError as err:
             log.info("conduit read failed for pid %d: %s", self.identity.pid, err)
             self.close()
             return
         if not data:
-            for fd in fds:
-                _close(fd)
+            self._discard(fds)
             self.close()
             return
         try:
@@ -102,6 +115,8 @@ class Connection:
             self._flush_best_effort()
             self.close()
             return
+        if report is not None:
+            items.insert(0, report)
         for item in items:
             if self.closed:
                 if isinstance(item, Frame):
@@ -147,8 +162,7 @@ class Connection:
                 if dups[-1] >= Connection.fd_ceiling:  # lowest-free numbering: the table is this full
                     raise OSError(errno.EMFILE, "queued descriptors would eat the broker's reserve")
         except OSError as err:
-            for fd in dups:
-                _close(fd)
+            self._discard(dups)
             log.warning(
                 "pid %d does not read its conduit and %d descriptor(s) cannot be queued (%s); dropping it",
                 self.identity.pid,
@@ -184,8 +198,8 @@ class Connection:
                 log.info("conduit write to pid %d failed: %s", self.identity.pid, err)
                 self.close()
                 return
-            for fd in fds:
-                _close(fd)
+            # Duplicates of the broker's entries: closing one may drop the last reference once the entry is gone.
+            self._discard(fds)
             self._out_fds -= len(fds)
             self._out_bytes -= n
             if n < len(data):
@@ -209,11 +223,13 @@ class Connection:
         if self._writing:
             self.loop.remove_writer(self._fd)
         for _, fds in self._out:
-            for fd in fds:
-                _close(fd)
+            self._discard(fds)
         self._out.clear()
+        self._out_fds = self._out_bytes = 0
         self._decoder.close()
-        self.sock.close()
+        # The socket's receive queue may still hold descriptors a client sent: the last close of the socket
+        # releases them, which can block like closing them one by one.
+        self._discard(self.sock.detach())
         self._on_close(self)
 
 
@@ -249,7 +265,7 @@ class Listener:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 pid, uid, gid = struct.unpack("3i", creds)
             except OSError:
-                conn.close()
+                closer.discard(conn.detach())  # its receive queue may hold a client's descriptors
                 continue
             self._on_connect(conn, Identity(pid, uid, gid))
 
@@ -261,10 +277,3 @@ class Listener:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
