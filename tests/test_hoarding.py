@@ -3,17 +3,29 @@ not be able to fill the broker's descriptor table by holding descriptors in fram
 
 * The decoder holds at most the descriptors of the one frame in progress: descriptors that arrive with a read in
   which no frame starts are closed and the stream is given up (property tests on :class:`FrameDecoder`).
+* The hoarding attack for real, as uid 65534: a length prefix, then 1-byte sends of 253 descriptors each.
+* A per-uid cap on descriptors in flight (``max_fds_in_flight_per_uid``): a uid's connections stop reading at the
+  cap, other uids are served, frames already started still finish, and everything is released when the attacker
+  goes.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import select
+import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from secutil import custom_broker, new_run_dir, unprivileged_python, wait_for
 
 from fdbroker.conduit import SCM_MAX_FD, ConduitError, ErrType, Frame, FrameDecoder, encode_frame
+from fdbroker.testing import BrokerProcess
 from fdbroker.v1 import broker_pb2 as pb
 
 # -- the decoder's rule, as properties ---------------------------------------------------------------------------
@@ -196,3 +208,258 @@ def test_decoder_refuses_more_than_253_descriptors_in_one_read() -> None:
         d.feed(encode_frame(pb.ConduitFrame(ping=pb.Ping()), 3), batch)
     assert ei.value.type is ErrType.BAD_FRAME
     assert rec.closed == batch
+
+
+# -- against a real broker, as uid 65534 -------------------------------------------------------------------------
+
+CAP_SLACK = 40  # descriptors a broker opens of its own during a test: connections, gRPC, the closer's threads
+
+
+@pytest.fixture(scope="module")
+def nobody_python() -> list[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the attacker as uid 65534")
+    cmd = unprivileged_python()
+    if cmd is None:
+        pytest.skip("cannot run a Python with fdbroker importable as uid 65534")
+    return cmd
+
+
+class Attacker:
+    """A Python program run as uid 65534 that reports JSON lines and waits for a word on stdin between steps."""
+
+    def __init__(self, prefix: list[str], code: str, run_dir: Path) -> None:
+        cmd = [*prefix[:-1], f"RUN={run_dir}", prefix[-1], "-c", ATTACK_LIB + code]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/"
+        )
+
+    def line(self) -> dict[str, object]:
+        assert self.proc.stdout is not None
+        text = self.proc.stdout.readline()
+        if not text:
+            assert self.proc.stderr is not None
+            raise AssertionError(f"attacker exited ({self.proc.wait()}): {self.proc.stderr.read()}")
+        report: dict[str, object] = json.loads(text)
+        return report
+
+    def report_ready(self, timeout: float = 0.01) -> bool:
+        """Is a report line waiting to be read (waits up to ``timeout`` seconds)?"""
+        assert self.proc.stdout is not None
+        return bool(select.select([self.proc.stdout], [], [], timeout)[0])
+
+    def say(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.say("exit")
+            except BrokenPipeError:
+                pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None:
+                f.close()
+
+
+ATTACK_LIB = """
+import json, os, select, socket, struct, sys
+from fdbroker.conduit.frames import FrameDecoder, encode_frame
+from fdbroker.v1 import broker_pb2 as pb
+
+def report(**kw):
+    print(json.dumps(kw), flush=True)
+
+def wait_word():
+    return sys.stdin.readline().strip()
+
+class Conn:
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(os.environ["RUN"] + "/conduit.sock")
+        self.dec = FrameDecoder()
+        self.queue = []
+        self.eof = False
+        assert self.next(30).WhichOneof("body") == "welcome"
+
+    def next(self, timeout):
+        # the next frame from the broker; None at EOF or after timeout seconds
+        while not self.queue and not self.eof:
+            if not select.select([self.sock], [], [], timeout)[0]:
+                return None
+            try:
+                data, fds, _, _ = socket.recv_fds(self.sock, 1 << 17, 253)
+            except ConnectionResetError:
+                data, fds = b"", []
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                self.eof = True
+                break
+            for item in self.dec.feed(data):
+                if isinstance(item, Exception):
+                    raise item
+                self.queue.append(item.message)
+        return self.queue.pop(0) if self.queue else None
+
+r, w = os.pipe()
+FDS = [w] + [os.dup(w) for _ in range(252)]   # 253 descriptors: the most one sendmsg carries
+"""
+
+HOARD = """
+c = Conn()
+c.sock.sendall(struct.pack(">I", 65536))    # a frame of 64 KiB begins ...
+sent, err = 0, None
+for _ in range(80):                          # ... and 80 x 253 descriptors follow, one byte at a time
+    try:
+        socket.send_fds(c.sock, [b"x"], FDS)
+        sent += 1
+    except OSError as e:
+        err = e.errno
+        break
+errors, eof = [], False
+while True:
+    f = c.next(20)
+    if f is None:
+        eof = c.eof
+        break
+    if f.WhichOneof("body") == "error":
+        errors.append([f.error.code, f.error.message])
+report(sent=sent, errno=err, errors=errors, eof=eof)
+wait_word()
+"""
+
+
+def put_get_delete(broker: BrokerProcess, name: str) -> None:
+    r, w = os.pipe()
+    try:
+        with broker.client() as c:
+            c.put(name, w)
+            c.get_fd(name).close()
+            c.delete(name)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.slow
+def test_hoarding_attack_is_cut_off_and_others_are_served(nobody_python: list[str]) -> None:
+    # On main the decoder kept every batch of the incomplete frame: the broker's table filled up to its
+    # RLIMIT_NOFILE (recvmsg then failed with MSG_CTRUNC), and the attacker was never cut off.
+    with custom_broker(["--socket-mode", "0666"], run_dir=new_run_dir()) as b:
+        assert b.baseline is not None
+        base = b.baseline
+        peak = base
+        done = threading.Event()
+        served: list[str] = []
+        failures: list[BaseException] = []
+
+        def other_client() -> None:  # another uid's puts and gets, all through the attack
+            i = 0
+            while not done.is_set():
+                try:
+                    put_get_delete(b, f"hoard/other{i}")
+                except BaseException as exc:  # reported below, with the rest
+                    failures.append(exc)
+                    return
+                served.append(f"hoard/other{i}")
+                i += 1
+
+        other = threading.Thread(target=other_client)
+        other.start()
+        attacker = Attacker(nobody_python, HOARD, b.run_dir)
+        try:
+            while attacker.proc.poll() is None and not attacker.report_ready():
+                peak = max(peak, b.fd_count())
+            rep = attacker.line()
+            peak = max(peak, b.fd_count())
+            put_get_delete(b, "hoard/after")  # and with the attacker still there
+        finally:
+            done.set()
+            other.join()
+            attacker.finish()
+        assert not failures and served, (failures, len(served))
+        # The connection was dropped with a clear error after at most two batches.
+        assert rep["eof"] is True, rep
+        errors = rep["errors"]
+        assert isinstance(errors, list) and errors, rep
+        code, message = errors[-1]
+        assert code == 3 and "unsolicited" in message and "drop the connection" in message, errors
+        # At most one frame's descriptors were ever held (plus what the broker opens of its own).
+        assert peak <= base + 2 * SCM_MAX_FD + CAP_SLACK, (peak, base)
+        wait_for(lambda: b.fd_count() == base, what="the broker back at its baseline")
+        assert "unsolicited" in b.log()
+
+
+HOLD = """
+conns = [Conn() for _ in range(int(os.environ["CONNS"]))]
+msg = pb.ConduitFrame(deposit=pb.Deposit(tokens=[bytes([i % 256]) * 32 for i in range(253)]))
+wire = encode_frame(msg, 253)
+for c in conns:                             # each connection starts a frame with 253 descriptors ...
+    socket.send_fds(c.sock, [wire[:10]], FDS)
+report(held=len(conns))
+if wait_word() == "finish":                 # ... and, if told, finishes it
+    for c in conns:
+        c.sock.sendall(wire[10:])
+    answers = []
+    for c in conns:
+        f = c.next(60)
+        answers.append(None if f is None else f.WhichOneof("body"))
+    report(answers=answers)
+    wait_word()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finish", [True, False], ids=["frames-finished", "attacker-hangs-up"])
+def test_per_uid_cap_pauses_a_uids_connections(
+    nobody_python: list[str], tmp_path: Path, finish: bool
+) -> None:
+    # On main nothing capped a uid: four connections pinned 4 x 253 descriptors.
+    cap = 300
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f"[limits]\nmax_fds_in_flight_per_uid = {cap}\n")
+    conns = 4
+    args = ["--socket-mode", "0666", "--policy", str(policy)]
+    with custom_broker(args, run_dir=new_run_dir()) as b:
+        assert b.baseline is not None
+        base = b.baseline
+        attacker = Attacker([*nobody_python[:-1], f"CONNS={conns}", nobody_python[-1]], HOLD, b.run_dir)
+        try:
+            assert attacker.line() == {"held": conns}
+            # Reads go on while the uid is below its cap: the first two frames in progress are taken in ...
+            wait_for(lambda: b.fd_count() >= base + 2 * SCM_MAX_FD, what="two frames held")
+            wait_for(lambda: "pausing reads" in b.log(), what="the uid's connections paused")
+            # ... another uid is served meanwhile ...
+            put_get_delete(b, "cap/other")
+            # ... and the rest waits in the kernel, not in the broker's table.
+            held = b.fd_count()
+            assert held <= base + cap + 2 * SCM_MAX_FD + CAP_SLACK, (held, base)
+            assert held < base + 3 * SCM_MAX_FD, (held, base)
+            if finish:
+                # Frames already started still finish at the cap (no deadlock), and then the others are read.
+                attacker.say("finish")
+                rep = attacker.line()
+                assert rep["answers"] == ["deposited"] * conns, rep  # every made-up token refused
+        finally:
+            attacker.finish()
+        wait_for(lambda: b.fd_count() == base, what="the broker back at its baseline")
+
+
+def test_policy_limit_is_loaded_and_range_checked(tmp_path: Path) -> None:
+    from fdbroker.policy import Limits, Policy, PolicyError
+
+    assert Limits().max_fds_in_flight_per_uid == 1024
+    f = tmp_path / "p.toml"
+    f.write_text("[limits]\nmax_fds_in_flight_per_uid = 300\n")
+    assert Policy.load(f, broker_uid=0).limits.max_fds_in_flight_per_uid == 300
+    f.write_text("[limits]\nmax_fds_in_flight_per_uid = 0\n")
+    with pytest.raises(PolicyError, match="max_fds_in_flight_per_uid must be a positive integer"):
+        Policy.load(f, broker_uid=0)
