@@ -241,6 +241,9 @@ class Connection:
                 self._on_frame(self, item)
             except Exception:
                 log.exception("error handling a frame from pid %d", self.identity.pid)
+            finally:
+                # What the handler did not take out of item.fds is still ours (Broker.on_frame's contract),
+                # on return as on error: to the closer, as the client's.
                 item.close_fds()
 
     # -- sending -------------------------------------------------------------------------------------------------
