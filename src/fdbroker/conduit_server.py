@@ -4,6 +4,17 @@ Connections are driven by ``loop.add_reader``/``add_writer`` callbacks that call
 directly; asyncio streams cannot carry SCM_RIGHTS, and a callback per readable event keeps a handoff to one
 recvmsg, one decode and one sendmsg. This module knows frames and descriptors, not names: every decoded frame
 goes to the ``on_frame`` callback (the broker), which owns the frame's descriptors from then on.
+
+Descriptors a client sent that the broker does not keep (unsolicited ones, those of a frame cut off by a hang-up
+or a fatal error, duplicates queued for a delivery that never went out) and the connection's own socket (whose
+receive queue may still hold a client's descriptors) go to :func:`fdbroker.closer.discard`, attributed to the
+connection's uid: a ``close`` on the event loop could block it (a lingering socket).
+
+Descriptors in flight: a connection holds at most the descriptors of its one frame in progress (the decoder's
+rule). Across a uid's connections, those plus the uid's descriptors waiting in the closer are its descriptors in
+flight (:data:`in_flight`); at ``max_fds_in_flight_per_uid`` the connections of that uid stop reading (see
+:meth:`Connection._read_size`) and look again every :data:`PAUSE_RECHECK` seconds. Descriptors still in a
+socket's receive queue are not in the broker's table, so waiting costs the broker nothing.
 """
 
 from __future__ import annotations
@@ -13,16 +24,18 @@ import collections
 import errno
 import logging
 import os
+import select
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+from fdbroker import closer
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame, FrameDecoder, encode_frame
 from fdbroker.conduit.receive import recv_fds_into
 from fdbroker.conduit.send import send_with_fds
 from fdbroker.errors import Code
-from fdbroker.policy import Identity
+from fdbroker.policy import Identity, Limits
 from fdbroker.v1 import broker_pb2 as pb
 
 log = logging.getLogger("fdbroker.conduit")
@@ -31,6 +44,37 @@ RECV_BYTES = 64 * 1024 + 4
 MAX_QUEUED_BYTES = 8 * 1024 * 1024  # a peer that does not read is cut off past this
 MAX_QUEUED_FDS = 4096
 ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
+PAUSE_RECHECK = 0.05
+"""Seconds between looks at a uid's descriptors in flight while its connections are paused."""
+DEFAULT_MAX_FDS_IN_FLIGHT = Limits().max_fds_in_flight_per_uid
+
+
+class FdsInFlight:
+    """Per uid: descriptors held in the incomplete frames of its connections, plus (:meth:`total`) those waiting
+    in the closer. Event-loop only; connections report their changes through :meth:`add`."""
+
+    def __init__(self) -> None:
+        self._held: collections.Counter[int] = collections.Counter()
+
+    def add(self, uid: int, n: int) -> None:
+        """``n`` (possibly negative) more descriptors held in incomplete frames of ``uid``'s connections."""
+        left = self._held[uid] + n
+        if left > 0:
+            self._held[uid] = left
+        else:
+            del self._held[uid]
+
+    def held(self, uid: int) -> int:
+        """Descriptors held in incomplete frames of ``uid``'s connections."""
+        return self._held.get(uid, 0)
+
+    def total(self, uid: int) -> int:
+        """``uid``'s descriptors in flight: :meth:`held` plus its descriptors waiting in the closer."""
+        return self._held.get(uid, 0) + closer.pending_for_uid(uid)
+
+
+in_flight = FdsInFlight()
+"""The process's account of descriptors in flight, shared by every :class:`Connection`."""
 
 
 class Connection:
@@ -53,14 +97,23 @@ class Connection:
         on_close: Callable[[Connection], None],
         *,
         max_frame_bytes: int,
+        max_fds_in_flight: Callable[[], int] | None = None,
     ) -> None:
+        """``max_fds_in_flight`` returns the uid's cap on descriptors in flight (read on every ``recvmsg``, so a
+        policy reload applies at once); default: :class:`~fdbroker.policy.Limits`' default."""
         self.loop = loop
         self.sock = sock
         self.identity = identity
         self._on_frame = on_frame
         self._on_close = on_close
-        self._decoder = FrameDecoder(max_frame_bytes)
+        self._max_in_flight = max_fds_in_flight or (lambda: DEFAULT_MAX_FDS_IN_FLIGHT)
+        self._decoder = FrameDecoder(max_frame_bytes, close=self._discard)
+        self._held = 0  # descriptors of our decoder counted in in_flight
+        self._paused = False  # reader removed until _resume
+        self._resume_handle: asyncio.TimerHandle | None = None
+        self._throttled = False  # logged the current pause episode
         self._rbuf = bytearray(RECV_BYTES)  # reused: a fresh 64 KiB buffer per recvmsg costs an mmap
+        self._rview = memoryview(self._rbuf)
         self._out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self._out_bytes = 0
         self._out_fds = 0
@@ -73,35 +126,109 @@ class Connection:
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
+    def _discard(self, fds: Iterable[int] | int) -> None:
+        """Close client-supplied descriptors off the event loop, counted against our uid until closed."""
+        closer.discard(fds, self.identity.uid)
+
+    def _account(self) -> None:
+        held = self._decoder.pending_fds
+        if held != self._held:
+            in_flight.add(self.identity.uid, held - self._held)
+            self._held = held
+
+    def _read_size(self) -> int:
+        """How many bytes the next ``recvmsg`` may read; 0: none now (the uid is over its cap).
+
+        Below the cap, a read may bring up to 253 descriptors. At the cap, a connection in the middle of a frame
+        may still read up to the frame's end (:attr:`FrameDecoder.frame_remaining`): a conforming peer attaches
+        no descriptor there, so this finishes frames already started (and releases their descriptors) without
+        letting new ones in; a peer that attaches some anyway is dropped. That slack is allowed while the uid is
+        less than 253 over its cap, so a uid's descriptors in flight stay below cap + 2 * 253, and a uid whose
+        connections all hold unfinished frames cannot deadlock itself.
+        """
+        uid = self.identity.uid
+        used = in_flight.total(uid)
+        cap = self._max_in_flight()
+        if used < cap:
+            return RECV_BYTES
+        if used < cap + SCM_MAX_FD:
+            return min(RECV_BYTES, self._decoder.frame_remaining)
+        return 0
+
+    def _pause(self) -> None:
+        if not self._throttled:
+            self._throttled = True
+            log.warning(
+                "uid %d has %d descriptors in flight (limit %d); pausing reads from pid %d",
+                self.identity.uid,
+                in_flight.total(self.identity.uid),
+                self._max_in_flight(),
+                self.identity.pid,
+            )
+        if not self._paused:
+            self._paused = True
+            self.loop.remove_reader(self._fd)
+        self._resume_handle = self.loop.call_later(PAUSE_RECHECK, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_handle = None
+        if self.closed or not self._paused:
+            return
+        if _hung_up(self._fd):
+            # Fully closed by the peer: nothing it sent can be answered; release what it holds now rather than
+            # when the uid is below its cap again.
+            self.close()
+            return
+        self._paused = False
+        self.loop.add_reader(self._fd, self._readable)  # called again at once if there is something to read
+
     def _readable(self) -> None:
         if self.closed:
             return
+        size = self._read_size()
+        if size == 0:
+            self._pause()
+            return
+        if size == RECV_BYTES and self._throttled:
+            self._throttled = False
+            log.info(
+                "uid %d is below its descriptor cap again; reading pid %d",
+                self.identity.uid,
+                self.identity.pid,
+            )
+        report: ConduitError | None = None
         try:
-            n, fds = recv_fds_into(self.sock, self._rbuf, SCM_MAX_FD)
-            data = self._rbuf[:n]
+            n, fds = recv_fds_into(self.sock, self._rview[:size], SCM_MAX_FD, close=self._discard)
+            data: bytes | bytearray = self._rbuf[:n]
         except (BlockingIOError, InterruptedError):
             return
         except ConduitError as err:
-            # Truncated control data: the descriptors that arrived are closed; the stream is still in sync.
-            self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
-            return
+            # Bad control data (truncated, foreign): its descriptors went to the closer; its bytes still belong to
+            # the stream (the frame they start then claims descriptors it did not get: NO_FD).
+            report, data, fds = err, err.data, []
+            if not data:
+                self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
+                return
         except OSError as err:
             log.info("conduit read failed for pid %d: %s", self.identity.pid, err)
             self.close()
             return
         if not data:
-            for fd in fds:
-                _close(fd)
+            self._discard(fds)
             self.close()
             return
         try:
             items = self._decoder.feed(data, fds)
         except ConduitError as err:
+            self._account()
             log.warning("pid %d sent a bad frame (%s); dropping its connection", self.identity.pid, err)
             self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
             self._flush_best_effort()
             self.close()
             return
+        self._account()
+        if report is not None:
+            items.insert(0, report)
         for item in items:
             if self.closed:
                 if isinstance(item, Frame):
@@ -114,6 +241,9 @@ class Connection:
                 self._on_frame(self, item)
             except Exception:
                 log.exception("error handling a frame from pid %d", self.identity.pid)
+            finally:
+                # What the handler did not take out of item.fds is still ours (Broker.on_frame's contract),
+                # on return as on error: to the closer, as the client's.
                 item.close_fds()
 
     # -- sending -------------------------------------------------------------------------------------------------
@@ -147,8 +277,7 @@ class Connection:
                 if dups[-1] >= Connection.fd_ceiling:  # lowest-free numbering: the table is this full
                     raise OSError(errno.EMFILE, "queued descriptors would eat the broker's reserve")
         except OSError as err:
-            for fd in dups:
-                _close(fd)
+            self._discard(dups)
             log.warning(
                 "pid %d does not read its conduit and %d descriptor(s) cannot be queued (%s); dropping it",
                 self.identity.pid,
@@ -184,8 +313,8 @@ class Connection:
                 log.info("conduit write to pid %d failed: %s", self.identity.pid, err)
                 self.close()
                 return
-            for fd in fds:
-                _close(fd)
+            # Duplicates of the broker's entries: closing one may drop the last reference once the entry is gone.
+            self._discard(fds)
             self._out_fds -= len(fds)
             self._out_bytes -= n
             if n < len(data):
@@ -205,15 +334,22 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self.loop.remove_reader(self._fd)
+        if self._resume_handle is not None:
+            self._resume_handle.cancel()
+            self._resume_handle = None
+        if not self._paused:
+            self.loop.remove_reader(self._fd)
         if self._writing:
             self.loop.remove_writer(self._fd)
         for _, fds in self._out:
-            for fd in fds:
-                _close(fd)
+            self._discard(fds)
         self._out.clear()
+        self._out_fds = self._out_bytes = 0
         self._decoder.close()
-        self.sock.close()
+        self._account()
+        # The socket's receive queue may still hold descriptors a client sent: the last close of the socket
+        # releases them, which can block like closing them one by one.
+        self._discard(self.sock.detach())
         self._on_close(self)
 
 
@@ -249,7 +385,7 @@ class Listener:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 pid, uid, gid = struct.unpack("3i", creds)
             except OSError:
-                conn.close()
+                closer.discard(conn.detach())  # its receive queue may hold a client's descriptors
                 continue
             self._on_connect(conn, Identity(pid, uid, gid))
 
@@ -263,8 +399,8 @@ class Listener:
         self.sock.close()
 
 
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+def _hung_up(fd: int) -> bool:
+    """Has the peer of stream socket ``fd`` closed both directions (``POLLHUP``)? Never blocks."""
+    p = select.poll()
+    p.register(fd, select.POLLHUP)
+    return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in p.poll(0))

@@ -65,6 +65,10 @@ class Limits:
     max_prefetch_tokens_per_uid: int = 4096
     max_watchers_per_uid: int = 64
     max_anonymous_watchers: int = 64  # anonymous watch streams in all (gRPC cannot tell their uid apart)
+    # Descriptors a uid has in flight on the conduit: held in its incomplete frames plus waiting in the closer.
+    # At the limit the broker stops reading that uid's connections (no error: it just waits), see
+    # docs/conduit-protocol.md.
+    max_fds_in_flight_per_uid: int = 1024
 
 
 @dataclass(slots=True, frozen=True)

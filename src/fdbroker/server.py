@@ -227,6 +227,7 @@ class BrokerServer:
 
     def _on_connect(self, sock: socket.socket, identity: Identity) -> None:
         assert self.broker is not None
+        broker = self.broker
         loop = asyncio.get_running_loop()
         conn = Connection(
             loop,
@@ -235,6 +236,7 @@ class BrokerServer:
             self._on_frame,
             self._on_conn_close,
             max_frame_bytes=self.opts.max_frame_bytes,
+            max_fds_in_flight=lambda: broker.policy.limits.max_fds_in_flight_per_uid,
         )
         try:
             session = self.broker.open_session(identity, conn)

@@ -15,6 +15,12 @@ read,
 in order, each frame claiming exactly its ``fd_count``. A frame that claims more than are there is refused
 (the
 ones it got are closed); descriptors no frame claims are unsolicited and closed.
+
+Descriptors that arrive with a read in which *no* frame starts (every byte of it belongs to a frame that began
+earlier) cannot belong to anything: a conforming sender never produces them. The decoder closes them and treats
+the stream as broken, so that a receiver holds at most the descriptors of the one frame in progress (at most
+253) however a peer splits its bytes: without that rule, a length prefix followed by 1-byte sends that each
+carry 253 descriptors would pin descriptors without bound while the frame stays incomplete.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -72,20 +78,29 @@ def encode_frame(
     return _PREFIX.pack(n) + body
 
 
+CloseFds = Callable[[list[int]], None]
+"""How a receiver gets rid of descriptors it will not hand on: takes ownership of every one in the list.
+The default, :func:`~fdbroker.conduit.receive.close_fds`, closes them at once; the broker passes a callable
+that closes them off its event loop (``fdbroker.closer``)."""
+
+
 @dataclass
 class Frame:
     """One received frame and its descriptors (exactly ``message.fd_count``, close-on-exec).
 
-    The caller owns ``fds``: keep them, or call :meth:`close_fds`.
+    The caller owns ``fds``: keep them, or call :meth:`close_fds`. ``closer`` is how :meth:`close_fds` gets rid
+    of them: the ``close`` callable of the :class:`FrameDecoder` that produced the frame.
     """
 
     message: pb.ConduitFrame
     fds: list[int] = field(default_factory=list)
+    closer: CloseFds = field(default=close_fds, repr=False, compare=False)
 
     def close_fds(self) -> None:
-        """Closes every descriptor of the frame (errors ignored) and empties :attr:`fds`."""
+        """Hands every descriptor of the frame to :attr:`closer` (errors ignored) and empties :attr:`fds`."""
         fds, self.fds = self.fds, []
-        close_fds(fds)
+        if fds:
+            self.closer(fds)
 
 
 class _Batch:
@@ -103,12 +118,19 @@ class FrameDecoder:
     """Turns the results of ``recvmsg`` calls into frames, attributing descriptors by the rule above.
 
     Sans-I/O: the blocking, asyncio and broker event-loop readers all feed it. Not thread-safe.
+
+    It holds at most the descriptors of one ``recvmsg`` (at most 253), those of the frame in progress: a read
+    with descriptors in which no frame starts is fatal (see :meth:`feed`).
     """
 
-    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES, *, close: CloseFds = close_fds) -> None:
+        """``close`` gets every descriptor the decoder drops (unsolicited, refused, held at :meth:`close` or
+        at a fatal error) and becomes the ``closer`` of the frames it returns; it must take ownership of them.
+        """
         if max_frame_bytes < 1:
             raise ValueError("max_frame_bytes must be at least 1")
         self.max_frame_bytes = max_frame_bytes
+        self._close = close
         self._buf = bytearray()
         self._base = 0  # stream offset of _buf[0], i.e. of the next frame's first byte
         self._batches: collections.deque[_Batch] = collections.deque()
@@ -121,41 +143,87 @@ class FrameDecoder:
 
     @property
     def pending_fds(self) -> int:
-        """Descriptors held for frames not yet complete."""
+        """Descriptors held for frames not yet complete (at most 253)."""
         return sum(len(b.fds) for b in self._batches)
 
+    @property
+    def frame_remaining(self) -> int:
+        """Bytes a reader may take without reaching the first byte of the next frame: 0 at a frame boundary,
+        the rest of the length prefix while it is incomplete, else the rest of the frame in progress.
+
+        A conforming sender attaches no descriptor to those bytes, so a read of at most this many bytes cannot
+        legitimately bring any (the broker reads this way while a uid is over its descriptor cap).
+        """
+        have = len(self._buf)
+        if have == 0 or self._broken is not None:
+            return 0
+        if have < 4:
+            return 4 - have
+        n: int = _PREFIX.unpack_from(self._buf)[0]
+        return max(0, 4 + n - have)
+
     def close(self) -> None:
-        """Closes every descriptor the decoder still holds and drops buffered bytes. Idempotent."""
+        """Hands every descriptor the decoder still holds to its ``close`` callable and drops buffered bytes.
+        Idempotent."""
         batches, self._batches = self._batches, collections.deque()
         for b in batches:
-            close_fds(b.fds)
+            if b.fds:
+                self._close(b.fds)
         self._buf.clear()
 
-    def _fatal(self, msg: str) -> ConduitError:
+    def _fatal(self, msg: str, why: str = "the stream is out of sync") -> ConduitError:
         self.close()
-        self._broken = ConduitError(
-            ErrType.BAD_FRAME, msg + "; the stream is out of sync, drop the connection"
-        )
+        self._broken = ConduitError(ErrType.BAD_FRAME, f"{msg}; {why}, drop the connection")
         return self._broken
+
+    def _frame_starts_in(self, data: bytes | bytearray) -> bool:
+        """Does a frame's first byte lie in ``data``, the next bytes of the stream?"""
+        if not data:
+            return False
+        have = len(self._buf)
+        if have == 0:
+            return True  # data[0] is the next frame's first byte
+        head = self._buf[:4] if have >= 4 else bytes(self._buf) + bytes(data[: 4 - have])
+        if len(head) < 4:
+            return False  # still inside the length prefix of the frame in progress
+        n: int = _PREFIX.unpack_from(head)[0]
+        if n == 0 or n > self.max_frame_bytes:
+            return True  # a bad length; _parse reports it
+        return 4 + n - have < len(data)  # the frame in progress ends inside data, and the next one begins
 
     def feed(self, data: bytes | bytearray, fds: Sequence[int] = ()) -> list[Frame | ConduitError]:
         """Takes the bytes and descriptors of one ``recvmsg`` (the decoder owns ``fds`` from now on).
 
         Returns what this data completed, in order: :class:`Frame` (the caller owns its ``fds``), or a
-        non-fatal ``ConduitError`` whose descriptors were already closed — ``NO_FD`` (a frame claimed more
-        descriptors than came with it; the frame is dropped) or ``BAD_CTRL_MESG`` (unsolicited descriptors).
-        The connection can go on after those.
+        non-fatal ``ConduitError`` whose descriptors were already given to ``close`` — ``NO_FD`` (a frame
+        claimed more descriptors than came with it; the frame is dropped) or ``BAD_CTRL_MESG`` (descriptors
+        that came with a frame's first byte but that no frame claimed). The connection can go on after those.
 
-        Raises ``ConduitError(BAD_FRAME)`` for fatal problems — a length of 0 or over ``max_frame_bytes``, a
-        body that is not a ``ConduitFrame``, ``fd_count`` over 253 — after closing every descriptor it holds;
-        the caller must drop the connection (later calls raise the same error and close what they are given).
+        Raises ``ConduitError(BAD_FRAME)`` for fatal problems — descriptors with a read in which no frame
+        starts, more than 253 descriptors in one read, a length of 0 or over ``max_frame_bytes``, a body that
+        is not a ``ConduitFrame``, ``fd_count`` over 253 — after giving every descriptor it holds or was given
+        to ``close``; the caller must drop the connection (later calls raise the same error and close what
+        they are given).
         """
         if self._broken is not None:
-            close_fds(tuple(fds))
+            if fds:
+                self._close(list(fds))
             raise self._broken
         buf = self._buf
         start = self._base + len(buf)
         if fds:
+            n = len(fds)
+            if n > SCM_MAX_FD:
+                self._close(list(fds))
+                raise self._fatal(f"{n} descriptors arrived with one read, more than {SCM_MAX_FD}")
+            if not self._frame_starts_in(data):
+                self._close(list(fds))
+                raise self._fatal(
+                    f"{n} unsolicited descriptor(s) arrived with bytes {start}..{start + len(data)} of the "
+                    f"stream, inside the frame that began at byte {self._base}; descriptors ride only on a "
+                    "frame's first byte, so they were closed",
+                    "the peer does not follow the protocol",
+                )
             self._batches.append(_Batch(start, start + len(data), list(fds)))
         buf += data
         out: list[Frame | ConduitError] = []
@@ -193,16 +261,17 @@ class FrameDecoder:
             while batches and batches[0].end <= frame_start:
                 b = batches.popleft()
                 if b.fds:
-                    out.append(_unsolicited(b))
+                    out.append(self._unsolicited(b))
             if want == 0:
-                out.append(Frame(msg, []))
+                out.append(Frame(msg, [], self._close))
                 continue
             owner = batches[0] if batches and batches[0].start <= frame_start else None
             if owner is None or len(owner.fds) < want:
                 got: list[int] = []
                 if owner is not None:
                     got, owner.fds = owner.fds, []
-                close_fds(got)
+                if got:
+                    self._close(got)
                 out.append(
                     ConduitError(
                         ErrType.NO_FD,
@@ -212,19 +281,17 @@ class FrameDecoder:
                 )
                 continue
             mine, owner.fds = owner.fds[:want], owner.fds[want:]
-            out.append(Frame(msg, mine))
+            out.append(Frame(msg, mine, self._close))
         # Batches whose bytes are all consumed: no frame can still start in them.
         while batches and batches[0].end <= self._base:
             b = batches.popleft()
             if b.fds:
-                out.append(_unsolicited(b))
+                out.append(self._unsolicited(b))
 
-
-def _unsolicited(b: _Batch) -> ConduitError:
-    n = len(b.fds)
-    close_fds(b.fds)
-    b.fds = []
-    return ConduitError(ErrType.BAD_CTRL_MESG, f"{n} unsolicited descriptor(s) closed")
+    def _unsolicited(self, b: _Batch) -> ConduitError:
+        fds, b.fds = b.fds, []
+        self._close(fds)
+        return ConduitError(ErrType.BAD_CTRL_MESG, f"{len(fds)} unsolicited descriptor(s) closed")
 
 
 class FrameReader:

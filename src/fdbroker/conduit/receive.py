@@ -12,6 +12,7 @@ import array
 import os
 import socket
 import struct
+from collections.abc import Callable
 from functools import lru_cache
 
 from .errors import ConduitError, ErrType, error_from_oserror
@@ -69,21 +70,32 @@ def recv_fds_nonblocking(sock: socket.socket, bufsize: int, maxfds: int) -> tupl
     return data, _fds_from_ancdata(ancdata, flags, maxfds, data)
 
 
-def recv_fds_into(sock: socket.socket, buf: bytearray, maxfds: int) -> tuple[int, list[int]]:
+def recv_fds_into(
+    sock: socket.socket,
+    buf: bytearray | memoryview,
+    maxfds: int,
+    *,
+    close: Callable[[list[int]], None] = close_fds,
+) -> tuple[int, list[int]]:
     """Like :func:`recv_fds_nonblocking`, but reads into the caller's ``buf`` and returns ``(nbytes, fds)``.
 
     For hot loops: a fresh ``recvmsg(bufsize)`` allocates ``bufsize`` bytes per call, which for 64 KiB and more
     means an mmap/munmap (and page faults) per message; a reused buffer costs nothing. Same errors and
-    descriptor ownership as :func:`recv_fds_nonblocking` (``0`` bytes means EOF).
+    descriptor ownership as :func:`recv_fds_nonblocking` (``0`` bytes means EOF), except that the descriptors
+    of a bad control message are given to ``close`` (which takes ownership; default: closed at once).
     """
     n, ancdata, flags, _ = sock.recvmsg_into((buf,), _ancbufsize(maxfds), socket.MSG_CMSG_CLOEXEC)
     if not ancdata and not flags & socket.MSG_CTRUNC:
         return n, []
-    return n, _fds_from_ancdata(ancdata, flags, maxfds, bytes(buf[:n]))
+    return n, _fds_from_ancdata(ancdata, flags, maxfds, bytes(buf[:n]), close)
 
 
 def _fds_from_ancdata(
-    ancdata: list[tuple[int, int, bytes]], flags: int, maxfds: int, data: bytes
+    ancdata: list[tuple[int, int, bytes]],
+    flags: int,
+    maxfds: int,
+    data: bytes,
+    close: Callable[[list[int]], None] = close_fds,
 ) -> list[int]:
     fds: list[int] = []
     foreign = 0
@@ -106,7 +118,7 @@ def _fds_from_ancdata(
     elif len(fds) > maxfds:
         problem = f"{len(fds)} descriptors arrived where at most {maxfds} were expected"
     if problem:
-        close_fds(fds)
+        close(fds)
         raise ConduitError(
             ErrType.BAD_CTRL_MESG, problem + "; every descriptor that arrived was closed", data=data
         )
