@@ -320,7 +320,7 @@ class RunDir:
         raises :class:`RunDirError` naming the offending path, its owner and mode."""
         euid = os.geteuid()
         try:
-            return open_dir(path, trusted={0, euid}, owners={euid}, create_mode=dir_mode)
+            fd = open_dir(path, trusted={0, euid}, owners={euid}, create_mode=dir_mode)
         except UnsafeRunDir as e:
             raise UnsafeRunDir(
                 _broker_refusal(Path(path), e, euid),
@@ -337,6 +337,14 @@ class RunDir:
                     errno=e.errno,
                 ) from None
             raise
+        if not os.path.isdir(proc_path(fd, "")):
+            os.close(fd)
+            raise RunDirError(
+                f"cannot serve from {path}: /proc is not mounted, and the broker binds its sockets through "
+                "/proc/self/fd/N (the run directory's descriptor); mount /proc",
+                errno=errno.ENOENT,
+            )
+        return fd
 
     @classmethod
     def claim(cls, path: Path, *, dir_mode: int = 0o755) -> RunDir:
@@ -520,5 +528,5 @@ def _remove_stale_socket(path: Path, dir_fd: int, name: str) -> None:
     except OSError as e:
         if e.errno != errno.ENOENT:
             raise RunDirError(
-                f"cannot remove stale socket {path / name}: {e.strerror}", errno=e.errno
+                f"cannot remove stale socket {path / name}: {e.strerror}", errno=e.errno or 0
             ) from None
