@@ -717,7 +717,9 @@ def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for(lambda: fdb(run_dir, "stat", "web/https").returncode == 0, "the binder's deposit")
+        # This probe runs as root: like the Pod's clients, it trusts the broker's uid to serve the run dir.
+        trust = {"FDBROKER_TRUST_UID": str(broker_c["securityContext"]["runAsUser"])}
+        wait_for(lambda: fdb(run_dir, "stat", "web/https", env=trust).returncode == 0, "the binder's deposit")
 
         app_argv = [py if a == "python3" else a for a in app_c["command"]]
         app = subprocess.Popen(

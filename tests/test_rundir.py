@@ -196,7 +196,7 @@ def test_refuses_a_file(tmp_path: Path) -> None:
     assert ei.value.code == Code.INVALID_ARGUMENT
 
 
-def test_refuses_world_writable_without_sticky(tmp_path: Path) -> None:
+def test_refuses_writable_by_others_even_sticky(tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     os.chmod(run, 0o777)
@@ -207,9 +207,30 @@ def test_refuses_world_writable_without_sticky(tmp_path: Path) -> None:
     os.chmod(run, 0o775)
     with pytest.raises(RunDirError):
         RunDir.claim(run)
-    os.chmod(run, 0o1777)  # sticky: others cannot replace our files
+    # Sticky is not enough for the run directory itself: others could still create conduit.sock or
+    # control.sock while no broker serves, and clients would find theirs.
+    os.chmod(run, 0o1777)
+    with pytest.raises(RunDirError) as ei:
+        RunDir.claim(run)
+    assert "1777" in str(ei.value)
+    os.chmod(run, 0o755)
     with RunDir.claim(run):
         pass
+
+
+def test_sticky_parent_is_fine_for_our_own_directory(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # like /tmp, or a Kubernetes emptyDir
+    with RunDir.claim(shared / "run") as rd:
+        assert os.stat(rd.path).st_uid == os.geteuid()
+    os.chmod(shared, 0o777)  # without the sticky bit anyone could rename our directory away
+    with pytest.raises(RunDirError) as ei:
+        RunDir.claim(shared / "run")
+    assert (
+        f"{shared} (on the way to {shared / 'run'}) is writable by group or others without the sticky bit"
+        in (str(ei.value))
+    )
 
 
 def test_cannot_create(tmp_path: Path) -> None:
@@ -275,9 +296,10 @@ def _check_other_uid(run: Path) -> None:
     # Its own directory is fine for uid 65534.
     os.chown(run, 65534, 65534)
     assert _claim_as(65534, run) == "claimed"
-    # Root may use another uid's directory (e.g. one prepared for it by a deployment).
-    with RunDir.claim(run):
-        pass
+    # Root does not serve from another uid's directory: its owner could swap the sockets (tests/test_trust.py).
+    with pytest.raises(RunDirError) as ei:
+        RunDir.claim(run)
+    assert f"run directory {run} is owned by uid 65534, not by this broker's uid 0" in str(ei.value)
 
 
 def test_broker_pid_without_lock_file(tmp_path: Path) -> None:

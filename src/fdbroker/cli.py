@@ -894,7 +894,9 @@ exit codes:
   10  broker not running or unreachable
   11  out of range
   12  aborted or cancelled (retry)
-  13  any other error"""
+  13  any other error
+  14  refused the broker: another uid serves or controls the run directory
+      (nothing was sent; trust that uid with FDBROKER_TRUST_UID if it is yours)"""
 
 _CMD_EXIT = """
   126 CMD is not executable; 127 CMD not found
@@ -902,7 +904,9 @@ _CMD_EXIT = """
 
 _ENV = """
 environment:
-  FDBROKER_RUN_DIR   run directory (overridden by --run-dir)"""
+  FDBROKER_RUN_DIR    run directory (overridden by --run-dir)
+  FDBROKER_TRUST_UID  uids or user names (comma-separated) that may serve the run directory
+                      besides root and yourself, e.g. the broker's own system user"""
 
 
 def _page(desc: str, notes: str = "", example: str = "", exits: str = _COMMON_EXIT) -> dict[str, Any]:

@@ -93,6 +93,31 @@ class Unauthenticated(BrokerError):
     code = Code.UNAUTHENTICATED
 
 
+class UntrustedBroker(BrokerError):
+    """The client refused what serves the run directory, before sending it anything.
+
+    Raised when the conduit's peer (its ``SO_PEERCRED`` uid), the owner of ``control.sock``, or the owner of the
+    run directory or of a directory (or symlink) above it is a uid the client does not trust, or a directory on
+    the way is writable by others. A client trusts root, its own uid, and the uids it was told to trust
+    (``FDBROKER_TRUST_UID``, ``Client(trust_uids=...)``); see docs/policy.md, "Run directory and who serves it".
+
+    ``uid`` is the uid found, ``trusted`` the uids trusted (sorted), ``path`` what was checked.
+
+    Its code is ``UNAUTHENTICATED``, not ``PERMISSION_DENIED``: nobody denied the caller anything; the other side
+    failed to authenticate as a broker this client accepts. The broker never sends it (no status received maps
+    back to it), and the CLI exits with its own code, :data:`EXIT_UNTRUSTED`, so a script can tell "I refused
+    the broker" (14) from "the broker refused me" (7).
+    """
+
+    code = Code.UNAUTHENTICATED
+
+    def __init__(self, message: str, *, uid: int, trusted: tuple[int, ...], path: str = "") -> None:
+        super().__init__(message)
+        self.uid = uid
+        self.trusted = trusted
+        self.path = path
+
+
 class ResourceExhausted(BrokerError):
     """A quota or the broker's descriptor limit was reached, or a watcher fell too far behind."""
 
@@ -193,8 +218,11 @@ EXIT_CODES: dict[Code, int] = {
     Code.CANCELLED: 12,
 }
 EXIT_OTHER = 13
+EXIT_UNTRUSTED = 14  # UntrustedBroker: the client refused the broker (its code alone would say 7)
 
 
 def exit_code_for(err: BrokerError) -> int:
     """The CLI exit code for an error (see docs/cli.md)."""
+    if isinstance(err, UntrustedBroker):
+        return EXIT_UNTRUSTED
     return EXIT_CODES.get(err.code, EXIT_OTHER)

@@ -421,14 +421,6 @@ def _wait_released(conn: FramedConduit, pidfd: int, pid: int, timeout: float) ->
     )
 
 
-def adopt_run_dir(run_dir: Path, lock_fd: int) -> None:
-    """After a takeover: record our pid in the lock file and remove the old broker's sockets."""
-    os.ftruncate(lock_fd, 0)
-    os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
-    for name in ("control.sock", "conduit.sock", HANDOVER_SOCKET):
-        remove_stale_socket(Path(run_dir) / name)
-
-
 def remove_stale_socket(p: Path) -> None:
     try:
         st = os.lstat(p)

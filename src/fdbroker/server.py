@@ -34,14 +34,13 @@ from fdbroker.fdstore import FdStore
 from fdbroker.handover import (
     HANDOVER_SOCKET,
     HandoverServer,
-    adopt_run_dir,
     continue_epochs,
     released,
     take_over,
 )
 from fdbroker.notify import sd_notify
 from fdbroker.policy import Identity, Policy
-from fdbroker.rundir import RunDir
+from fdbroker.rundir import CONDUIT_SOCKET, CONTROL_SOCKET, RunDir
 from fdbroker.servicer import FdBrokerServicer, add_to_server
 from fdbroker.sessions import Session
 from fdbroker.v1 import broker_pb2 as pb
@@ -154,19 +153,21 @@ class BrokerServer:
                 ),
                 server,
             )
-            server.add_insecure_port(f"unix:{self.rundir.control_path}")
+            # Both sockets are bound through the run directory's descriptor (/proc/self/fd/N/NAME), never
+            # through its path: they land in the directory RunDir checked, whatever its path leads to now.
+            server.add_insecure_port(f"unix:{self.rundir.address(CONTROL_SOCKET)}")
             await server.start()
             self.grpc_server = server
 
             lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            lsock.bind(str(self.rundir.conduit_path))
+            lsock.bind(self.rundir.address(CONDUIT_SOCKET))
             lsock.listen(512)
         finally:
             os.umask(old_umask)
-        for path in (self.rundir.control_path, self.rundir.conduit_path):
+        for name in (CONTROL_SOCKET, CONDUIT_SOCKET):
             if gid != -1:
-                os.chown(path, -1, gid)
-            os.chmod(path, opts.socket_mode)
+                os.chown(name, -1, gid, dir_fd=self.rundir.dir_fd, follow_symlinks=False)
+            os.chmod(name, opts.socket_mode, dir_fd=self.rundir.dir_fd)
         self.listener = Listener(loop, lsock, self._on_connect)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -175,7 +176,7 @@ class BrokerServer:
         rundir = self.rundir
         self.handover = HandoverServer(
             loop,
-            rundir.path / HANDOVER_SOCKET,
+            Path(rundir.address(HANDOVER_SOCKET)),
             broker.registry,
             lambda: broker.epochs,
             broker.clock,
@@ -199,9 +200,14 @@ class BrokerServer:
     def _take_over(self) -> RunDir:
         assert self.broker is not None
         run_dir = self.opts.run_dir
-        t = take_over(run_dir, self.broker.registry, timeout=self.opts.handover_timeout)
+        dir_fd = RunDir.open(run_dir)  # an unsafe run dir is refused while the old broker still serves
+        try:
+            t = take_over(run_dir, self.broker.registry, timeout=self.opts.handover_timeout)
+        except BaseException:
+            os.close(dir_fd)
+            raise
         self.broker.epochs = continue_epochs(t.epoch)
-        adopt_run_dir(run_dir, t.lock_fd)
+        rundir = RunDir.adopt(run_dir, dir_fd, t.lock_fd, stale=(HANDOVER_SOCKET,))
         log.info(
             "took over %d entries from pid %d in %.3f s (revision %d)",
             t.entries,
@@ -209,7 +215,7 @@ class BrokerServer:
             t.seconds,
             t.revision,
         )
-        return RunDir(run_dir, t.lock_fd)
+        return rundir
 
     def _commit_handover(self, conn: FramedConduit) -> None:
         """The successor has every entry: stop everything that could change the registry, now, then exit."""
@@ -307,7 +313,7 @@ class BrokerServer:
             self.broker.close()
         closer.drain(timeout=2.0)  # a lingering socket may take longer; the kernel finishes it at exit
         if self._handed_over is not None and self.rundir is not None:
-            os.close(self.rundir.lock_fd)  # the successor holds the same lock: no unlink, no release
+            self.rundir.abandon()  # the successor holds the same lock: no unlink, no release
             self.rundir = None
             released(self._handed_over)
             log.info("fdbroker handed over and stopped")

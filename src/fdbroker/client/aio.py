@@ -50,7 +50,10 @@ from fdbroker.client.core import (
     PrefetchedTokens,
     PrefetchPolicy,
     Received,
+    Trust,
+    TrustUids,
     close_mail,
+    connect_failure,
     deliveries,
     deposited_entries,
     error_from_frame,
@@ -58,6 +61,7 @@ from fdbroker.client.core import (
     fileno_of,
     lease_request,
     put_request,
+    socket_address,
     sort_frame,
     wrap_fd,
 )
@@ -81,6 +85,8 @@ class Client:
     ``run_dir``: the broker's run directory (default: ``FDBROKER_RUN_DIR``, else the per-user default).
     ``timeout``: seconds for each call. ``prefetch``: GET tokens to ask for on each ``get`` RPC so repeated gets
     of the same name cost one conduit round trip instead of an RPC (None: adaptive, as :class:`fdbroker.Client`).
+    ``trust_uids``: who besides root and this process's uid may serve the run directory, checked before anything
+    is sent, as :class:`fdbroker.Client` (default: ``$FDBROKER_TRUST_UID``).
     Concurrent gets of one name share a prefetching RPC in flight instead of each asking for its own tokens.
 
     Create and use it inside one event loop. ``stats`` counts ``get_rpcs``, ``batch_get_rpcs`` and ``redeems``
@@ -93,13 +99,16 @@ class Client:
         *,
         timeout: float = 10.0,
         prefetch: int | None = None,
+        trust_uids: TrustUids | None = None,
     ) -> None:
         self.paths = Paths.resolve(run_dir)
+        self.trust = Trust(trust_uids)
         self.timeout = timeout
         self.prefetch = prefetch
         self.token_ttl = 5.0
         self.identity: tuple[int, int, int] | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+        self._dir_fd = -1  # the run directory, opened (and checked) on first use; we connect through it
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
         self._closed = False
@@ -148,6 +157,15 @@ class Client:
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close()
+        if self._dir_fd >= 0:  # after the channel: it connects through the descriptor
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
+    def _run_dir_fd(self) -> int:
+        """The run directory's descriptor, opened (and checked: :meth:`Trust.open_run_dir`) once."""
+        if self._dir_fd < 0:
+            self._dir_fd = self.trust.open_run_dir(self.paths)
+        return self._dir_fd
 
     @property
     def session_id(self) -> str | None:
@@ -155,11 +173,15 @@ class Client:
 
     @property
     def stub(self) -> Any:
-        """The ``fdbroker.v1.FdBroker`` stub on this client's channel (created on first use, in the loop)."""
+        """The ``fdbroker.v1.FdBroker`` stub on this client's channel (created on first use, in the loop, once
+        the run directory and the owner of ``control.sock`` passed the trust checks)."""
         if self._closed:
             raise Cancelled("this fdbroker.aio.Client is closed; create a new one")
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(f"unix://{self.paths.control}")
+            dir_fd = self._run_dir_fd()
+            self.trust.check_control(self.paths, dir_fd)
+            target = socket_address(dir_fd, self.paths.control)
+            self._channel = grpc.aio.insecure_channel(f"unix:{target}")
             self._stub = pb_grpc.FdBrokerStub(self._channel)
         return self._stub
 
@@ -174,11 +196,13 @@ class Client:
             if self._closed:
                 raise Cancelled("this fdbroker.aio.Client is closed; create a new one")
             await self._drop_session(self._dead or Aborted("the session was replaced"))
+            address = socket_address(self._run_dir_fd(), self.paths.conduit)
             try:
-                conduit = await AsyncFramedConduit.open(str(self.paths.conduit), timeout=self.timeout)
+                conduit = await AsyncFramedConduit.open(address, timeout=self.timeout)
             except ConduitError as err:
-                raise self.paths.not_running(str(err)) from None
+                raise self.paths.not_running(connect_failure(self.paths, err)) from None
             try:
+                self.trust.check_peer(self.paths, conduit.peer_credentials())
                 frame = await conduit.recv(timeout=self.timeout)
             except ConduitError as err:
                 conduit.close()

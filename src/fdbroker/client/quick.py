@@ -12,7 +12,16 @@ from __future__ import annotations
 import itertools
 import os
 
-from fdbroker.client.core import Entry, Info, Paths, error_from_frame
+from fdbroker.client.core import (
+    Entry,
+    Info,
+    Paths,
+    Trust,
+    TrustUids,
+    connect_failure,
+    error_from_frame,
+    socket_address,
+)
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import FramedConduit
 from fdbroker.errors import Aborted, Unavailable
@@ -26,23 +35,38 @@ class Listing(list[Entry]):
 
 
 class QuickClient:
-    """A conduit session used only for ``list``, ``stat`` and ``info``. Use it with ``with``, or call close()."""
+    """A conduit session used only for ``list``, ``stat`` and ``info``. Use it with ``with``, or call close().
 
-    def __init__(self, run_dir: str | os.PathLike[str] | None = None, *, timeout: float = 10.0) -> None:
+    Trusts the broker as :class:`fdbroker.Client` does (``trust_uids``, ``$FDBROKER_TRUST_UID``), checked before
+    anything is sent."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = 10.0,
+        trust_uids: TrustUids | None = None,
+    ) -> None:
         self.paths = Paths.resolve(run_dir)
+        self.trust = Trust(trust_uids)
         self.timeout = timeout
         self._ids = itertools.count(1)
+        dir_fd = self.trust.open_run_dir(self.paths)
         try:
-            self._conduit = FramedConduit.connect(str(self.paths.conduit), timeout=timeout)
-        except (FileNotFoundError, ConnectionRefusedError) as err:
-            raise self.paths.not_running(f"{self.paths.conduit}: {err.strerror}") from None
+            self._conduit = FramedConduit.connect(socket_address(dir_fd, self.paths.conduit), timeout=timeout)
         except ConduitError as err:
-            raise self.paths.not_running(str(err)) from None
+            raise self.paths.not_running(connect_failure(self.paths, err)) from None
+        finally:
+            os.close(dir_fd)  # only the connection matters from here on
         try:
+            self.trust.check_peer(self.paths, self._conduit.peer_credentials())
             first = self._conduit.recv(timeout=timeout)
         except ConduitError as err:
             self._conduit.close()
             raise Unavailable(f"the broker at {self.paths.run_dir} closed the conduit: {err}") from None
+        except BaseException:
+            self._conduit.close()
+            raise
         first.close_fds()
         if first.message.WhichOneof("body") == "error":
             self._conduit.close()

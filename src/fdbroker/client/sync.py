@@ -16,6 +16,7 @@ Descriptor ownership, for every call:
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,16 +36,20 @@ from fdbroker.client.core import (
     PrefetchedTokens,
     PrefetchPolicy,
     Received,
+    Trust,
+    TrustUids,
+    connect_failure,
     error_from_frame,
     error_from_rpc,
     fileno_of,
     lease_request,
     put_request,
+    socket_address,
     wrap_fd,
 )
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import SCM_MAX_FD, FramedConduit
-from fdbroker.errors import Aborted, BrokerError, DeadlineExceeded, NotFound, Unavailable
+from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded, NotFound, Unavailable
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -67,6 +72,10 @@ class Client:
     ``timeout``: seconds for each call. ``prefetch``: GET tokens to ask for on each ``get`` RPC so repeated gets
     of the same name cost one conduit round trip instead of an RPC (None: adaptive, 0 after the first get of a
     name, up to 64 while a name keeps being fetched).
+    ``trust_uids``: uids (or user names) besides root and this process's own uid that may serve the run
+    directory (default: ``$FDBROKER_TRUST_UID``, comma-separated). Before it sends anything, the client checks
+    the run directory's owners, the conduit's ``SO_PEERCRED`` and ``control.sock``'s owner against them, and
+    raises :class:`~fdbroker.errors.UntrustedBroker` otherwise (see :class:`fdbroker.client.core.Trust`).
     """
 
     def __init__(
@@ -75,12 +84,19 @@ class Client:
         *,
         timeout: float = 10.0,
         prefetch: int | None = None,
+        trust_uids: TrustUids | None = None,
     ) -> None:
         self.paths = Paths.resolve(run_dir)
+        self.trust = Trust(trust_uids)
         self.timeout = timeout
         self.prefetch = prefetch
-        self._channel = grpc.insecure_channel(f"unix://{self.paths.control}")
-        self._stub = pb_grpc.FdBrokerStub(self._channel)
+        # Opened on first use, after the trust checks: the run directory's descriptor (we connect through it)
+        # and the gRPC channel.
+        self._dir_fd = -1
+        self._channel: grpc.Channel | None = None
+        self._grpc_stub: Any = None
+        self._setup_lock = threading.Lock()
+        self._closed = False
         self._conduit: FramedConduit | None = None
         self._session_id: str | None = None
         self._connect_lock = threading.Lock()
@@ -112,7 +128,37 @@ class Client:
             self._conduit.close()
             self._conduit = None
         self._session_id = None
-        self._channel.close()
+        with self._setup_lock:
+            self._closed = True
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = self._grpc_stub = None
+            if self._dir_fd >= 0:  # after the channel: it connects through the descriptor
+                os.close(self._dir_fd)
+                self._dir_fd = -1
+
+    def _run_dir_fd(self) -> int:
+        """The run directory's descriptor, opened (and checked) once. Call with ``_setup_lock`` held."""
+        if self._closed:
+            raise Cancelled("this fdbroker.Client is closed; create a new one")
+        if self._dir_fd < 0:
+            self._dir_fd = self.trust.open_run_dir(self.paths)
+        return self._dir_fd
+
+    @property
+    def _stub(self) -> Any:
+        """The ``FdBroker`` stub. The first use checks who owns ``control.sock`` before gRPC connects at all."""
+        stub = self._grpc_stub
+        if stub is None:
+            with self._setup_lock:
+                if self._grpc_stub is None:
+                    dir_fd = self._run_dir_fd()
+                    self.trust.check_control(self.paths, dir_fd)
+                    target = socket_address(dir_fd, self.paths.control)
+                    self._channel = grpc.insecure_channel(f"unix:{target}")
+                    self._grpc_stub = pb_grpc.FdBrokerStub(self._channel)
+                stub = self._grpc_stub
+        return stub
 
     @property
     def session_id(self) -> str | None:
@@ -127,17 +173,21 @@ class Client:
                 return self._session_id
             if self._conduit is not None:
                 self._conduit.close()
+            with self._setup_lock:
+                address = socket_address(self._run_dir_fd(), self.paths.conduit)
             try:
-                conduit = FramedConduit.connect(str(self.paths.conduit), timeout=self.timeout)
-            except (FileNotFoundError, ConnectionRefusedError) as err:
-                raise self.paths.not_running(err.strerror or "") from None
+                conduit = FramedConduit.connect(address, timeout=self.timeout)
             except ConduitError as err:
-                raise self.paths.not_running(str(err)) from None
+                raise self.paths.not_running(connect_failure(self.paths, err)) from None
             try:
+                self.trust.check_peer(self.paths, conduit.peer_credentials())
                 frame = conduit.recv(timeout=self.timeout)
             except ConduitError as err:
                 conduit.close()
                 raise Unavailable(f"the broker at {self.paths.run_dir} closed the conduit: {err}") from None
+            except BaseException:
+                conduit.close()
+                raise
             frame.close_fds()
             kind = frame.message.WhichOneof("body")
             if kind == "error":
