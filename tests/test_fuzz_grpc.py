@@ -252,6 +252,7 @@ class Target:
         self.problems: list[str] = []
         self.last_case: Case | None = None
         self.quiet = False  # while minimizing: breakage is expected, do not report it again
+        self.granted: set[str] = set()  # lease ids our session got from a case
         self._start()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -424,6 +425,8 @@ class Target:
             except DecodeError as err:
                 raise Finding("unparsable response", f"{case.method}: {err}") from None
             parsed.append(msg)
+        if case.session == "real":  # leases granted now are released before the next case
+            self.granted.update(lid for r in parsed for lid in _lease_ids(r))
         # What a client does next goes first: what it does to the broker matters more than the acceptance.
         if case.session == "real":
             self.complete_handoffs(case, parsed)
@@ -452,6 +455,8 @@ class Target:
             try:
                 self.ctl.call("Stat", pb.StatRequest(name=name))
             except grpc.RpcError as err:
+                if err.code() not in BAD:  # NOT_FOUND: a short TTL already expired it
+                    continue
                 raise Finding(
                     "stored entry breaks Stat", f"{name!r}: Stat answers {err.code().name}: {err.details()}"
                 ) from None
@@ -480,6 +485,10 @@ class Target:
         except grpc.RpcError as err:
             self.restart(f"{err.code().name}: {err.details()}")
             return
+        for lid in self.granted - set(self.ctx.lease_ids):
+            with contextlib.suppress(grpc.RpcError):
+                self.ctl.call("Release", pb.ReleaseRequest(lease_id=lid), self.conduit.session_id)
+        self.granted.clear()
         self.drain()
         names = {e.name for e in entries}
         for name in names - set(FIXTURE_NAMES):
@@ -534,6 +543,18 @@ def _last_error(log: str) -> str:
     lines = [ln for ln in log.splitlines() if ln and not ln.startswith((" ", "Traceback"))]
     errors = [ln for ln in lines if "Error" in ln or "ERROR" in ln]
     return (errors[-1] if errors else "nothing logged")[-400:]
+
+
+def _lease_ids(msg: Message) -> list[str]:
+    """Every ``lease_id`` string anywhere in ``msg``."""
+    out: list[str] = []
+    for f, value in msg.ListFields():
+        if f.name == "lease_id" and isinstance(value, str):
+            out.append(value)
+        elif f.message_type is not None and not f.message_type.GetOptions().map_entry:
+            for v in value if is_repeated(f) else [value]:
+                out.extend(_lease_ids(v))
+    return out
 
 
 def _handoffs(msg: Message) -> list[pb.Handoff]:

@@ -56,6 +56,7 @@ MAX_FRAME = 65536
 BODY_FIELDS = list(pb.ConduitFrame.DESCRIPTOR.oneofs_by_name["body"].fields)
 BAD_CODES = {2: "UNKNOWN", 13: "INTERNAL"}
 ANSWER_TIMEOUT = 5.0
+ANSWERED = ("deposit", "redeem", "ack")  # and query (QueryResult), ping (Pong): checked by id and nonce
 PROBE_GRACE = 15.0  # seconds a refused descriptor may stay open (its connection may still hold it)
 MAX_ANOMALIES = 300
 
@@ -409,9 +410,10 @@ class Fuzzer:
                     check = True
                 elif kind == "ping" and nfds == 0:
                     c.pings[m.ping.nonce] = describe_frame(m)
-                else:
-                    # Every client frame gets an answer, but Redeem and Ack frames with no token.
-                    check = not (kind in ("redeem", "ack") and not getattr(m, kind).tokens)
+                elif kind in ANSWERED:
+                    # The protocol promises an answer to these (docs/conduit-protocol.md §3.5); a Redeem or an
+                    # Ack answers per token, so one with no token has nothing to answer.
+                    check = kind == "deposit" or bool(getattr(m, kind).tokens)
                     check = check and self.rng.random() < 0.5
             before = c.answers
             c.send(data, fds)
