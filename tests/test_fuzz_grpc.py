@@ -3,10 +3,10 @@
 The RPCs come from the service descriptor, so a new RPC is fuzzed without touching this file. For each one,
 two tests against a fresh broker:
 
-* ``test_rpc_fuzz_requests``: Hypothesis-built requests (see tests/fuzzutil.py): huge, negative and
-  out-of-range Durations and Timestamps, nested and garbage page tokens, long and malformed names, odd labels
+* ``test_rpc_fuzz_requests``: plausible requests with a few hostile fields (tests/fuzzutil.py): huge,
+  negative and out-of-range Durations and Timestamps, nested and garbage page tokens, long and malformed names, odd labels
   and selectors, unknown enum values, big repeated fields, unknown fields appended; called anonymously, with a
-  real session (a raw conduit of our own), a made-up one and one that has ended.
+  real session (a raw conduit of our own), a made-up one, one that has ended and an odd-looking one.
 * ``test_rpc_fuzz_undecodable``: bodies that are not the request message at all (wire-level garbage, damaged
   serializations, noise), sent through a generic ``unary_unary``/``stream_stream`` with identity serializers.
 
