@@ -952,6 +952,11 @@ class Broker:
                 raise InvalidArgument(f"unknown query {which or '(empty)'}; see Query in the proto")
         except BrokerError as err:
             r.error.CopyFrom(_error_pb(err))
+        except Exception:  # a bug: still answer the query (the RPC path answers INTERNAL the same way)
+            log.exception("internal error answering a conduit query")
+            r.error.CopyFrom(
+                pb.Error(code=int(Code.INTERNAL), message="internal error in the broker; see its log")
+            )
         return r
 
     def close(self) -> None:
