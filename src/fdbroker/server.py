@@ -18,6 +18,7 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from fdbroker import __version__, closer
 from fdbroker.broker import Broker, BrokerConfig
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame, FramedConduit
 from fdbroker.conduit_server import Connection, Listener
-from fdbroker.errors import BrokerError
+from fdbroker.errors import BrokerError, InvalidArgument
 from fdbroker.fdstore import FdStore
 from fdbroker.handover import (
     HANDOVER_SOCKET,
@@ -64,6 +65,35 @@ class ServeOptions:
     takeover: bool = False  # receive the entries of the broker serving run_dir (docs/survival.md)
     handover_timeout: float = 30.0
     fdstore: bool = False  # keep entries in systemd's file-descriptor store (docs/survival.md)
+
+
+def _socket_gid(group: str | None) -> int:
+    """The gid for ``--socket-group`` (-1: leave the sockets' group alone); :class:`InvalidArgument` if unknown."""
+    if group is None:
+        return -1
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidArgument(
+            f"--socket-group {group!r}: no such group (give a group name or a numeric gid)"
+        ) from None
+
+
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number in [low, high], with an error that says so."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"{text} is outside {low:g}..{high:g}")
+        return value
+
+    return parse
 
 
 def raise_nofile_limit() -> int:
@@ -102,6 +132,7 @@ class BrokerServer:
     async def start(self) -> None:
         opts = self.opts
         policy = self._load_policy()
+        gid = _socket_gid(opts.socket_group)  # every option is checked before the run directory is touched
         if not opts.takeover:
             self.rundir = RunDir.claim(opts.run_dir)
         nofile = raise_nofile_limit()
@@ -124,14 +155,6 @@ class BrokerServer:
         assert self.rundir is not None
         if opts.fdstore:
             self.fdstore = FdStore.open(self.broker, self.rundir.path)
-
-        gid = -1
-        if opts.socket_group is not None:
-            gid = (
-                grp.getgrnam(opts.socket_group).gr_gid
-                if not opts.socket_group.isdigit()
-                else int(opts.socket_group)
-            )
 
         old_umask = os.umask(0o177)  # no window in which a socket is more open than asked for
         try:
@@ -361,14 +384,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-ttl",
         metavar="SECONDS",
-        type=float,
+        type=_bounded(float, 0.01, 3600),
         default=5.0,
-        help="lifetime of a handoff token (default 5)",
+        help="lifetime of a handoff token, 0.01..3600 (default 5)",
     )
     parser.add_argument(
         "--reserve-fds",
         metavar="N",
-        type=int,
+        type=_bounded(int, 20, 1 << 20),
         default=100,
         help="descriptors kept back from RLIMIT_NOFILE for the broker itself (default 100); "
         "the rest is the number of entries it can hold",
@@ -376,14 +399,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--history",
         metavar="N",
-        type=int,
+        type=_bounded(int, 1, 10_000_000),
         default=10_000,
         help="events kept for Watch resumption (default 10000)",
     )
     parser.add_argument(
         "--watch-queue",
         metavar="N",
-        type=int,
+        type=_bounded(int, 1, 10_000_000),
         default=4096,
         help="events buffered per watcher before a watcher that falls behind is cut off with "
         "RESOURCE_EXHAUSTED (default 4096)",
@@ -397,7 +420,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--handover-timeout",
         metavar="SECONDS",
-        type=float,
+        type=_bounded(float, 0.1, 3600),
         default=30.0,
         help="how long either side of a handover waits for the other (default 30)",
     )
