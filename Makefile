@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
-PROTO := proto/fdbroker/v1/broker.proto
+PROTO := proto/fdbroker/v1/broker.proto proto/fdbroker/v1/conduit.proto proto/fdbroker/v1/handover.proto
 GEN := src/fdbroker/v1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
@@ -38,7 +38,8 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(PY) -m grpc_tools.protoc -I proto --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO) && \
-	for f in broker_pb2.py broker_pb2.pyi broker_pb2_grpc.py; do \
+	for f in broker_pb2.py broker_pb2.pyi broker_pb2_grpc.py conduit_pb2.py conduit_pb2.pyi conduit_pb2_grpc.py \
+	         handover_pb2.py handover_pb2.pyi handover_pb2_grpc.py; do \
 	  cmp -s "$$tmp/fdbroker/v1/$$f" "$(GEN)/$$f" || { echo "STALE: $(GEN)/$$f differs from proto/; run 'make proto' and commit"; exit 1; }; \
 	done && echo "generated code up to date"
 

@@ -24,6 +24,7 @@ from fdbroker.conduit.frames import Frame, FrameDecoder, encode_frame
 from fdbroker.testing import BrokerProcess, checked_broker
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
+from fdbroker.v1 import conduit_pb2 as cpb
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 NOBODY = 65534
@@ -96,7 +97,7 @@ class RawConduit:
             self.session_id = f.message.welcome.session_id
             self.identity = f.message.welcome.identity
 
-    def send(self, message: pb.ConduitFrame, fds: Sequence[int] = (), fd_count: int | None = None) -> None:
+    def send(self, message: cpb.ConduitFrame, fds: Sequence[int] = (), fd_count: int | None = None) -> None:
         data = encode_frame(message, len(fds) if fd_count is None else fd_count)
         self.send_raw(data, fds)
 
@@ -137,8 +138,8 @@ class RawConduit:
         assert got == kind, f"expected a {kind} frame, got {f.message}"
         return getattr(f.message, kind), fds
 
-    def frames_until_eof(self, timeout: float = 10.0) -> list[pb.ConduitFrame]:
-        out: list[pb.ConduitFrame] = []
+    def frames_until_eof(self, timeout: float = 10.0) -> list[cpb.ConduitFrame]:
+        out: list[cpb.ConduitFrame] = []
         with contextlib.suppress(EOFError, ConnectionResetError):
             while True:
                 f = self.recv(timeout)
@@ -257,7 +258,7 @@ def run_as(
     return r
 
 
-def error_frame(f: pb.ConduitFrame) -> pb.Error:
+def error_frame(f: cpb.ConduitFrame) -> cpb.Error:
     assert f.WhichOneof("body") == "error", f
     return f.error
 

@@ -26,13 +26,13 @@ from fdbroker.conduit import (
     encode_frame,
     send_with_fds,
 )
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 PeerFactory = Callable[..., Peer]
 
 
-def ping(n: int = 1) -> pb.ConduitFrame:
-    return pb.ConduitFrame(ping=pb.Ping(nonce=n))
+def ping(n: int = 1) -> cpb.ConduitFrame:
+    return cpb.ConduitFrame(ping=cpb.Ping(nonce=n))
 
 
 def devnull(n: int) -> list[int]:
@@ -52,7 +52,7 @@ def test_encode_layout() -> None:
     data = encode_frame(ping(5), 2)
     (n,) = struct.unpack(">I", data[:4])
     assert n == len(data) - 4
-    m = pb.ConduitFrame.FromString(data[4:])
+    m = cpb.ConduitFrame.FromString(data[4:])
     assert m.fd_count == 2 and m.ping.nonce == 5
 
 
@@ -60,9 +60,9 @@ def test_encode_limits() -> None:
     with pytest.raises(ValueError):
         encode_frame(ping(), 254)
     with pytest.raises(ValueError):
-        encode_frame(pb.ConduitFrame(error=pb.Error(message="x" * 70000)))
+        encode_frame(cpb.ConduitFrame(error=cpb.Error(message="x" * 70000)))
     with pytest.raises(ValueError):
-        encode_frame(pb.ConduitFrame())  # zero-length body
+        encode_frame(cpb.ConduitFrame())  # zero-length body
 
 
 def test_decoder_attributes_fds_to_the_frame_that_starts_in_their_read() -> None:
@@ -116,7 +116,7 @@ def test_decoder_fatal_errors_close_everything() -> None:
 
 
 def test_decoder_fd_count_over_limit_is_fatal() -> None:
-    body = pb.ConduitFrame(fd_count=300, ping=pb.Ping()).SerializeToString()
+    body = cpb.ConduitFrame(fd_count=300, ping=cpb.Ping()).SerializeToString()
     with pytest.raises(ConduitError) as ei:
         FrameDecoder().feed(struct.pack(">I", len(body)) + body)
     assert ei.value.type is ErrType.BAD_FRAME
@@ -154,8 +154,8 @@ def test_property_arbitrary_bytes_never_crash_or_leak(data: bytes, cuts: list[in
 messages = st.builds(
     lambda kind, n, text: [
         ping(n),
-        pb.ConduitFrame(redeem=pb.Redeem(tokens=[text.encode()] * (n % 4))),
-        pb.ConduitFrame(error=pb.Error(code=n % 17, message=text)),
+        cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[text.encode()] * (n % 4))),
+        cpb.ConduitFrame(error=cpb.Error(code=n % 17, message=text)),
     ][kind],
     st.integers(0, 2),
     st.integers(0, 2**32),
@@ -166,7 +166,7 @@ messages = st.builds(
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(messages, st.integers(0, 4)), min_size=1, max_size=8), st.data())
 def test_property_round_trip_in_arbitrary_splits(
-    frames: list[tuple[pb.ConduitFrame, int]], data: st.DataObject
+    frames: list[tuple[cpb.ConduitFrame, int]], data: st.DataObject
 ) -> None:
     # Draw everything first: hypothesis may abandon an example at any draw, and nothing may be open then.
     wires = [encode_frame(msg, n) for msg, n in frames]
@@ -216,7 +216,7 @@ def test_framed_round_trip_with_echo_peer(peer: PeerFactory) -> None:
         assert os.read(r, 10) == b"round"
         os.close(r)
         many = devnull(253)
-        fc.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[b"t"] * 3)), many)
+        fc.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[b"t"] * 3)), many)
         f = fc.recv()
         assert len(f.fds) == 253
         f.close_fds()

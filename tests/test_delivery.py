@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from fdbroker.conduit.frames import FrameDecoder
 from fdbroker.delivery import encode_deliver, item_tail, varint
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 names = st.from_regex(r"[a-z0-9]{1,20}(/[a-z0-9._-]{1,20}){0,3}", fullmatch=True)
 infos = st.builds(
@@ -39,7 +40,7 @@ def test_encode_deliver_parses_back(items):
     )
     (length,) = struct.unpack(">I", data[:4])
     assert length == len(data) - 4
-    frame = pb.ConduitFrame.FromString(data[4:])
+    frame = cpb.ConduitFrame.FromString(data[4:])
     assert frame.fd_count == len(items)
     assert frame.WhichOneof("body") == "deliver"
     got = frame.deliver.items
@@ -51,7 +52,7 @@ def test_encode_deliver_parses_back(items):
 @given(st.integers(1, 2**64 - 1))
 def test_varint_matches_protobuf(n):
     # proto3 omits a zero field, so the oracle covers n >= 1; zero is one zero byte.
-    assert varint(n) == pb.Pong(nonce=n).SerializeToString()[1:]
+    assert varint(n) == cpb.Pong(nonce=n).SerializeToString()[1:]
     assert varint(0) == b"\x00"
 
 

@@ -57,6 +57,7 @@ from secutil import Control, RawConduit, new_run_dir, wait_for
 from fdbroker.conduit.frames import encode_frame
 from fdbroker.testing import BrokerProcess
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 EXAMPLES = int(os.environ.get("FDBROKER_FUZZ_EXAMPLES", "150"))
 SERVICE = pb.DESCRIPTOR.services_by_name["FdBroker"]
@@ -313,9 +314,9 @@ class Target:
         results = self.deposit([tok])
         assert results and not results[0].HasField("error"), f"fixture put of {name} failed: {results}"
 
-    def drain(self, timeout: float = 0.0) -> list[pb.ConduitFrame]:
+    def drain(self, timeout: float = 0.0) -> list[cpb.ConduitFrame]:
         """Frames waiting on our conduit (their descriptors closed)."""
-        out: list[pb.ConduitFrame] = []
+        out: list[cpb.ConduitFrame] = []
         while True:
             if not self.conduit.queue:
                 ready, _, _ = select.select([self.conduit.sock], [], [], timeout)
@@ -329,11 +330,11 @@ class Target:
             out.append(f.message)
             timeout = 0.0
 
-    def deposit(self, tokens: list[bytes]) -> list[pb.DepositResult] | None:
+    def deposit(self, tokens: list[bytes]) -> list[cpb.DepositResult] | None:
         """Deposit /dev/null for each token; the broker's results, or None if it never answered."""
         fds = [os.open("/dev/null", os.O_RDONLY) for _ in tokens]
         try:
-            frame = encode_frame(pb.ConduitFrame(deposit=pb.Deposit(tokens=tokens)), len(fds))
+            frame = encode_frame(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=tokens)), len(fds))
             self.conduit.send_raw(frame, fds)
         finally:
             for fd in fds:
@@ -344,7 +345,7 @@ class Target:
                 if f.WhichOneof("body") == "deposited":
                     return list(f.deposited.results)
                 if f.WhichOneof("body") == "error" and not f.error.token:
-                    return [pb.DepositResult(error=f.error)]
+                    return [cpb.DepositResult(error=f.error)]
         return None
 
     def metadata(self, kind: str) -> list[tuple[str, str]]:

@@ -42,6 +42,7 @@ from fdbroker.conduit.frames import encode_frame
 from fdbroker.errors import BrokerError, Code, InvalidArgument
 from fdbroker.policy import Identity, Policy
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 MAX_DURATION_SECONDS = 315_576_000_000
@@ -53,7 +54,7 @@ MAX_DURATION_SECONDS = 315_576_000_000
 class Sink:
     """Where an in-process broker's frames for a session go (they are dropped; descriptors are not ours)."""
 
-    def send(self, message: pb.ConduitFrame, fds: object = ()) -> None:
+    def send(self, message: cpb.ConduitFrame, fds: object = ()) -> None:
         pass
 
     def send_raw(self, data: bytes, fds: object = ()) -> None:
@@ -194,7 +195,7 @@ def test_a_ttl_past_the_timestamp_range_is_refused_and_poisons_nothing(nobody: l
             ctl.call("Stat", pb.StatRequest(name="p/x"))
         assert ei.value.code() == grpc.StatusCode.NOT_FOUND
         with RawConduit(b.run_dir) as rc:
-            rc.send(pb.ConduitFrame(query=pb.Query(id=7, list=pb.ListRequest())))
+            rc.send(cpb.ConduitFrame(query=cpb.Query(id=7, list=pb.ListRequest())))
             (res, _) = rc.recv_kind("query_result")
             assert res.id == 7 and not res.HasField("error")
 
@@ -351,7 +352,7 @@ def test_no_close_of_a_client_descriptor_blocks_the_event_loop() -> None:
         spare, spare_w = os.pipe()  # a plain pipe the other client keeps depositing
         try:
 
-            def split_send(frame: pb.ConduitFrame, ling: Lingering) -> None:
+            def split_send(frame: cpb.ConduitFrame, ling: Lingering) -> None:
                 # The descriptor rides on the length prefix; ours is closed before the rest of the frame goes,
                 # so the broker's close (when it handles the frame) is the last one, the one that lingers.
                 data = encode_frame(frame, 1)
@@ -360,15 +361,15 @@ def test_no_close_of_a_client_descriptor_blocks_the_event_loop() -> None:
                 rc.send_raw(data[4:])
 
             def bad_token(ling: Lingering) -> None:
-                split_send(pb.ConduitFrame(deposit=pb.Deposit(tokens=[os.urandom(32)])), ling)
+                split_send(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[os.urandom(32)])), ling)
 
             def unsolicited(kind: str):  # type: ignore[no-untyped-def]
                 def route(ling: Lingering) -> None:
                     frame = {
-                        "ping": pb.ConduitFrame(ping=pb.Ping(nonce=1)),
-                        "redeem": pb.ConduitFrame(redeem=pb.Redeem(tokens=[os.urandom(32)])),
-                        "ack": pb.ConduitFrame(ack=pb.Ack(tokens=[os.urandom(32)])),
-                        "query": pb.ConduitFrame(query=pb.Query(id=1, info=pb.GetInfoRequest())),
+                        "ping": cpb.ConduitFrame(ping=cpb.Ping(nonce=1)),
+                        "redeem": cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[os.urandom(32)])),
+                        "ack": cpb.ConduitFrame(ack=cpb.Ack(tokens=[os.urandom(32)])),
+                        "query": cpb.ConduitFrame(query=cpb.Query(id=1, info=pb.GetInfoRequest())),
                     }[kind]
                     split_send(frame, ling)
 

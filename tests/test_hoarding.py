@@ -26,7 +26,7 @@ from secutil import custom_broker, new_run_dir, unprivileged_python, wait_for
 
 from fdbroker.conduit import SCM_MAX_FD, ConduitError, ErrType, Frame, FrameDecoder, encode_frame
 from fdbroker.testing import BrokerProcess
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 # -- the decoder's rule, as properties ---------------------------------------------------------------------------
 
@@ -45,12 +45,12 @@ class Recorder:
 
 
 messages = st.one_of(
-    st.builds(lambda n: pb.ConduitFrame(ping=pb.Ping(nonce=n)), st.integers(0, 2**64 - 1)),
+    st.builds(lambda n: cpb.ConduitFrame(ping=cpb.Ping(nonce=n)), st.integers(0, 2**64 - 1)),
     st.builds(
-        lambda toks: pb.ConduitFrame(deposit=pb.Deposit(tokens=toks)),
+        lambda toks: cpb.ConduitFrame(deposit=cpb.Deposit(tokens=toks)),
         st.lists(st.binary(min_size=1, max_size=40), max_size=5),
     ),
-    st.builds(lambda text: pb.ConduitFrame(error=pb.Error(code=3, message=text)), st.text(max_size=200)),
+    st.builds(lambda text: cpb.ConduitFrame(error=cpb.Error(code=3, message=text)), st.text(max_size=200)),
 )
 fd_counts = st.one_of(st.integers(0, 3), st.just(SCM_MAX_FD), st.integers(0, SCM_MAX_FD))
 
@@ -100,7 +100,7 @@ def feed_all(
     return frames, problems, None, -1
 
 
-def build(stream: list[tuple[pb.ConduitFrame, int]]) -> tuple[bytes, list[int], list[list[int]]]:
+def build(stream: list[tuple[cpb.ConduitFrame, int]]) -> tuple[bytes, list[int], list[list[int]]]:
     wires = [encode_frame(msg, n) for msg, n in stream]
     starts = list(itertools.accumulate((len(w) for w in wires), initial=0))
     return b"".join(wires), starts, [[next(_fake_fds) for _ in range(n)] for _, n in stream]
@@ -109,7 +109,7 @@ def build(stream: list[tuple[pb.ConduitFrame, int]]) -> tuple[bytes, list[int], 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(messages, fd_counts), min_size=1, max_size=6), st.data())
 def test_property_descriptors_on_first_bytes_decode_exactly(
-    stream: list[tuple[pb.ConduitFrame, int]], data: st.DataObject
+    stream: list[tuple[cpb.ConduitFrame, int]], data: st.DataObject
 ) -> None:
     wire, starts, fds = build(stream)
     cuts = set(data.draw(st.lists(st.integers(1, max(1, len(wire) - 1)), max_size=12)))
@@ -130,7 +130,7 @@ def test_property_descriptors_on_first_bytes_decode_exactly(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(messages, fd_counts), min_size=1, max_size=6), st.data())
 def test_property_descriptors_on_any_other_byte_are_closed(
-    stream: list[tuple[pb.ConduitFrame, int]], data: st.DataObject
+    stream: list[tuple[cpb.ConduitFrame, int]], data: st.DataObject
 ) -> None:
     wire, starts, fds = build(stream)
     # A send that starts inside frame j (not on its first byte) carries descriptors too.
@@ -184,8 +184,8 @@ def test_decoder_hoarding_pattern_is_refused_at_the_first_unsolicited_batch() ->
 def test_decoder_keeps_the_tail_of_one_frame_plus_the_start_of_the_next() -> None:
     rec = Recorder()
     d = FrameDecoder(close=rec)
-    a = encode_frame(pb.ConduitFrame(ping=pb.Ping(nonce=1)), 2)
-    b = encode_frame(pb.ConduitFrame(ping=pb.Ping(nonce=2)), 3)
+    a = encode_frame(cpb.ConduitFrame(ping=cpb.Ping(nonce=1)), 2)
+    b = encode_frame(cpb.ConduitFrame(ping=cpb.Ping(nonce=2)), 3)
     fa = [next(_fake_fds) for _ in range(2)]
     fb = [next(_fake_fds) for _ in range(3)]
     assert d.feed(a[:2], fa) == []  # inside a's length prefix
@@ -205,7 +205,7 @@ def test_decoder_refuses_more_than_253_descriptors_in_one_read() -> None:
     d = FrameDecoder(close=rec)
     batch = [next(_fake_fds) for _ in range(SCM_MAX_FD + 1)]
     with pytest.raises(ConduitError) as ei:
-        d.feed(encode_frame(pb.ConduitFrame(ping=pb.Ping()), 3), batch)
+        d.feed(encode_frame(cpb.ConduitFrame(ping=cpb.Ping()), 3), batch)
     assert ei.value.type is ErrType.BAD_FRAME
     assert rec.closed == batch
 
@@ -400,7 +400,7 @@ def test_hoarding_attack_is_cut_off_and_others_are_served(nobody_python: list[st
 
 HOLD = """
 conns = [Conn() for _ in range(int(os.environ["CONNS"]))]
-msg = pb.ConduitFrame(deposit=pb.Deposit(tokens=[bytes([i % 256]) * 32 for i in range(253)]))
+msg = cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[bytes([i % 256]) * 32 for i in range(253)]))
 wire = encode_frame(msg, 253)
 for c in conns:                             # each connection starts a frame with 253 descriptors ...
     socket.send_fds(c.sock, [wire[:10]], FDS)

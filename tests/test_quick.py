@@ -12,6 +12,7 @@ from fdbroker.client.quick import QuickClient
 from fdbroker.conduit.frames import FramedConduit
 from fdbroker.errors import InvalidArgument, NotFound
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 
 def test_quick_list_pages_across_frames_and_matches_the_rpc(fdbroker_broker):
@@ -62,7 +63,7 @@ def test_descriptor_attached_to_a_query_is_closed_and_reported(fdbroker_broker):
     try:
         with FramedConduit.connect(str(fdbroker_broker.run_dir / "conduit.sock"), timeout=5) as fc:
             fc.recv(timeout=5).close_fds()  # welcome
-            fc.send(pb.ConduitFrame(query=pb.Query(id=7, info=pb.GetInfoRequest())), [w])
+            fc.send(cpb.ConduitFrame(query=cpb.Query(id=7, info=pb.GetInfoRequest())), [w])
             kinds = []
             for _ in range(2):
                 f = fc.recv(timeout=5)

@@ -19,6 +19,7 @@ from secutil import Control, Probe, RawConduit, custom_broker, new_run_dir, wait
 from fdbroker.errors import InvalidArgument, NotFound, ResourceExhausted
 from fdbroker.testing import BrokerProcess
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 FDBROKER = [sys.executable, "-m", "fdbroker"]
 
@@ -86,7 +87,7 @@ def test_peer_that_stops_reading_does_not_stall_others():
                 # ask for 3072 deliveries, one frame each, and never read one of them
                 for t in tokens:
                     try:
-                        hog.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[t])))
+                        hog.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[t])))
                     except (BrokenPipeError, ConnectionResetError):
                         break  # cut off
                 # the hog is still connected on our side: everybody else must be served all the same

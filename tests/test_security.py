@@ -29,10 +29,11 @@ from secutil import (
 
 from fdbroker.errors import Code
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 
 def deposit(conduit: RawConduit, tokens: list[bytes], fds: list[int], fd_count: int | None = None) -> None:
-    conduit.send(pb.ConduitFrame(deposit=pb.Deposit(tokens=tokens)), fds, fd_count=fd_count)
+    conduit.send(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=tokens)), fds, fd_count=fd_count)
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_token_of_another_session_is_refused_and_not_consumed(fdbroker_broker, c
             # and a GET token delivered to one session cannot be redeemed by another
             g = ctl.call("Get", pb.GetRequest(name="sec/foreign", prefetch=1), a.session_id)
             a.recv_kind("deliver")
-            thief.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[g.prefetch_tokens[0]])))
+            thief.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[g.prefetch_tokens[0]])))
             (e, _) = thief.recv_kind("error")
             assert e.code == Code.PERMISSION_DENIED and e.token == g.prefetch_tokens[0]
             ctl.call("Delete", pb.DeleteRequest(name="sec/foreign"), a.session_id)
@@ -128,7 +129,7 @@ def test_made_up_token_is_refused(fdbroker_broker, ctl, probe, token):
         assert "token" in err.message and ("unknown" in err.message or "malformed" in err.message)
         assert probe.closed_everywhere()
         # the connection goes on
-        rc.send(pb.ConduitFrame(ping=pb.Ping(nonce=7)))
+        rc.send(cpb.ConduitFrame(ping=cpb.Ping(nonce=7)))
         (pong, _) = rc.recv_kind("pong")
         assert pong.nonce == 7
     assert ctl.snapshot() == []
@@ -159,15 +160,15 @@ def test_deposit_without_token_and_with_fewer_tokens_than_descriptors(fdbroker_b
 @pytest.mark.parametrize("claimed", [True, False], ids=["claimed", "unclaimed"])
 def test_descriptor_attached_to_a_frame_that_carries_none(fdbroker_broker, ctl, probe, kind, claimed):
     bodies = {
-        "redeem": pb.ConduitFrame(redeem=pb.Redeem(tokens=[secrets.token_bytes(32)])),
-        "ack": pb.ConduitFrame(ack=pb.Ack(tokens=[secrets.token_bytes(32)])),
-        "ping": pb.ConduitFrame(ping=pb.Ping(nonce=42)),
+        "redeem": cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[secrets.token_bytes(32)])),
+        "ack": cpb.ConduitFrame(ack=cpb.Ack(tokens=[secrets.token_bytes(32)])),
+        "ping": cpb.ConduitFrame(ping=cpb.Ping(nonce=42)),
     }
     with RawConduit(fdbroker_broker.run_dir) as rc:
         rc.send(bodies[kind], [probe.send_fd], fd_count=1 if claimed else 0)
         assert probe.closed_everywhere(), f"the broker kept a descriptor sent with a {kind} frame"
         # whatever else it answers, the unsolicited descriptor is called out in an error frame
-        rc.send(pb.ConduitFrame(ping=pb.Ping(nonce=99)))
+        rc.send(cpb.ConduitFrame(ping=cpb.Ping(nonce=99)))
         errors = []
         while True:
             f = rc.recv()
@@ -210,7 +211,7 @@ def test_fatal_frames_drop_the_connection_and_its_descriptors(fdbroker_broker, c
 def test_truncated_frame_then_hang_up_closes_the_held_descriptor(fdbroker_broker, ctl, probe):
     with RawConduit(fdbroker_broker.run_dir) as rc:
         tok = ctl.put_token(rc.session_id, "sec/truncated")
-        whole = pb.ConduitFrame(deposit=pb.Deposit(tokens=[tok]))
+        whole = cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[tok]))
         from fdbroker.conduit.frames import encode_frame
 
         data = encode_frame(whole, 1)
@@ -313,7 +314,7 @@ def test_killed_session_drops_entries_and_voids_tokens(fdbroker_broker, ctl, pro
     wait_for(lambda: [n for n, _ in ctl.snapshot()] == ["dead/kept"], what="ephemeral entries removed")
     assert ctl.call("GetInfo", pb.GetInfoRequest()).pending_tokens == 0
     with RawConduit(fdbroker_broker.run_dir) as rc:
-        rc.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=get_toks[:1])))
+        rc.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=get_toks[:1])))
         (e, fds) = rc.recv_kind("error")
         assert not fds and e.code == Code.FAILED_PRECONDITION and "unknown handoff token" in e.message, e
         deposit(rc, [put_tok], [probe.send_fd])

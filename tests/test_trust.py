@@ -28,7 +28,7 @@ from fdbroker.client.quick import QuickClient
 from fdbroker.conduit.frames import encode_frame
 from fdbroker.errors import Code, InvalidArgument, UntrustedBroker, exit_code_for
 from fdbroker.testing import BrokerProcess, checked_broker
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 ROOT_ONLY = "this client trusts only uid 0 (root, this client)"
@@ -262,7 +262,7 @@ class Squatter:
     """The fake broker above, running as uid 65534 in ``run`` (which it creates if ``create``)."""
 
     def __init__(self, python: list[str], run: Path, *, create: bool) -> None:
-        welcome = encode_frame(pb.ConduitFrame(welcome=pb.Welcome(session_id="squatted", version="0.1.0")))
+        welcome = encode_frame(cpb.ConduitFrame(welcome=cpb.Welcome(session_id="squatted", version="0.1.0")))
         self.proc = subprocess.Popen(
             [*python, "-c", SQUATTER, str(run), welcome.hex(), "create" if create else "use"],
             stdin=subprocess.PIPE,

@@ -41,6 +41,7 @@ from fdbroker.registry import Entry, Owner, PutOptions, Registry
 from fdbroker.sessions import FrameSink, Session, SessionTable
 from fdbroker.tokens import Token, TokenBook, TokenError, short
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 from fdbroker.watch import WatchHub
 
 log = logging.getLogger("fdbroker.broker")
@@ -97,14 +98,14 @@ class Broker:
     def open_session(self, identity: Identity, conn: FrameSink) -> Session:
         """A new conduit connection: create its session and send ``Welcome``."""
         s = self.sessions.open(identity, conn)
-        w = pb.Welcome(
+        w = cpb.Welcome(
             session_id=s.id,
             identity=pb.Identity(pid=identity.pid, uid=identity.uid, gid=identity.gid),
             version=__version__,
             max_frame_bytes=self.config.max_frame_bytes,
         )
         w.token_ttl.CopyFrom(_dur(self.tokens.ttl))
-        conn.send(pb.ConduitFrame(welcome=w))
+        conn.send(cpb.ConduitFrame(welcome=w))
         log.info("session %s… opened for pid %d uid %d", s.id[:6], identity.pid, identity.uid)
         return s
 
@@ -339,14 +340,14 @@ class Broker:
                 )
             )
             return
-        results: list[pb.DepositResult] = []
+        results: list[cpb.DepositResult] = []
         waiting = collections.deque(fds)
         try:
             for t in tokens:
                 results.append(self._deposit_one(s, t, waiting.popleft()))  # it owns the descriptor now
         finally:
             closer.discard(waiting, uid)  # left over only if a deposit raised: nobody took them
-        s.conn.send(pb.ConduitFrame(deposited=pb.Deposited(results=results)))
+        s.conn.send(cpb.ConduitFrame(deposited=cpb.Deposited(results=results)))
 
     def _void_token(self, token: bytes, s: Session) -> None:
         tok = self.tokens.peek(token, session_id=s.id) if len(token) else None
@@ -354,7 +355,7 @@ class Broker:
             self.tokens.cancel(token)
             self._forget_token(tok)
 
-    def _deposit_one(self, s: Session, token: bytes, fd: int) -> pb.DepositResult:
+    def _deposit_one(self, s: Session, token: bytes, fd: int) -> cpb.DepositResult:
         """Redeem a PUT or CHECKIN token and store ``fd`` under its name.
 
         Ownership: on success the registry owns ``fd``; on any failure, expected or not, ``fd`` went to the
@@ -370,7 +371,7 @@ class Broker:
                 )
             except TokenError as err:
                 log.warning("deposit refused for session %s…: %s", s.id[:6], err.message)
-                return pb.DepositResult(token=token, error=_error_pb(err))
+                return cpb.DepositResult(token=token, error=_error_pb(err))
             self._unreserve_put(tok.uid)
             name = tok.name
             try:
@@ -388,15 +389,15 @@ class Broker:
                         s.ephemeral.add(tok.name)
                     self._wakeup()
             except BrokerError as err:
-                return pb.DepositResult(token=token, name=tok.name, error=_error_pb(err))
+                return cpb.DepositResult(token=token, name=tok.name, error=_error_pb(err))
             except OSError as err:
-                return pb.DepositResult(
+                return cpb.DepositResult(
                     token=token,
                     name=tok.name,
-                    error=pb.Error(code=Code.INTERNAL, message=str(err), name=tok.name),
+                    error=cpb.Error(code=Code.INTERNAL, message=str(err), name=tok.name),
                 )
             log.info("put %r (%s) by pid %d", entry.name, info.summary, s.identity.pid)
-            return pb.DepositResult(
+            return cpb.DepositResult(
                 token=token,
                 name=entry.name,
                 revision=entry.revision,
@@ -519,7 +520,7 @@ class Broker:
             try:
                 item = self._redeem_one(s, t)
             except BrokerError as err:
-                s.conn.send(pb.ConduitFrame(error=_error_pb(err, token=t)))
+                s.conn.send(cpb.ConduitFrame(error=_error_pb(err, token=t)))
                 continue
             if item is not None:
                 ok.append(item)
@@ -568,12 +569,12 @@ class Broker:
             try:
                 tok = self.tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_TAKE,))
             except TokenError as err:
-                s.conn.send(pb.ConduitFrame(error=_error_pb(err, token=t)))
+                s.conn.send(cpb.ConduitFrame(error=_error_pb(err, token=t)))
                 continue
             e = self.registry.find(tok.name)
             if e is None or e.id != tok.entry_id or e.taking != tok.token:
                 s.conn.send(
-                    pb.ConduitFrame(
+                    cpb.ConduitFrame(
                         error=_error_pb(
                             NotFound(f"entry {tok.name!r} is gone; the take did not complete", name=tok.name),
                             token=t,
@@ -585,7 +586,7 @@ class Broker:
             self._remove_entry(e, pb.Event.TYPE_DELETE, pb.Event.REASON_TAKEN)
             acked.append(t)
         if acked:
-            s.conn.send(pb.ConduitFrame(acked=pb.Acked(tokens=acked, revision=self.registry.revision)))
+            s.conn.send(cpb.ConduitFrame(acked=cpb.Acked(tokens=acked, revision=self.registry.revision)))
 
     # -- delete / stat / list ------------------------------------------------------------------------------------
 
@@ -928,17 +929,17 @@ class Broker:
         elif kind == "ack":
             self._on_ack(s, frame)
         elif kind == "ping":
-            s.conn.send(pb.ConduitFrame(pong=pb.Pong(nonce=frame.message.ping.nonce)))
+            s.conn.send(cpb.ConduitFrame(pong=cpb.Pong(nonce=frame.message.ping.nonce)))
         elif kind == "query":
-            s.conn.send(pb.ConduitFrame(query_result=self._query(s, frame.message.query)))
+            s.conn.send(cpb.ConduitFrame(query_result=self._query(s, frame.message.query)))
         else:
             s.conn.send(
                 _error_frame(Code.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} frame from a client")
             )
 
-    def _query(self, s: Session, q: pb.Query) -> pb.QueryResult:
+    def _query(self, s: Session, q: cpb.Query) -> cpb.QueryResult:
         """Answer a read-only conduit query as the RPC of the same name would, for the session's identity."""
-        r = pb.QueryResult(id=q.id)
+        r = cpb.QueryResult(id=q.id)
         which = q.WhichOneof("request")
         try:
             if which == "list":
@@ -955,7 +956,7 @@ class Broker:
         except Exception:  # a bug: still answer the query (the RPC path answers INTERNAL the same way)
             log.exception("internal error answering a conduit query")
             r.error.CopyFrom(
-                pb.Error(code=int(Code.INTERNAL), message="internal error in the broker; see its log")
+                cpb.Error(code=int(Code.INTERNAL), message="internal error in the broker; see its log")
             )
         return r
 
@@ -997,8 +998,8 @@ class BatchPlan:
         )
 
 
-def _error_pb(err: BrokerError, token: bytes = b"") -> pb.Error:
-    return pb.Error(code=int(err.code), message=err.message, name=err.name, token=token)
+def _error_pb(err: BrokerError, token: bytes = b"") -> cpb.Error:
+    return cpb.Error(code=int(err.code), message=err.message, name=err.name, token=token)
 
 
 def _drop_fds(s: Session, frame: Frame) -> None:
@@ -1007,8 +1008,8 @@ def _drop_fds(s: Session, frame: Frame) -> None:
     closer.discard(fds, s.identity.uid)
 
 
-def _error_frame(code: Code, message: str) -> pb.ConduitFrame:
-    return pb.ConduitFrame(error=pb.Error(code=int(code), message=message))
+def _error_frame(code: Code, message: str) -> cpb.ConduitFrame:
+    return cpb.ConduitFrame(error=cpb.Error(code=int(code), message=message))
 
 
 _PAGE_TOKEN_VERSION = b"\x01"

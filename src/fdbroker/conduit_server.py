@@ -36,7 +36,7 @@ from fdbroker.conduit.receive import recv_fds_into
 from fdbroker.conduit.send import send_with_fds
 from fdbroker.errors import Code
 from fdbroker.policy import Identity, Limits
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 log = logging.getLogger("fdbroker.conduit")
 
@@ -207,7 +207,9 @@ class Connection:
             # the stream (the frame they start then claims descriptors it did not get: NO_FD).
             report, data, fds = err, err.data, []
             if not data:
-                self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
+                self.send(
+                    cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err)))
+                )
                 return
         except OSError as err:
             log.info("conduit read failed for pid %d: %s", self.identity.pid, err)
@@ -222,7 +224,7 @@ class Connection:
         except ConduitError as err:
             self._account()
             log.warning("pid %d sent a bad frame (%s); dropping its connection", self.identity.pid, err)
-            self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
+            self.send(cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err))))
             self._flush_best_effort()
             self.close()
             return
@@ -235,7 +237,9 @@ class Connection:
                     item.close_fds()
                 continue
             if isinstance(item, ConduitError):
-                self.send(pb.ConduitFrame(error=pb.Error(code=int(Code.INVALID_ARGUMENT), message=str(item))))
+                self.send(
+                    cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(item)))
+                )
                 continue
             try:
                 self._on_frame(self, item)
@@ -248,7 +252,7 @@ class Connection:
 
     # -- sending -------------------------------------------------------------------------------------------------
 
-    def send(self, message: pb.ConduitFrame, fds: Sequence[int] = ()) -> None:
+    def send(self, message: cpb.ConduitFrame, fds: Sequence[int] = ()) -> None:
         """Send one frame with ``fds`` attached (at most 253). Never blocks; the caller keeps its descriptors."""
         if not self.closed:
             self.send_raw(encode_frame(message, len(fds)), fds)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 _PREFIX = struct.Struct(">I")
 
@@ -42,7 +42,7 @@ _ITEM_INFO = b"\x22"  # DeliverItem.info = 4
 
 def item_tail(name: str, info: bytes, revision: int) -> bytes:
     """The entry-dependent fields of a ``DeliverItem`` (name, serialized ``info``, revision), serialized."""
-    head = pb.DeliverItem(name=name, revision=revision).SerializeToString()
+    head = cpb.DeliverItem(name=name, revision=revision).SerializeToString()
     return head + _ITEM_INFO + varint(len(info)) + info
 
 

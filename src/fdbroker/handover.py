@@ -48,6 +48,8 @@ from fdbroker.errors import BrokerError, Code
 from fdbroker.leases import EpochCounter
 from fdbroker.registry import Entry, Owner, Registry
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
+from fdbroker.v1 import handover_pb2 as hpb
 
 log = logging.getLogger("fdbroker.handover")
 
@@ -179,28 +181,28 @@ class HandoverServer:
         reg = self.registry
         entries: list[Entry] = sorted(reg, key=lambda e: e.name)
         n = len(entries)
-        begin = pb.HandoverBegin(
+        begin = hpb.HandoverBegin(
             version=__version__,
             pid=os.getpid(),
             revision=reg.revision,
             epoch=self._epochs().next(),
             entries=n,
         )
-        conn.send(pb.ConduitFrame(handover_begin=begin))
+        conn.send(cpb.ConduitFrame(handover_begin=begin))
         now = self._clock()
         for i in range(0, n, SCM_MAX_FD):
             chunk = entries[i : i + SCM_MAX_FD]
             items = []
             for e in chunk:
-                item = pb.HandoverEntry(entry=e.to_pb())
+                item = hpb.HandoverEntry(entry=e.to_pb())
                 if e.expires_at is not None:
                     item.ttl_remaining.FromNanoseconds(int(max(0.0, e.expires_at - now) * 1e9))
                 items.append(item)
             conn.send(
-                pb.ConduitFrame(handover_entries=pb.HandoverEntries(entries=items)), [e.fd for e in chunk]
+                cpb.ConduitFrame(handover_entries=hpb.HandoverEntries(entries=items)), [e.fd for e in chunk]
             )
         conn.send(
-            pb.ConduitFrame(handover_done=pb.HandoverDone(entries=n, revision=reg.revision)),
+            cpb.ConduitFrame(handover_done=hpb.HandoverDone(entries=n, revision=reg.revision)),
             [self._lock_fd()],
         )
         return n
@@ -218,7 +220,7 @@ class HandoverServer:
 def released(conn: FramedConduit) -> None:
     """Tell the successor the sockets are closed (best effort: it also watches for this process's exit)."""
     try:
-        conn.send(pb.ConduitFrame(handover_released=pb.HandoverReleased()), timeout=5.0)
+        conn.send(cpb.ConduitFrame(handover_released=hpb.HandoverReleased()), timeout=5.0)
     except (ConduitError, OSError) as err:
         log.warning("handover: could not confirm the release to the successor: %s", err)
     conn.close()
@@ -284,7 +286,7 @@ def take_over(
         got = len(registry)
         registry.raise_revision(begin.revision)
         _end_sessions(registry, leases)
-        conn.send(pb.ConduitFrame(handover_ack=pb.HandoverAck(entries=got)))
+        conn.send(cpb.ConduitFrame(handover_ack=hpb.HandoverAck(entries=got)))
         _wait_released(conn, pidfd, begin.pid, timeout)
     except BaseException as exc:
         registry.close_all()
@@ -311,7 +313,7 @@ def take_over(
     )
 
 
-def _expect(conn: FramedConduit, kind: str) -> pb.ConduitFrame:
+def _expect(conn: FramedConduit, kind: str) -> cpb.ConduitFrame:
     frame = conn.recv()
     got = frame.message.WhichOneof("body")
     if got != kind:
@@ -367,7 +369,7 @@ def _receive_entries(
             on_progress(n, total)
 
 
-def _install(registry: Registry, item: pb.HandoverEntry, fd: int) -> None:
+def _install(registry: Registry, item: hpb.HandoverEntry, fd: int) -> None:
     e = item.entry
     expires_in = expire_time = None
     if item.HasField("ttl_remaining"):

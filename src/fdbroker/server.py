@@ -45,6 +45,7 @@ from fdbroker.rundir import CONDUIT_SOCKET, CONTROL_SOCKET, RunDir
 from fdbroker.servicer import FdBrokerServicer, add_to_server
 from fdbroker.sessions import Session
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 log = logging.getLogger("fdbroker.server")
 
@@ -270,7 +271,7 @@ class BrokerServer:
         try:
             session = self.broker.open_session(identity, conn)
         except BrokerError as err:
-            conn.send(pb.ConduitFrame(error=pb.Error(code=int(err.code), message=err.message)))
+            conn.send(cpb.ConduitFrame(error=cpb.Error(code=int(err.code), message=err.message)))
             conn.close()
             return
         conn.session = session

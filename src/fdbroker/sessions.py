@@ -16,7 +16,7 @@ from typing import Protocol
 
 from fdbroker.errors import ResourceExhausted
 from fdbroker.policy import Identity
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 SESSION_METADATA_KEY = "fdbroker-session"
 SESSION_ID_BYTES = 18  # 144 bits; url-safe base64 gives 24 characters
@@ -25,7 +25,7 @@ SESSION_ID_BYTES = 18  # 144 bits; url-safe base64 gives 24 characters
 class FrameSink(Protocol):
     """Where frames for a session go (the broker side of its conduit connection)."""
 
-    def send(self, message: pb.ConduitFrame, fds: Sequence[int] = ()) -> None: ...
+    def send(self, message: cpb.ConduitFrame, fds: Sequence[int] = ()) -> None: ...
 
     def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None: ...
 

@@ -51,9 +51,10 @@ from fuzzutil import (
 from fdbroker.conduit.frames import FrameDecoder, encode_frame
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
+from fdbroker.v1 import conduit_pb2 as cpb
 
 MAX_FRAME = 65536
-BODY_FIELDS = list(pb.ConduitFrame.DESCRIPTOR.oneofs_by_name["body"].fields)
+BODY_FIELDS = list(cpb.ConduitFrame.DESCRIPTOR.oneofs_by_name["body"].fields)
 BAD_CODES = {2: "UNKNOWN", 13: "INTERNAL"}
 ANSWER_TIMEOUT = 5.0
 ANSWERED = ("deposit", "redeem", "ack")  # and query (QueryResult), ping (Pong): checked by id and nonce
@@ -85,7 +86,7 @@ class Conn:
         self.expect_deliver: dict[bytes, tuple[str, tuple[int, int]]] = {}
         self.delivered: dict[bytes, tuple[int, int]] = {}
         self.deposits: dict[bytes, str] = {}  # legit tokens sent, awaiting Deposited
-        self.deposit_results: dict[bytes, pb.DepositResult] = {}
+        self.deposit_results: dict[bytes, cpb.DepositResult] = {}
         self.queries: dict[int, str] = {}
         self.pings: dict[int, str] = {}
         self.acked: set[bytes] = set()
@@ -160,7 +161,7 @@ class Conn:
                 return bool(cond())
         return True
 
-    def on_frame(self, m: pb.ConduitFrame, fds: list[int]) -> None:
+    def on_frame(self, m: cpb.ConduitFrame, fds: list[int]) -> None:
         fz = self.fz
         kind = m.WhichOneof("body")
         fz.stats[f"recv:{kind}"] += 1
@@ -220,7 +221,7 @@ class Conn:
                 if m.error.code in BAD_CODES:
                     fz.anomaly(f"error frame {BAD_CODES[m.error.code]}", describe_frame(m), self)
                 if m.error.token in self.deposits:
-                    r = pb.DepositResult(token=m.error.token)
+                    r = cpb.DepositResult(token=m.error.token)
                     r.error.CopyFrom(m.error)
                     self.deposit_results[m.error.token] = r
                     del self.deposits[m.error.token]
@@ -374,15 +375,15 @@ class Fuzzer:
 
     # -- frames ----------------------------------------------------------------------------------------------
 
-    def random_frame(self) -> pb.ConduitFrame:
-        m = pb.ConduitFrame()
+    def random_frame(self) -> cpb.ConduitFrame:
+        m = cpb.ConduitFrame()
         self.ctx.tokens = self.pool_tokens()
         f = self.ch.choice(BODY_FIELDS)
         fill_message(self.ch, self.ctx, getattr(m, f.name), depth=2)
         getattr(m, f.name).SetInParent()
         return m
 
-    def encode(self, m: pb.ConduitFrame, fd_count: int) -> bytes:
+    def encode(self, m: cpb.ConduitFrame, fd_count: int) -> bytes:
         m.fd_count = fd_count
         body = m.SerializeToString()
         if len(body) > MAX_FRAME:
@@ -391,7 +392,7 @@ class Fuzzer:
             body = m.SerializeToString()
         return prefix(len(body)) + body
 
-    def send_frame(self, c: Conn, m: pb.ConduitFrame, nfds: int, fd_count: int | None = None) -> None:
+    def send_frame(self, c: Conn, m: cpb.ConduitFrame, nfds: int, fd_count: int | None = None) -> None:
         """Send ``m`` claiming ``fd_count`` descriptors with ``nfds`` attached. A frame the broker must answer
         (on a connection still in sync, descriptors as claimed) is checked, behind a Ping barrier: frames are
         served in order, so once the Pong is in, its answer must be too."""
@@ -438,7 +439,7 @@ class Fuzzer:
         nonce = self.rng.getrandbits(64) | 1
         c.pings[nonce] = "barrier"
         try:
-            c.send(encode_frame(pb.ConduitFrame(ping=pb.Ping(nonce=nonce))))
+            c.send(encode_frame(cpb.ConduitFrame(ping=cpb.Ping(nonce=nonce))))
         except Dead:
             return False
         c.wait(lambda: nonce not in c.pings)
@@ -498,7 +499,7 @@ class Fuzzer:
                 os.close(fd)
 
     def act_wire_body(self, c: Conn) -> None:
-        body = gen_wire(self.ch, pb.ConduitFrame.DESCRIPTOR) or b"\x00"
+        body = gen_wire(self.ch, cpb.ConduitFrame.DESCRIPTOR) or b"\x00"
         body = body[:MAX_FRAME]
         self.note(c, f"wire-level body {body[:60].hex()} ({len(body)} bytes)")
         c.in_sync = False  # may parse, may be fatal
@@ -554,11 +555,11 @@ class Fuzzer:
             self.stats[f"bad-token:{k}"] += 1
         n = len(tokens)
         nfds = n if self.rng.random() < 0.8 else self.rng.randint(0, n + 2)
-        self.send_frame(c, pb.ConduitFrame(deposit=pb.Deposit(tokens=tokens)), nfds, nfds)
+        self.send_frame(c, cpb.ConduitFrame(deposit=cpb.Deposit(tokens=tokens)), nfds, nfds)
 
     def act_unsolicited(self, c: Conn) -> None:
         kind = self.rng.choice(("ping", "query", "ack", "redeem", "pong", "welcome", "acked"))
-        m = pb.ConduitFrame()
+        m = cpb.ConduitFrame()
         if kind == "ping":
             m.ping.nonce = self.rng.getrandbits(64)
         elif kind == "query":
@@ -572,7 +573,7 @@ class Fuzzer:
 
     def act_fds_mid_frame(self, c: Conn) -> None:
         """Descriptors on bytes that are not a frame's first; sometimes many small sends (hoarding)."""
-        m = pb.ConduitFrame(deposit=pb.Deposit(tokens=[self.rng.randbytes(32)]))
+        m = cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[self.rng.randbytes(32)]))
         data = self.encode(m, 1)
         c.in_sync = False
         if self.rng.random() < 0.3:
@@ -602,11 +603,11 @@ class Fuzzer:
                 os.close(fd)
 
     def act_ping(self, c: Conn) -> None:
-        m = pb.ConduitFrame(ping=pb.Ping(nonce=self.rng.getrandbits(64)))
+        m = cpb.ConduitFrame(ping=cpb.Ping(nonce=self.rng.getrandbits(64)))
         self.send_frame(c, m, 0)
 
     def act_query(self, c: Conn) -> None:
-        m = pb.ConduitFrame()
+        m = cpb.ConduitFrame()
         q = m.query
         q.id = self.rng.getrandbits(64)
         self.ctx.tokens = self.pool_tokens()
@@ -654,7 +655,7 @@ class Fuzzer:
         c.deposits[tok] = name
         self.note(c, f"legit Put {name} ({describe_frame(opts)}) + Deposit with its token and a memfd")
         try:
-            c.send(encode_frame(pb.ConduitFrame(deposit=pb.Deposit(tokens=[tok])), 1), [fd])
+            c.send(encode_frame(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[tok])), 1), [fd])
         finally:
             os.close(fd)
         if not c.wait(lambda: tok not in c.deposits):
@@ -696,7 +697,7 @@ class Fuzzer:
         if resp.prefetch_tokens and self.rng.random() < 0.5:
             t = bytes(resp.prefetch_tokens[0])
             self.note(c, f"legit Redeem of a prefetched token of {name}")
-            c.send(encode_frame(pb.ConduitFrame(redeem=pb.Redeem(tokens=[t]))))
+            c.send(encode_frame(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[t]))))
             if not c.wait(lambda: t in c.delivered) and not c.dead:
                 self.anomaly("legit redeem not delivered", f"no Deliver for a prefetched token of {name}", c)
 
@@ -713,7 +714,7 @@ class Fuzzer:
             return
         if self.rng.random() < 0.8:
             self.note(c, f"legit Ack of the take of {name}")
-            c.send(encode_frame(pb.ConduitFrame(ack=pb.Ack(tokens=[tok]))))
+            c.send(encode_frame(cpb.ConduitFrame(ack=cpb.Ack(tokens=[tok]))))
             if not c.wait(lambda: tok in c.acked) and not c.dead:
                 self.anomaly("legit ack not acked", f"no Acked for Take {name}", c)
             else:

@@ -17,7 +17,7 @@ import sys
 import time
 
 from fdbroker.conduit import Conduit, ConduitError, FramedConduit
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 
 def cloexec(fd: int) -> bool:
@@ -119,12 +119,12 @@ def main() -> None:
         sock.recv(1)
     elif cmd == "truncated-frame":
         # A valid length prefix, half a body, a descriptor attached, then hang up.
-        body = pb.ConduitFrame(fd_count=1, ping=pb.Ping(nonce=1)).SerializeToString()
+        body = cpb.ConduitFrame(fd_count=1, ping=cpb.Ping(nonce=1)).SerializeToString()
         r, w = os.pipe()
         socket.send_fds(sock, [struct.pack(">I", len(body)) + body[:2]], [r])
         report(sent=True)
     elif cmd == "die-mid-frame":
-        body = pb.ConduitFrame(fd_count=2, ping=pb.Ping(nonce=1)).SerializeToString()
+        body = cpb.ConduitFrame(fd_count=2, ping=cpb.Ping(nonce=1)).SerializeToString()
         r, w = os.pipe()
         socket.send_fds(sock, [struct.pack(">I", len(body) + 100) + body], [r, w])
         time.sleep(0.05)

@@ -24,6 +24,7 @@ from google.protobuf import duration_pb2
 from secutil import Control, RawConduit
 
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 MAX_SECONDS = 315_576_000_000  # the protobuf Duration maximum
 TTLS = [
@@ -67,7 +68,7 @@ class Thief:
         self.answers[f"{method}:OK"] += 1
         return r
 
-    def drain(self, rc: RawConduit, timeout: float = 0.05) -> list[pb.ConduitFrame]:
+    def drain(self, rc: RawConduit, timeout: float = 0.05) -> list[cpb.ConduitFrame]:
         """Every frame waiting on ``rc``; each descriptor's identity is recorded, then it is closed."""
         out = []
         while True:
@@ -101,7 +102,7 @@ class Thief:
 
     def deposit(self, rc: RawConduit, token: bytes, fd: int) -> None:
         try:
-            rc.send(pb.ConduitFrame(deposit=pb.Deposit(tokens=[token])), [fd])
+            rc.send(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[token])), [fd])
         finally:
             os.close(fd)
 
@@ -141,10 +142,10 @@ class Thief:
             self.deposit(rc, r.handoff.token, self.own_pipe())
             self.drain(rc)
         # Old prefetched tokens after the replace, then after a delete: never the new descriptor, never anything.
-        rc.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=tokens[:4])))
+        rc.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=tokens[:4])))
         self.drain(rc)
         self.call("Delete", pb.DeleteRequest(name=name), rc)
-        rc.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=tokens[4:])))
+        rc.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=tokens[4:])))
         self.drain(rc)
 
     def racing(self, rc: RawConduit) -> None:
@@ -159,7 +160,7 @@ class Thief:
         self.call("Delete", pb.DeleteRequest(name=name), rc)
         self.call("Get", pb.GetRequest(name=name, prefetch=4), rc)
         if t is not None:
-            rc.send(pb.ConduitFrame(ack=pb.Ack(tokens=[t.handoff.token])))
+            rc.send(cpb.ConduitFrame(ack=cpb.Ack(tokens=[t.handoff.token])))
         self.drain(rc)
 
     def ephemeral(self) -> None:
@@ -179,7 +180,7 @@ class Thief:
         time.sleep(0.02)
         second = self.conduit()
         self.call("Get", pb.GetRequest(name=name), second)
-        second.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=tokens)))  # another session's (dead) tokens
+        second.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=tokens)))  # another session's (dead) tokens
         self.call("Get", pb.GetRequest(name=name), old_session)  # the dead session's id
         self.drain(second)
 
@@ -194,8 +195,8 @@ class Thief:
             r = self.call("Put", pb.PutRequest(name=name, replace=True), rc)
             if r is not None:
                 self.deposit(rc, r.handoff.token, self.own_pipe())
-        rc.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[os.urandom(32) for _ in range(8)])))
-        rc.send(pb.ConduitFrame(ack=pb.Ack(tokens=[os.urandom(32) for _ in range(8)])))
+        rc.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[os.urandom(32) for _ in range(8)])))
+        rc.send(cpb.ConduitFrame(ack=cpb.Ack(tokens=[os.urandom(32) for _ in range(8)])))
         self.drain(rc)
 
     def run(self, rounds: int) -> dict[str, Any]:

@@ -72,6 +72,7 @@ from fdbroker.conduit.frames import SCM_MAX_FD, Frame
 from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded, NotFound, Unavailable
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
+from fdbroker.v1 import conduit_pb2 as cpb
 
 __all__ = ["Client", "LeaseHandle", "Listing", "Watch"]
 
@@ -386,7 +387,7 @@ class Client:
             raise errors[0]
         return [f.result() for f in futs]
 
-    async def _send(self, message: pb.ConduitFrame, fds: Sequence[int] = (), *, what: str) -> None:
+    async def _send(self, message: cpb.ConduitFrame, fds: Sequence[int] = (), *, what: str) -> None:
         """Send one frame on the session's conduit; a failure ends the session (``Aborted``)."""
         conduit = self._conduit
         if self._dead is not None:
@@ -402,7 +403,7 @@ class Client:
             raise dead from None
 
     async def _exchange(
-        self, tokens: Sequence[bytes], message: pb.ConduitFrame, fds: Sequence[int] = (), *, what: str
+        self, tokens: Sequence[bytes], message: cpb.ConduitFrame, fds: Sequence[int] = (), *, what: str
     ) -> list[Mail]:
         futs = self._expect(tokens)
         try:
@@ -420,7 +421,7 @@ class Client:
         pf: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pongs[nonce] = pf
         try:
-            await self._send(pb.ConduitFrame(ping=pb.Ping(nonce=nonce)), what="pinging")
+            await self._send(cpb.ConduitFrame(ping=cpb.Ping(nonce=nonce)), what="pinging")
             async with asyncio.timeout(self.timeout):
                 await pf
         except TimeoutError:
@@ -489,7 +490,7 @@ class Client:
         try:
             for i in range(0, len(tokens), SCM_MAX_FD):
                 await self._send(
-                    pb.ConduitFrame(deposit=pb.Deposit(tokens=tokens[i : i + SCM_MAX_FD])),
+                    cpb.ConduitFrame(deposit=cpb.Deposit(tokens=tokens[i : i + SCM_MAX_FD])),
                     fds[i : i + SCM_MAX_FD],
                     what=f"depositing {names[i]!r}",
                 )
@@ -500,7 +501,7 @@ class Client:
 
     # -- get -----------------------------------------------------------------------------------------------------
 
-    async def _redeem(self, key: str, count: int) -> list[tuple[int, pb.DeliverItem]] | None:
+    async def _redeem(self, key: str, count: int) -> list[tuple[int, cpb.DeliverItem]] | None:
         """``count`` copies through one prefetched token for ``key`` (a name, or a batch's names joined by
         ``\\0``), or None when there is no usable token."""
         while self._dead is None and self._conduit is not None:
@@ -510,7 +511,7 @@ class Client:
             mail = (
                 await self._exchange(
                     [tok],
-                    pb.ConduitFrame(redeem=pb.Redeem(tokens=[tok])),
+                    cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[tok])),
                     what="redeeming a prefetched token",
                 )
             )[0]
@@ -524,7 +525,7 @@ class Client:
             self._prefetched.drop(key)  # replaced, deleted or leased away since: ask the control plane again
         return None
 
-    async def _shared_prefetch(self, key: str, count: int) -> list[tuple[int, pb.DeliverItem]] | None:
+    async def _shared_prefetch(self, key: str, count: int) -> list[tuple[int, cpb.DeliverItem]] | None:
         """Redeem a prefetched token for ``key``; while another task's RPC is fetching tokens for it, wait for
         that RPC and use its tokens instead of asking for more (concurrent gets of one name share them)."""
         while True:
@@ -558,7 +559,7 @@ class Client:
                 ttl = resp.prefetch_expire_time.ToNanoseconds() / 1e9 - time.time()
             self._prefetched.add(key, resp.prefetch_tokens, time.monotonic() + ttl)
 
-    async def _get_raw(self, name: str) -> tuple[int, pb.DeliverItem]:
+    async def _get_raw(self, name: str) -> tuple[int, cpb.DeliverItem]:
         got = await self._shared_prefetch(name, 1)
         if got is not None:
             return got[0]
@@ -619,7 +620,9 @@ class Client:
         try:
             mail = (
                 await self._exchange(
-                    [tok], pb.ConduitFrame(ack=pb.Ack(tokens=[tok])), what=f"confirming the take of {name!r}"
+                    [tok],
+                    cpb.ConduitFrame(ack=cpb.Ack(tokens=[tok])),
+                    what=f"confirming the take of {name!r}",
                 )
             )[0]
             if mail.kind != "acked":
@@ -750,7 +753,7 @@ class Client:
         mail = (
             await self._exchange(
                 [tok],
-                pb.ConduitFrame(deposit=pb.Deposit(tokens=[tok])),
+                cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[tok])),
                 [fileno_of(return_fd)],
                 what=f"checking in lease {lease_id[:6]}…",
             )

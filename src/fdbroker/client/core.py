@@ -37,6 +37,7 @@ from fdbroker.rundir import (
     resolve_run_dir,
 )
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 if TYPE_CHECKING:
     from fdbroker.conduit.conduit import Credentials
@@ -639,7 +640,7 @@ def error_from_rpc(err: Any, paths: Paths | None = None, name: str = "") -> Brok
     return error_for_code(num, details or (code.name if code is not None else "unknown error"), name=name)
 
 
-def error_from_frame(e: pb.Error) -> BrokerError:
+def error_from_frame(e: cpb.Error) -> BrokerError:
     return error_for_code(e.code, e.message, name=e.name)
 
 
@@ -710,10 +711,10 @@ def close_mail(mails: Iterable[Mail]) -> None:
                 _close_quietly(fd)
 
 
-def deliveries(mails: Sequence[Mail], names: Sequence[str]) -> list[tuple[int, pb.DeliverItem]]:
+def deliveries(mails: Sequence[Mail], names: Sequence[str]) -> list[tuple[int, cpb.DeliverItem]]:
     """Deliveries → ``(fd, item)`` in order; the caller owns the fds. If any answer is not a delivery, every fd
     received is closed and the first error is raised."""
-    out: list[tuple[int, pb.DeliverItem]] = []
+    out: list[tuple[int, cpb.DeliverItem]] = []
     first_err: BrokerError | None = None
     for mail, name in zip(mails, names, strict=True):
         if mail.kind == "deliver":

@@ -26,6 +26,7 @@ from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import FramedConduit
 from fdbroker.errors import Aborted, Unavailable
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 
 class Listing(list[Entry]):
@@ -81,10 +82,10 @@ class QuickClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _ask(self, q: pb.Query) -> pb.QueryResult:
+    def _ask(self, q: cpb.Query) -> cpb.QueryResult:
         q.id = next(self._ids)
         try:
-            self._conduit.send(pb.ConduitFrame(query=q), timeout=self.timeout)
+            self._conduit.send(cpb.ConduitFrame(query=q), timeout=self.timeout)
             while True:
                 frame = self._conduit.recv(timeout=self.timeout)
                 frame.close_fds()
@@ -107,7 +108,7 @@ class QuickClient:
         first = True
         while True:
             r = self._ask(
-                pb.Query(list=pb.ListRequest(prefix=prefix, label_selector=selector, page_token=token))
+                cpb.Query(list=pb.ListRequest(prefix=prefix, label_selector=selector, page_token=token))
             )
             if first:
                 out.revision = r.list.revision
@@ -118,7 +119,7 @@ class QuickClient:
                 return out
 
     def stat(self, name: str) -> Entry:
-        return Entry(self._ask(pb.Query(stat=pb.StatRequest(name=name))).stat.entry)
+        return Entry(self._ask(cpb.Query(stat=pb.StatRequest(name=name))).stat.entry)
 
     def info(self) -> Info:
-        return Info.from_pb(self._ask(pb.Query(info=pb.GetInfoRequest())).info)
+        return Info.from_pb(self._ask(cpb.Query(info=pb.GetInfoRequest())).info)

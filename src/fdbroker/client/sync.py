@@ -52,6 +52,7 @@ from fdbroker.conduit.frames import SCM_MAX_FD, FramedConduit
 from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded, NotFound, Unavailable
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
+from fdbroker.v1 import conduit_pb2 as cpb
 
 _Mail = tuple[str, Any, int]  # (kind, message, fd or -1)
 
@@ -297,9 +298,9 @@ class Client:
                 if frame is not None:
                     self._file(frame)
 
-    def _take_results(self, mails: list[_Mail], names: Sequence[str]) -> list[tuple[int, pb.DeliverItem]]:
+    def _take_results(self, mails: list[_Mail], names: Sequence[str]) -> list[tuple[int, cpb.DeliverItem]]:
         """Deliveries → (fd, item); any error closes every fd received and raises the first error."""
-        out: list[tuple[int, pb.DeliverItem]] = []
+        out: list[tuple[int, cpb.DeliverItem]] = []
         first_err: BrokerError | None = None
         for (kind, msg, fd), name in zip(mails, names, strict=True):
             if kind == "deliver":
@@ -374,7 +375,7 @@ class Client:
             chunk = tokens[i : i + SCM_MAX_FD]
             try:
                 self._conduit.send(
-                    pb.ConduitFrame(deposit=pb.Deposit(tokens=chunk)),
+                    cpb.ConduitFrame(deposit=cpb.Deposit(tokens=chunk)),
                     fds[i : i + SCM_MAX_FD],
                     timeout=self.timeout,
                 )
@@ -408,7 +409,7 @@ class Client:
         if tok is None or self._conduit is None or self._dead is not None:
             return None
         try:
-            self._conduit.send(pb.ConduitFrame(redeem=pb.Redeem(tokens=[tok])), timeout=self.timeout)
+            self._conduit.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[tok])), timeout=self.timeout)
         except ConduitError:
             return None
         mail = self._wait([tok])[0]
@@ -419,7 +420,7 @@ class Client:
             return None
         return mail
 
-    def _get_raw(self, name: str) -> tuple[int, pb.DeliverItem]:
+    def _get_raw(self, name: str) -> tuple[int, cpb.DeliverItem]:
         mail = self._redeem(name)
         if mail is not None and mail[0] == "deliver":
             return mail[2], mail[1]
@@ -468,7 +469,7 @@ class Client:
         got = self._take_results(self._wait([h.token for h in resp.handoffs]), names)
         return [OwnedFd(fd) if raw else wrap_fd(fd, item.info) for fd, item in got]
 
-    def _get_many_prefetched(self, names: list[str]) -> tuple[Sequence[pb.DeliverItem], list[int]] | None:
+    def _get_many_prefetched(self, names: list[str]) -> tuple[Sequence[cpb.DeliverItem], list[int]] | None:
         """Redeem a cached batch token for ``names``: (items, fds) in order, or None to ask by RPC."""
         mail = self._redeem("\0".join(names))
         if mail is None:
@@ -491,7 +492,7 @@ class Client:
         try:
             assert self._conduit is not None
             try:
-                self._conduit.send(pb.ConduitFrame(ack=pb.Ack(tokens=[tok])), timeout=self.timeout)
+                self._conduit.send(cpb.ConduitFrame(ack=cpb.Ack(tokens=[tok])), timeout=self.timeout)
             except ConduitError as err:
                 raise Aborted(
                     f"the conduit broke before the take of {name!r} was confirmed ({err}); the entry stays "
@@ -596,7 +597,7 @@ class Client:
             assert self._conduit is not None
             try:
                 self._conduit.send(
-                    pb.ConduitFrame(deposit=pb.Deposit(tokens=[tok])),
+                    cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[tok])),
                     [fileno_of(return_fd)],
                     timeout=self.timeout,
                 )

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Sequence
 from types import TracebackType
 
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 from .conduit import Credentials, peer_credentials
 from .errors import ConduitError, ErrType, error_from_oserror
@@ -196,7 +196,7 @@ class AsyncFramedConduit:
         return peer_credentials(self._sock)
 
     async def send(
-        self, message: pb.ConduitFrame, fds: Sequence[int] = (), timeout: float | None = None
+        self, message: cpb.ConduitFrame, fds: Sequence[int] = (), timeout: float | None = None
     ) -> None:
         """Sends one frame with ``fds`` (not closed: the caller keeps its copies). Errors as
         :meth:`FramedConduit.send`; ``timeout`` (seconds, ``None`` = none) gives ``TIMEOUT``."""

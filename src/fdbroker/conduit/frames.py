@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 from .conduit import Credentials, _connect, peer_credentials
 from .errors import ConduitError, ErrType, error_from_oserror
@@ -61,7 +61,7 @@ _RECV_BYTES = 65536 + 4
 
 
 def encode_frame(
-    message: pb.ConduitFrame, fd_count: int = 0, max_frame_bytes: int = MAX_FRAME_BYTES
+    message: cpb.ConduitFrame, fd_count: int = 0, max_frame_bytes: int = MAX_FRAME_BYTES
 ) -> bytes:
     """Sets ``message.fd_count = fd_count`` and returns the length prefix + serialized body.
 
@@ -92,7 +92,7 @@ class Frame:
     of them: the ``close`` callable of the :class:`FrameDecoder` that produced the frame.
     """
 
-    message: pb.ConduitFrame
+    message: cpb.ConduitFrame
     fds: list[int] = field(default_factory=list)
     closer: CloseFds = field(default=close_fds, repr=False, compare=False)
 
@@ -246,7 +246,7 @@ class FrameDecoder:
                 raise self._fatal(f"frame length {n} is outside 1..{self.max_frame_bytes}")
             if len(buf) < 4 + n:
                 break
-            msg = pb.ConduitFrame()
+            msg = cpb.ConduitFrame()
             try:
                 msg.ParseFromString(bytes(buf[4 : 4 + n]))
             except Exception as exc:  # DecodeError, and whatever else a hostile body provokes
@@ -440,7 +440,7 @@ class FramedConduit:
             if poller.poll(ms):
                 return
 
-    def send(self, message: pb.ConduitFrame, fds: Sequence[int] = (), timeout: float | None = None) -> None:
+    def send(self, message: cpb.ConduitFrame, fds: Sequence[int] = (), timeout: float | None = None) -> None:
         """Sends one frame with ``fds`` attached (sets ``message.fd_count``).
 
         The caller's descriptors are NOT closed, on success or failure (the peer got copies on success).
