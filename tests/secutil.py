@@ -181,7 +181,7 @@ class Control:
         return [(e.name, e.revision) for e in self.call("List", pb.ListRequest()).entries]
 
     def revision(self) -> int:
-        return int(self.call("GetInfo", pb.GetInfoRequest()).revision)
+        return int(self.call("GetInfo", pb.GetInfoRequest()).header.revision)
 
     def close(self) -> None:
         self.channel.close()

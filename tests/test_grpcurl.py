@@ -65,7 +65,7 @@ def test_list_stat_and_health_as_json(held):
     assert p.returncode == 0, p.stderr
     listing = json.loads(p.stdout)
     assert [e["name"] for e in listing["entries"]] == ["db/pipe", "web/pipe"]
-    assert int(listing["revision"]) >= 2
+    assert int(listing["header"]["revision"]) >= 2
 
     p = grpcurl(held, "fdbroker.v1.FdBroker/List", data=json.dumps({"label_selector": "tier=web"}))
     assert [e["name"] for e in json.loads(p.stdout)["entries"]] == ["web/pipe"]

@@ -175,6 +175,7 @@ def test_a_ttl_past_the_timestamp_range_is_refused_and_poisons_nothing(nobody: l
             from google.protobuf import duration_pb2
             from secutil import Control, RawConduit
             from fdbroker.v1 import broker_pb2 as pb
+            from fdbroker.v1 import conduit_pb2 as cpb
             out = []
             with Control({str(b.run_dir)!r}) as ctl, RawConduit({str(b.run_dir)!r}) as rc:
                 for s, n in [({MAX_DURATION_SECONDS}, 999999999), (2**62, 0), (-1, 0), (0, 1000000000), (366*86400, 1)]:

@@ -273,6 +273,7 @@ ATTACK_LIB = """
 import json, os, select, socket, struct, sys
 from fdbroker.conduit.frames import FrameDecoder, encode_frame
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 
 def report(**kw):
     print(json.dumps(kw), flush=True)

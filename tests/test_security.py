@@ -230,6 +230,7 @@ def test_truncated_frame_then_hang_up_closes_the_held_descriptor(fdbroker_broker
 TAKE_AND_DIE = """
 import fdbroker, os, sys, time
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 c = fdbroker.Client()
 resp = c._rpc(c._stub.Take, pb.TakeRequest(name="atom/x"), session=True, name="atom/x")
 kind, item, fd = c._wait([resp.handoff.token])[0]
@@ -279,6 +280,7 @@ def test_take_receiver_killed_before_ack_leaves_the_entry(fdbroker_broker):
 DIE_HOLDING = """
 import fdbroker, os, time
 from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
 r, w = os.pipe()
 c = fdbroker.Client(prefetch=4)
 c.put("dead/eph1", r, ephemeral=True)

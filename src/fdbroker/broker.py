@@ -233,7 +233,6 @@ class Broker:
         lim = self.policy.limits
         r = pb.GetInfoResponse(
             version=__version__,
-            revision=self.registry.revision,
             entries=len(self.registry),
             sessions=len(self.sessions),
             pending_tokens=len(self.tokens),
@@ -609,13 +608,13 @@ class Broker:
         if e.taking is not None:
             raise FailedPrecondition(f"entry {name!r} is being taken; retry when the take is done", name=name)
         self._remove_entry(e, pb.Event.TYPE_DELETE, 0)
-        return pb.DeleteResponse(revision=self.registry.revision)
+        return pb.DeleteResponse()
 
     def stat(self, identity: Identity | None, name: str) -> pb.StatResponse:
         validate_name(name)
         e = self.registry.get(name)
         self.policy.check(identity, "stat", name, e.owner.uid)
-        return pb.StatResponse(entry=e.to_pb(), revision=self.registry.revision)
+        return pb.StatResponse(entry=e.to_pb())
 
     def list(self, identity: Identity | None, req: pb.ListRequest, *, max_bytes: int = 0) -> pb.ListResponse:
         """One page of entries. ``max_bytes`` (conduit queries) also ends the page before it outgrows a frame."""
@@ -644,7 +643,6 @@ class Broker:
                     break
         # Spliced from each entry's cached bytes and parsed once: 19,900 to_pb() + extend() copies cost ~5x more.
         resp = pb.ListResponse.FromString(encode_repeated(_LIST_ENTRIES, blobs))
-        resp.revision = self.registry.revision
         if last:
             resp.next_page_token = _encode_page_token(last, req.prefix, req.label_selector)
         return resp
@@ -814,10 +812,8 @@ class Broker:
             tok = self._issue(s, OP.OPERATION_CHECKIN, h.name, e.id, payload=h.lease_id)
             h.checkin = tok.token
             r.handoff.CopyFrom(self._handoff_pb(tok))
-            r.revision = self.registry.revision
             return r
         self._end_lease(h, pb.Event.REASON_RELEASED)
-        r.revision = self.registry.revision
         return r
 
     def _checkin(self, s: Session, tok: Token, fd: int, info: pb.DescriptorInfo) -> Entry:
@@ -937,6 +933,11 @@ class Broker:
                 _error_frame(Code.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} frame from a client")
             )
 
+    def stamp(self, response: Any) -> Any:
+        """Fill a response's ``header`` (every RPC response has one, field 99): the one place it is filled."""
+        response.header.revision = self.registry.revision
+        return response
+
     def _query(self, s: Session, q: cpb.Query) -> cpb.QueryResult:
         """Answer a read-only conduit query as the RPC of the same name would, for the session's identity."""
         r = cpb.QueryResult(id=q.id)
@@ -945,10 +946,13 @@ class Broker:
             if which == "list":
                 # Room for the frame's own fields and the page token; the rest holds entries.
                 r.list.CopyFrom(self.list(s.identity, q.list, max_bytes=self.config.max_frame_bytes - 1024))
+                self.stamp(r.list)
             elif which == "stat":
                 r.stat.CopyFrom(self.stat(s.identity, q.stat.name))
+                self.stamp(r.stat)
             elif which == "info":
                 r.info.CopyFrom(self.info(s, s.identity))
+                self.stamp(r.info)
             else:
                 raise InvalidArgument(f"unknown query {which or '(empty)'}; see Query in the proto")
         except BrokerError as err:

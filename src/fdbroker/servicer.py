@@ -156,7 +156,7 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
 
     async def _call(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], T]) -> T:
         try:
-            return fn()
+            return self.broker.stamp(fn())  # type: ignore[no-any-return]
         except BrokerError as err:
             await _abort(context, err)
         except Exception:
@@ -165,7 +165,7 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
 
     async def _acall(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await fn()
+            return self.broker.stamp(await fn())  # type: ignore[no-any-return]
         except BrokerError as err:
             await _abort(context, err)
         except Exception:
@@ -225,7 +225,7 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
         try:
             s = self._caller(context)[0]
             async for req in request_iterator:
-                yield self.broker.keepalive(s, req.lease_ids)
+                yield self.broker.stamp(self.broker.keepalive(s, req.lease_ids))
         except BrokerError as err:
             await _abort(context, err)
         except Exception:
@@ -247,7 +247,7 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
             await _abort(context, err)
             return
         try:
-            yield pb.WatchResponse(header_revision=w.header)
+            yield self.broker.stamp(pb.WatchResponse(header_revision=w.header))
             while True:
                 try:
                     data = w.read_encoded()

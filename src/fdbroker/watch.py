@@ -264,7 +264,9 @@ class WatchHub:
         events = self._read(w)
         if not events:
             return None
-        data = pb.WatchResponse(events=events).SerializeToString()
+        resp = pb.WatchResponse(events=events)
+        resp.header.revision = rev
+        data = resp.SerializeToString()
         g.shared = (before, rev, w.cursor, w.seen - seen, data)
         return data
 

@@ -644,7 +644,7 @@ class Client:
             "Delete", pb.DeleteRequest(name=name, if_revision=if_revision), session=True, name=name
         )
         self._prefetched.drop(name)
-        return int(resp.revision)
+        return int(resp.header.revision)
 
     async def stat(self, name: str) -> Entry:
         """Describe ``name``."""
@@ -665,7 +665,7 @@ class Client:
                 session=False,
             )
             if first:
-                out.revision = resp.revision
+                out.revision = resp.header.revision
                 first = False
             out.extend(Entry.from_pb(e) for e in resp.entries)
             token = resp.next_page_token
@@ -748,7 +748,7 @@ class Client:
             session=True,
         )
         if return_fd is None:
-            return int(resp.revision)
+            return int(resp.header.revision)
         tok = resp.handoff.token
         mail = (
             await self._exchange(

@@ -383,7 +383,7 @@ class Info:
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
         return cls(
             version=m.version,
-            revision=m.revision,
+            revision=m.header.revision,
             entries=m.entries,
             sessions=m.sessions,
             pending_tokens=m.pending_tokens,

@@ -111,7 +111,7 @@ class QuickClient:
                 cpb.Query(list=pb.ListRequest(prefix=prefix, label_selector=selector, page_token=token))
             )
             if first:
-                out.revision = r.list.revision
+                out.revision = r.list.header.revision
                 first = False
             out.extend(Entry(e) for e in r.list.entries)
             token = r.list.next_page_token

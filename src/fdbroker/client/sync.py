@@ -515,7 +515,7 @@ class Client:
             self._stub.Delete, pb.DeleteRequest(name=name, if_revision=if_revision), session=True, name=name
         )
         self._prefetched.drop(name)
-        return int(resp.revision)
+        return int(resp.header.revision)
 
     def stat(self, name: str) -> Entry:
         """Describe ``name``."""
@@ -536,7 +536,7 @@ class Client:
                 session=False,
             )
             if first:
-                out.revision = resp.revision
+                out.revision = resp.header.revision
                 first = False
             out.extend(Entry.from_pb(e) for e in resp.entries)
             token = resp.next_page_token
@@ -607,7 +607,7 @@ class Client:
             if kind != "deposited" or msg.HasField("error"):
                 raise error_from_frame(msg.error if kind == "deposited" else msg)
             return int(msg.revision)
-        return int(resp.revision)
+        return int(resp.header.revision)
 
     # -- watch ---------------------------------------------------------------------------------------------------
 

@@ -202,14 +202,19 @@ class Handoff(_message.Message):
     expire_time: _timestamp_pb2.Timestamp
     def __init__(self, token: _Optional[bytes] = ..., operation: _Optional[_Union[Operation, str]] = ..., name: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class ResponseHeader(_message.Message):
+    __slots__ = ("revision",)
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    def __init__(self, revision: _Optional[int] = ...) -> None: ...
+
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "revision", "entries", "sessions", "pending_tokens", "max_entries", "max_entries_per_uid", "max_sessions_per_uid", "max_pending_tokens_per_uid", "token_ttl", "caller", "broker_pid", "start_time", "oldest_watch_revision", "max_frame_bytes")
+    __slots__ = ("version", "entries", "sessions", "pending_tokens", "max_entries", "max_entries_per_uid", "max_sessions_per_uid", "max_pending_tokens_per_uid", "token_ttl", "caller", "broker_pid", "start_time", "oldest_watch_revision", "max_frame_bytes", "header")
     VERSION_FIELD_NUMBER: _ClassVar[int]
-    REVISION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     PENDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -223,8 +228,8 @@ class GetInfoResponse(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     OLDEST_WATCH_REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     version: str
-    revision: int
     entries: int
     sessions: int
     pending_tokens: int
@@ -238,7 +243,8 @@ class GetInfoResponse(_message.Message):
     start_time: _timestamp_pb2.Timestamp
     oldest_watch_revision: int
     max_frame_bytes: int
-    def __init__(self, version: _Optional[str] = ..., revision: _Optional[int] = ..., entries: _Optional[int] = ..., sessions: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_entries_per_uid: _Optional[int] = ..., max_sessions_per_uid: _Optional[int] = ..., max_pending_tokens_per_uid: _Optional[int] = ..., token_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., broker_pid: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oldest_watch_revision: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, version: _Optional[str] = ..., entries: _Optional[int] = ..., sessions: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_entries_per_uid: _Optional[int] = ..., max_sessions_per_uid: _Optional[int] = ..., max_pending_tokens_per_uid: _Optional[int] = ..., token_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., broker_pid: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oldest_watch_revision: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("name", "options", "replace", "if_revision")
@@ -253,10 +259,12 @@ class PutRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., options: _Optional[_Union[EntryOptions, _Mapping]] = ..., replace: _Optional[bool] = ..., if_revision: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
-    __slots__ = ("handoff",)
+    __slots__ = ("handoff", "header")
     HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     handoff: Handoff
-    def __init__(self, handoff: _Optional[_Union[Handoff, _Mapping]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, handoff: _Optional[_Union[Handoff, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class BatchPutRequest(_message.Message):
     __slots__ = ("requests",)
@@ -265,10 +273,12 @@ class BatchPutRequest(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[PutRequest, _Mapping]]] = ...) -> None: ...
 
 class BatchPutResponse(_message.Message):
-    __slots__ = ("handoffs",)
+    __slots__ = ("handoffs", "header")
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     handoffs: _containers.RepeatedCompositeFieldContainer[Handoff]
-    def __init__(self, handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("name", "prefetch")
@@ -279,16 +289,18 @@ class GetRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prefetch: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
-    __slots__ = ("entry", "handoffs", "prefetch_tokens", "prefetch_expire_time")
+    __slots__ = ("entry", "handoffs", "prefetch_tokens", "prefetch_expire_time", "header")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     entry: Entry
     handoffs: _containers.RepeatedCompositeFieldContainer[Handoff]
     prefetch_tokens: _containers.RepeatedScalarFieldContainer[bytes]
     prefetch_expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class BatchGetRequest(_message.Message):
     __slots__ = ("names", "prefetch")
@@ -299,16 +311,18 @@ class BatchGetRequest(_message.Message):
     def __init__(self, names: _Optional[_Iterable[str]] = ..., prefetch: _Optional[int] = ...) -> None: ...
 
 class BatchGetResponse(_message.Message):
-    __slots__ = ("entries", "handoffs", "prefetch_tokens", "prefetch_expire_time")
+    __slots__ = ("entries", "handoffs", "prefetch_tokens", "prefetch_expire_time", "header")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     handoffs: _containers.RepeatedCompositeFieldContainer[Handoff]
     prefetch_tokens: _containers.RepeatedScalarFieldContainer[bytes]
     prefetch_expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., handoffs: _Optional[_Iterable[_Union[Handoff, _Mapping]]] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class TakeRequest(_message.Message):
     __slots__ = ("name", "if_revision")
@@ -319,12 +333,14 @@ class TakeRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., if_revision: _Optional[int] = ...) -> None: ...
 
 class TakeResponse(_message.Message):
-    __slots__ = ("entry", "handoff")
+    __slots__ = ("entry", "handoff", "header")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     entry: Entry
     handoff: Handoff
-    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("name", "if_revision")
@@ -335,10 +351,10 @@ class DeleteRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., if_revision: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("revision",)
-    REVISION_FIELD_NUMBER: _ClassVar[int]
-    revision: int
-    def __init__(self, revision: _Optional[int] = ...) -> None: ...
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: ResponseHeader
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class StatRequest(_message.Message):
     __slots__ = ("name",)
@@ -347,12 +363,12 @@ class StatRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class StatResponse(_message.Message):
-    __slots__ = ("entry", "revision")
+    __slots__ = ("entry", "header")
     ENTRY_FIELD_NUMBER: _ClassVar[int]
-    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     entry: Entry
-    revision: int
-    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, entry: _Optional[_Union[Entry, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("prefix", "label_selector", "page_size", "page_token")
@@ -367,14 +383,14 @@ class ListRequest(_message.Message):
     def __init__(self, prefix: _Optional[str] = ..., label_selector: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("entries", "next_page_token", "revision")
+    __slots__ = ("entries", "next_page_token", "header")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     next_page_token: str
-    revision: int
-    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("name", "ttl", "mode", "wait")
@@ -389,18 +405,20 @@ class LeaseRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., mode: _Optional[_Union[LeaseState.Mode, str]] = ..., wait: _Optional[bool] = ...) -> None: ...
 
 class LeaseResponse(_message.Message):
-    __slots__ = ("lease_id", "epoch", "expire_time", "entry", "handoff")
+    __slots__ = ("lease_id", "epoch", "expire_time", "entry", "handoff", "header")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     epoch: int
     expire_time: _timestamp_pb2.Timestamp
     entry: Entry
     handoff: Handoff
-    def __init__(self, lease_id: _Optional[str] = ..., epoch: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, lease_id: _Optional[str] = ..., epoch: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class KeepAliveRequest(_message.Message):
     __slots__ = ("lease_ids",)
@@ -409,7 +427,7 @@ class KeepAliveRequest(_message.Message):
     def __init__(self, lease_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class KeepAliveResponse(_message.Message):
-    __slots__ = ("renewed", "gone")
+    __slots__ = ("renewed", "gone", "header")
     class Renewed(_message.Message):
         __slots__ = ("lease_id", "expire_time")
         LEASE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -419,9 +437,11 @@ class KeepAliveResponse(_message.Message):
         def __init__(self, lease_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
     RENEWED_FIELD_NUMBER: _ClassVar[int]
     GONE_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     renewed: _containers.RepeatedCompositeFieldContainer[KeepAliveResponse.Renewed]
     gone: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, renewed: _Optional[_Iterable[_Union[KeepAliveResponse.Renewed, _Mapping]]] = ..., gone: _Optional[_Iterable[str]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, renewed: _Optional[_Iterable[_Union[KeepAliveResponse.Renewed, _Mapping]]] = ..., gone: _Optional[_Iterable[str]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("lease_id", "return_descriptor")
@@ -432,12 +452,12 @@ class ReleaseRequest(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., return_descriptor: _Optional[bool] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
-    __slots__ = ("revision", "handoff")
-    REVISION_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("handoff", "header")
     HANDOFF_FIELD_NUMBER: _ClassVar[int]
-    revision: int
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     handoff: Handoff
-    def __init__(self, revision: _Optional[int] = ..., handoff: _Optional[_Union[Handoff, _Mapping]] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, handoff: _Optional[_Union[Handoff, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("prefix", "start_revision")
@@ -500,9 +520,11 @@ class Event(_message.Message):
     def __init__(self, type: _Optional[_Union[Event.Type, str]] = ..., revision: _Optional[int] = ..., name: _Optional[str] = ..., entry: _Optional[_Union[Entry, _Mapping]] = ..., reason: _Optional[_Union[Event.Reason, str]] = ..., lease_id: _Optional[str] = ..., epoch: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class WatchResponse(_message.Message):
-    __slots__ = ("events", "header_revision")
+    __slots__ = ("events", "header_revision", "header")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     HEADER_REVISION_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     header_revision: int
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., header_revision: _Optional[int] = ...) -> None: ...
+    header: ResponseHeader
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., header_revision: _Optional[int] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
