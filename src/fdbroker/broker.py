@@ -37,6 +37,7 @@ from fdbroker.errors import (
 from fdbroker.leases import EXCLUSIVE, SHARED, EpochCounter, Holder, LeaseTable, Waiter
 from fdbroker.names import parse_label_selector, validate_labels, validate_name
 from fdbroker.policy import Identity, Policy
+from fdbroker.protocol import SESSION_METADATA_KEY, lease_wait_reserve
 from fdbroker.registry import Entry, Owner, PutOptions, Registry
 from fdbroker.sessions import FrameSink, Session, SessionTable
 from fdbroker.tokens import Token, TokenBook, TokenError, short
@@ -146,7 +147,7 @@ class Broker:
         if s is None:
             raise Unauthenticated(
                 f"{what} moves a descriptor and needs a session: connect to the conduit first and send the "
-                "session id as metadata 'fdbroker-session'",
+                f"session id as metadata {SESSION_METADATA_KEY!r}",
                 name=name,
             )
         return s
@@ -967,11 +968,6 @@ class Broker:
     def close(self) -> None:
         """Shut down: close every held descriptor."""
         self.registry.close_all()
-
-
-def lease_wait_reserve(remaining: float) -> float:
-    """How long before an RPC deadline a lease wait gives up: 0.5 s, or a quarter of the time left if less."""
-    return min(0.5, remaining / 4)
 
 
 def _holders_text(lt: LeaseTable) -> str:

@@ -238,7 +238,7 @@ class Policy:
             if action in MOVING_ACTIONS:
                 raise Unauthenticated(
                     f"{what} needs a session: descriptors never move for anonymous callers; connect to the "
-                    "conduit first (fdbroker.Client does this) and send the session id as 'fdbroker-session' "
+                    "conduit first (fdbroker.Client does this) and send the session id as metadata 'fdbroker-session' "
                     "metadata",
                     name=name,
                 )

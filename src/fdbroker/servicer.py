@@ -15,13 +15,13 @@ import grpc
 from fdbroker.broker import Broker
 from fdbroker.errors import BrokerError, InvalidArgument, OutOfRange
 from fdbroker.policy import Identity
-from fdbroker.sessions import SESSION_METADATA_KEY, Session
+from fdbroker.protocol import OLDEST_REVISION_KEY, SESSION_METADATA_KEY
+from fdbroker.sessions import Session
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fdbroker.servicer")
 
-OLDEST_REVISION_KEY = "fdbroker-oldest-revision"
 
 T = TypeVar("T")
 

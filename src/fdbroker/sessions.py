@@ -18,7 +18,6 @@ from fdbroker.errors import ResourceExhausted
 from fdbroker.policy import Identity
 from fdbroker.v1 import conduit_pb2 as cpb
 
-SESSION_METADATA_KEY = "fdbroker-session"
 SESSION_ID_BYTES = 18  # 144 bits; url-safe base64 gives 24 characters
 
 

@@ -65,11 +65,12 @@ from fdbroker.client.core import (
     sort_frame,
     wrap_fd,
 )
-from fdbroker.client.sync import WAIT_MARGIN, Listing
+from fdbroker.client.sync import Listing
 from fdbroker.conduit.aio import AsyncFramedConduit
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame
 from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded, NotFound, Unavailable
+from fdbroker.protocol import LEASE_WAIT_MARGIN, SESSION_METADATA_KEY
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -261,9 +262,9 @@ class Client:
 
     async def _md(self, session: bool) -> list[tuple[str, str]]:
         if session:
-            return [("fdbroker-session", await self.connect())]
+            return [(SESSION_METADATA_KEY, await self.connect())]
         if self._session_id is not None and self._dead is None:
-            return [("fdbroker-session", self._session_id)]
+            return [(SESSION_METADATA_KEY, self._session_id)]
         return []
 
     async def _rpc(
@@ -698,8 +699,8 @@ class Client:
         req = lease_request(name, ttl, shared, wait is not None)
         with self._claiming():
             # As the sync client: the RPC deadline bounds the queueing (the broker answers DEADLINE_EXCEEDED
-            # itself WAIT_MARGIN before it), so ``wait`` + WAIT_MARGIN queues for ``wait`` seconds.
-            timeout = self.timeout if wait is None else max(0.0, wait) + WAIT_MARGIN
+            # itself LEASE_WAIT_MARGIN before it), so ``wait`` + LEASE_WAIT_MARGIN queues for ``wait`` seconds.
+            timeout = self.timeout if wait is None else max(0.0, wait) + LEASE_WAIT_MARGIN
             resp = await self._rpc("Lease", req, session=True, name=name, timeout=timeout)
             futs = self._expect([resp.handoff.token])
         try:
@@ -767,7 +768,7 @@ class Client:
     def watch(self, prefix: str = "", *, start_revision: int = 0) -> Watch:
         """Registry events under ``prefix`` from ``start_revision`` (0: from now). ``async for`` over it; close it
         with :meth:`Watch.aclose` (or ``async with``). Call from inside the event loop."""
-        md = [("fdbroker-session", self._session_id)] if self._session_id and self._dead is None else []
+        md = [(SESSION_METADATA_KEY, self._session_id)] if self._session_id and self._dead is None else []
         call = self.stub.Watch(pb.WatchRequest(prefix=prefix, start_revision=start_revision), metadata=md)
         return Watch(call, self.paths)
 

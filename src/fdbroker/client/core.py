@@ -27,6 +27,7 @@ from fdbroker.errors import (
     UntrustedBroker,
     error_for_code,
 )
+from fdbroker.protocol import OLDEST_REVISION_KEY
 from fdbroker.rundir import (
     CONDUIT_SOCKET,
     CONTROL_SOCKET,
@@ -42,9 +43,6 @@ from fdbroker.v1 import conduit_pb2 as cpb
 if TYPE_CHECKING:
     from fdbroker.conduit.conduit import Credentials
     from fdbroker.conduit.frames import Frame
-
-SESSION_METADATA_KEY = "fdbroker-session"
-OLDEST_REVISION_KEY = "fdbroker-oldest-revision"
 
 
 class HasFileno(Protocol):

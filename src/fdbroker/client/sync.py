@@ -50,6 +50,7 @@ from fdbroker.client.core import (
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import SCM_MAX_FD, FramedConduit
 from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded, NotFound, Unavailable
+from fdbroker.protocol import LEASE_WAIT_MARGIN, SESSION_METADATA_KEY
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -57,7 +58,6 @@ from fdbroker.v1 import conduit_pb2 as cpb
 _Mail = tuple[str, Any, int]  # (kind, message, fd or -1)
 
 _STALE_AFTER = 10.0
-WAIT_MARGIN = 0.5  # added to a lease wait for the RPC deadline (see Broker.lease)
 
 
 class Listing(list[Entry]):
@@ -210,9 +210,9 @@ class Client:
 
     def _md(self, session: bool) -> list[tuple[str, str]]:
         if session:
-            return [("fdbroker-session", self.connect())]
+            return [(SESSION_METADATA_KEY, self.connect())]
         if self._session_id is not None and self._dead is None:
-            return [("fdbroker-session", self._session_id)]
+            return [(SESSION_METADATA_KEY, self._session_id)]
         return []
 
     def _rpc(
@@ -562,7 +562,7 @@ class Client:
         req = lease_request(name, ttl, shared, wait is not None)
         # The RPC deadline bounds the queueing: the broker gives up lease_wait_reserve() (0.5 s) before it and
         # answers DEADLINE_EXCEEDED itself, so ``wait`` + 0.5 s queues for ``wait`` seconds.
-        timeout = self.timeout if wait is None else max(0.0, wait) + WAIT_MARGIN
+        timeout = self.timeout if wait is None else max(0.0, wait) + LEASE_WAIT_MARGIN
         resp = self._rpc(self._stub.Lease, req, session=True, name=name, timeout=timeout)
         fd, item = self._take_results(self._wait([resp.handoff.token]), [name])[0]
         lease = Lease(
