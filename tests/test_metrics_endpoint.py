@@ -1,0 +1,85 @@
+"""The metrics endpoint on its own: a real HTTP scrape over TCP and over a Unix socket, parsed with
+prometheus_client's own parsers (the end-to-end scrape of a running broker is in test_operations.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from fdbroker.metrics import Metrics, MetricsServer, State
+
+
+class View:
+    def metrics_state(self) -> State:
+        return State(
+            entries_by_kind={"tcp-listener": 2, "pipe": 1}, sessions_by_uid={0: 3, 1000: 1}, revision=7
+        )
+
+
+def _get(connect: tuple[str, int] | str, path: str = "/metrics", accept: str = "") -> tuple[str, str]:
+    family = socket.AF_UNIX if isinstance(connect, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(connect)
+        extra = f"Accept: {accept}\r\n" if accept else ""
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head, body
+
+
+async def _scrape(address: str, connect_of) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    m = Metrics()
+    m.attach(View())
+    m.rpcs.labels("Get", "OK").inc(3)
+    m.rpc_seconds.labels("Get").observe(0.002)
+    srv = await MetricsServer.start(m, address)
+    try:
+        target = connect_of(srv)
+        out = []
+        for path, accept in (
+            ("/metrics", ""),
+            ("/metrics", "application/openmetrics-text; version=1.0.0"),
+            ("/x", ""),
+        ):
+            out.append(await asyncio.to_thread(_get, target, path, accept))
+        return out
+    finally:
+        await srv.close()
+
+
+def _check(results: list[tuple[str, str]]) -> None:
+    (h1, text), (h2, om), (h3, _) = results
+    assert h1.startswith("HTTP/1.1 200") and "text/plain" in h1
+    fams = {f.name: f for f in parse_text(text)}
+    assert {s.labels["kind"]: s.value for s in fams["fdbroker_entries"].samples} == {
+        "tcp-listener": 2,
+        "pipe": 1,
+    }
+    assert {s.labels["uid"]: s.value for s in fams["fdbroker_sessions"].samples} == {"0": 3, "1000": 1}
+    assert [s.value for s in fams["fdbroker_rpcs"].samples if s.name == "fdbroker_rpcs_total"] == [3]
+    assert h2.startswith("HTTP/1.1 200") and "openmetrics" in h2
+    assert any(f.name == "fdbroker_rpc_duration_seconds" for f in parse_openmetrics(om))
+    assert h3.startswith("HTTP/1.1 404")
+
+
+def test_scrape_over_tcp() -> None:
+    _check(asyncio.run(_scrape("127.0.0.1:0", lambda srv: srv.server.sockets[0].getsockname())))
+
+
+def test_scrape_over_a_unix_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "metrics.sock")
+    _check(asyncio.run(_scrape(f"unix:{path}", lambda srv: path)))
+
+
+@pytest.mark.parametrize("bad", ["nope", "127.0.0.1:99999", "unix:", "127.0.0.1:port"])
+def test_malformed_addresses_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="metrics-listen"):
+        asyncio.run(MetricsServer.start(Metrics(), bad))
