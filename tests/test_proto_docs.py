@@ -241,3 +241,56 @@ def test_the_documented_limits_are_the_enforced_ones(files):
     says("EntryOptions.labels", "32", "1-63 bytes", "0-255 bytes")
     says("LeaseRequest.mode", "exclusive")
     says("WatchRequest.start_revision", "current revision + 1")
+
+
+# -- docs/conduit-protocol.md, the conduit's specification ----------------------------------------------------------
+
+CONDUIT_DOC = ROOT / "docs" / "conduit-protocol.md"
+
+
+def test_the_conduit_doc_describes_every_client_frame(files):
+    """Every body a client meets on conduit.sock has a row in the table of §3.5."""
+    conduit = files["fdbroker/v1/conduit.proto"]
+    frame = next(m for m in conduit.message_type if m.name == "ConduitFrame")
+    bodies = {f.type_name.rsplit(".", 1)[1] for f in frame.field if f.name != "fd_count"}
+    client_bodies = {b for b in bodies if not b.startswith("Handover")}
+    table = CONDUIT_DOC.read_text().split("### 3.5", 1)[1].split("### 3.6", 1)[0]
+    rows = set(re.findall(r"^\| `(\w+)` \|", table, re.MULTILINE))
+    assert rows == client_bodies, (
+        f"missing {sorted(client_bodies - rows)}, unknown {sorted(rows - client_bodies)}"
+    )
+
+
+def test_the_worked_example_is_what_the_encoder_sends():
+    from fdbroker.conduit.frames import encode_frame
+    from fdbroker.v1 import conduit_pb2 as cpb
+
+    doc = CONDUIT_DOC.read_text()
+    assert "00 00 00 04            length N = 4\n52 02 08 01" in doc
+    assert encode_frame(cpb.ConduitFrame(ping=cpb.Ping(nonce=1))) == bytes.fromhex("00000004 52020801")
+    token = b"\xaa" * 32
+    deposit = encode_frame(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[token])), 1)
+    assert "00 00 00 26            length N = 38" in doc and "iov (42 bytes)" in doc
+    assert deposit == bytes.fromhex("00000026 0801 1a22 0a20") + token
+
+
+def test_the_conduit_doc_lists_every_code_the_proto_says_the_conduit_uses(files):
+    """The codes named on `Error.code` are the rows of the table of §3.6."""
+    error = next(e for e in all_elements(files) if e.name == "Error.code")
+    named = {int(n) for n in re.findall(r"\b(\d+) [A-Z_]+", error.comment)}
+    table = CONDUIT_DOC.read_text().split("### 3.6", 1)[1].split("\n## ", 1)[0]
+    rows = {int(n) for n in re.findall(r"^\| (\d+) \| `[A-Z_]+` \|", table, re.MULTILINE)}
+    assert named == rows and rows, (named, rows)
+
+
+def test_the_go_receive_example_does_not_pass_flags_to_read_msg_unix():
+    """ReadMsgUnix takes no flags (Go passes MSG_CMSG_CLOEXEC itself); the example checks MSG_CTRUNC."""
+    go = "\n".join(re.findall(r"```go\n(.*?)```", CONDUIT_DOC.read_text(), re.DOTALL))
+    assert re.search(r"\.ReadMsgUnix\(buf, oob\)", go)
+    assert "flags&syscall.MSG_CTRUNC" in go and "syscall.ParseUnixRights" in go
+    assert 'grpc.NewClient("passthrough:///unix"' in go and "grpc.WithContextDialer(" in go
+    assert (
+        "insecure.NewCredentials()" in go
+        and '"fdbroker-session"' in go
+        and '"fdbroker-oldest-revision"' in go
+    )
