@@ -8,6 +8,7 @@ descriptor paths (google/protobuf/descriptor.proto: ``SourceCodeInfo.Location.pa
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -55,12 +56,16 @@ EVERY_RPC = frozenset({"INVALID_ARGUMENT", "UNAUTHENTICATED", "INTERNAL", "UNAVA
 MOVES_A_DESCRIPTOR = frozenset({"Put", "BatchPut", "Get", "BatchGet", "Take", "Lease", "Release"})
 HEADER_COMMENT = "The registry revision this response reflects (see ResponseHeader)."
 
+Files = dict[str, descriptor_pb2.FileDescriptorProto]
+
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, descriptor_pb2.FileDescriptorProto]:
-    import grpc_tools
-
-    include = Path(grpc_tools.__file__).parent / "_proto"
+def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
+    spec = importlib.util.find_spec(
+        "grpc_tools"
+    )  # grpcio-tools, a test dependency; it ships the well-known types
+    assert spec is not None and spec.origin is not None, "grpcio-tools is not installed"
+    include = Path(spec.origin).parent / "_proto"
     out = tmp_path_factory.mktemp("proto") / "descriptor_set.pb"
     subprocess.run(
         [
@@ -126,7 +131,7 @@ def elements(f: descriptor_pb2.FileDescriptorProto) -> Iterator[Element]:
             yield el("rpc", f"{s.name}.{method.name}", (FILE_SERVICE, i, SERVICE_METHOD, j))
 
 
-def all_elements(files: dict[str, descriptor_pb2.FileDescriptorProto]) -> list[Element]:
+def all_elements(files: Files) -> list[Element]:
     return [e for name in FILES for e in elements(files[name])]
 
 
@@ -149,13 +154,13 @@ def file_comment(f: descriptor_pb2.FileDescriptorProto) -> str:
     return ""
 
 
-def test_every_element_has_a_leading_comment(files):
+def test_every_element_has_a_leading_comment(files: Files) -> None:
     els = all_elements(files)
     missing = [e for e in els if not e.comment]
     assert not missing, f"{len(missing)} of {len(els)} elements have no leading comment: {missing}"
 
 
-def test_the_proto_is_not_trivially_small(files):
+def test_the_proto_is_not_trivially_small(files: Files) -> None:
     # Guards the walk above: a path mistake that finds nothing would pass the completeness test vacuously.
     kinds: dict[str, int] = {}
     for e in all_elements(files):
@@ -163,12 +168,12 @@ def test_the_proto_is_not_trivially_small(files):
     assert kinds["rpc"] >= 13 and kinds["field"] >= 190 and kinds["enum value"] >= 46, kinds
 
 
-def test_every_file_says_what_it_holds(files):
+def test_every_file_says_what_it_holds(files: Files) -> None:
     for name in FILES:
         assert len(file_comment(files[name])) > 100, f"{name}: no file comment before `syntax`"
 
 
-def test_every_rpc_lists_its_status_codes(files):
+def test_every_rpc_lists_its_status_codes(files: Files) -> None:
     for e in all_elements(files):
         if e.kind != "rpc":
             continue
@@ -180,7 +185,7 @@ def test_every_rpc_lists_its_status_codes(files):
             assert "ABORTED" in codes, f"{e}: moves a descriptor but does not say when ABORTED is reported"
 
 
-def test_the_header_lists_every_code_an_rpc_names(files):
+def test_the_header_lists_every_code_an_rpc_names(files: Files) -> None:
     header = file_comment(files[FILES[0]])
     listed = {m.group(1) for m in re.finditer(r"^ +([A-Z_]+) {2,}", header, re.MULTILINE)}
     assert listed <= STATUS_CODES and len(listed) >= 12, listed
@@ -188,7 +193,7 @@ def test_the_header_lists_every_code_an_rpc_names(files):
     assert named <= listed, f"named by an RPC but not explained in the file header: {sorted(named - listed)}"
 
 
-def test_the_wire_constants_are_named_in_the_proto(files):
+def test_the_wire_constants_are_named_in_the_proto(files: Files) -> None:
     from fdbroker.protocol import OLDEST_REVISION_KEY, SESSION_METADATA_KEY
 
     text = (PROTO_DIR / FILES[0]).read_text()
@@ -197,7 +202,7 @@ def test_the_wire_constants_are_named_in_the_proto(files):
     assert OLDEST_REVISION_KEY in watch.comment and "OUT_OF_RANGE" in watch.comment
 
 
-def test_every_response_reports_its_revision_the_same_way(files):
+def test_every_response_reports_its_revision_the_same_way(files: Files) -> None:
     responses = [
         (e, f)
         for f in (files[n] for n in FILES)
@@ -213,7 +218,7 @@ def test_every_response_reports_its_revision_the_same_way(files):
         assert doc.comment == HEADER_COMMENT, f"{doc}: {doc.comment!r}"
 
 
-def test_the_documented_limits_are_the_enforced_ones(files):
+def test_the_documented_limits_are_the_enforced_ones(files: Files) -> None:
     """The numbers written in the proto are the ones the code enforces (a change to one must change the other)."""
     from fdbroker import broker, limits, names
 
@@ -248,7 +253,7 @@ def test_the_documented_limits_are_the_enforced_ones(files):
 CONDUIT_DOC = ROOT / "docs" / "conduit-protocol.md"
 
 
-def test_the_conduit_doc_describes_every_client_frame(files):
+def test_the_conduit_doc_describes_every_client_frame(files: Files) -> None:
     """Every body a client meets on conduit.sock has a row in the table of §3.5."""
     conduit = files["fdbroker/v1/conduit.proto"]
     frame = next(m for m in conduit.message_type if m.name == "ConduitFrame")
@@ -261,7 +266,7 @@ def test_the_conduit_doc_describes_every_client_frame(files):
     )
 
 
-def test_the_worked_example_is_what_the_encoder_sends():
+def test_the_worked_example_is_what_the_encoder_sends() -> None:
     from fdbroker.conduit.frames import encode_frame
     from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -274,7 +279,7 @@ def test_the_worked_example_is_what_the_encoder_sends():
     assert deposit == bytes.fromhex("00000026 0801 1a22 0a20") + token
 
 
-def test_the_conduit_doc_lists_every_code_the_proto_says_the_conduit_uses(files):
+def test_the_conduit_doc_lists_every_code_the_proto_says_the_conduit_uses(files: Files) -> None:
     """The codes named on `Error.code` are the rows of the table of §3.6."""
     error = next(e for e in all_elements(files) if e.name == "Error.code")
     named = {int(n) for n in re.findall(r"\b(\d+) [A-Z_]+", error.comment)}
@@ -283,7 +288,7 @@ def test_the_conduit_doc_lists_every_code_the_proto_says_the_conduit_uses(files)
     assert named == rows and rows, (named, rows)
 
 
-def test_the_go_receive_example_does_not_pass_flags_to_read_msg_unix():
+def test_the_go_receive_example_does_not_pass_flags_to_read_msg_unix() -> None:
     """ReadMsgUnix takes no flags (Go passes MSG_CMSG_CLOEXEC itself); the example checks MSG_CTRUNC."""
     go = "\n".join(re.findall(r"```go\n(.*?)```", CONDUIT_DOC.read_text(), re.DOTALL))
     assert re.search(r"\.ReadMsgUnix\(buf, oob\)", go)
