@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class FdBrokerStub:
-    """The descriptor broker.
+    """The descriptor broker. Served on `control.sock`, next to the gRPC health service (`grpc.health.v1.Health`) and
+    server reflection. The policy action each RPC needs is named in its comment (docs/policy.md).
     """
 
     def __init__(self, channel):
@@ -103,123 +104,229 @@ class FdBrokerStub:
 
 
 class FdBrokerServicer:
-    """The descriptor broker.
+    """The descriptor broker. Served on `control.sock`, next to the gRPC health service (`grpc.health.v1.Health`) and
+    server reflection. The policy action each RPC needs is named in its comment (docs/policy.md).
     """
 
     def GetInfo(self, request, context):
-        """Version, limits and counts. Allowed to anonymous callers.
+        """Version, counts and limits of the broker, and the caller as the broker sees it. Allowed to anonymous callers
+        by default (policy action "info").
+
+        Errors: INVALID_ARGUMENT (an undecodable request), UNAUTHENTICATED (an unknown session id), PERMISSION_DENIED
+        (the policy denies "info"), INTERNAL, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Put(self, request, context):
-        """Deposits one descriptor under a name. Returns a handoff token; the caller then sends a `Deposit` frame with
-        that token and the descriptor on its conduit, and the broker answers `Deposited` (or `Error`). The entry
-        exists only once `Deposited` is sent. Errors: INVALID_ARGUMENT, ALREADY_EXISTS (without `replace`),
-        FAILED_PRECONDITION (`if_revision` mismatch, or under another session's lease), PERMISSION_DENIED,
-        UNAUTHENTICATED, RESOURCE_EXHAUSTED.
+        """Deposits one descriptor under a name, in two steps. The RPC checks everything it can and returns a PUT handoff
+        token; the caller then sends a `Deposit` frame with that token and the descriptor on its conduit, and the
+        broker answers `Deposited` with one `DepositResult` (accepted: the entry and its revision; refused: an `Error`,
+        and the broker closed its copy of the descriptor). The checks run again when the descriptor arrives, since the
+        registry may have changed; the entry exists (event PUT) only once `Deposited` says so. A token not redeemed
+        within `token_ttl` expires and frees what it reserved (a place in the quotas and the capacity). Needs a
+        session (policy action "put", decided with the existing entry's owner for a replace).
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name, label or TTL), UNAUTHENTICATED (no session, or
+        an unknown one), PERMISSION_DENIED, ALREADY_EXISTS (the name exists and neither `replace` nor `if_revision`
+        is set), FAILED_PRECONDITION (`if_revision` differs from the entry's revision, or is set for a name that does
+        not exist; a replace of an entry under another session's exclusive lease; a take of it in flight),
+        RESOURCE_EXHAUSTED (the broker's capacity, counting deposits already announced; max_entries_per_uid;
+        max_pending_tokens_per_uid), INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit closed before
+        `Deposited`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def BatchPut(self, request, context):
-        """Deposits many descriptors: one token per item, in request order. The descriptors then travel in as few
-        `Deposit` frames as possible (at most 253 per frame). All-or-nothing at RPC time: if any item is refused,
-        no token is issued.
+        """Deposits many descriptors: one PUT token per request, in request order, each request checked as by `Put`
+        (quotas and capacity count the whole batch). All-or-nothing at RPC time: if any request is refused, no token
+        is issued and the error names the first refused one. The descriptors then travel in `Deposit` frames of at
+        most 253 descriptors each, split as the caller likes; each frame gets its own `Deposited`, and each deposit
+        succeeds or fails on its own. At most 10,000 requests; a name may appear only once. An empty batch issues no
+        token. Needs a session (policy action "put").
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name, label or TTL; more than 10,000 requests; a name
+        twice), UNAUTHENTICATED (no session, or an unknown one), PERMISSION_DENIED, ALREADY_EXISTS,
+        FAILED_PRECONDITION (as for `Put`), RESOURCE_EXHAUSTED (the broker's capacity; max_entries_per_uid;
+        max_pending_tokens_per_uid for the whole batch), INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit
+        closed before every `Deposited` came).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Hands the caller a copy (a dup) of an entry's descriptor. The broker sends a `Deliver` frame with the
-        descriptor on the caller's conduit, tagged with the first token, before this RPC returns. `prefetch` more
-        tokens can be asked for; each is redeemed later by one `Redeem` frame on the conduit for one more copy,
-        without another RPC. Errors: NOT_FOUND, FAILED_PRECONDITION (exclusive lease held by another session),
-        PERMISSION_DENIED, UNAUTHENTICATED, RESOURCE_EXHAUSTED (pending-token quota).
+        """Hands the caller a copy of an entry's descriptor (the broker keeps its own). Before this RPC returns, the
+        broker sends a `Deliver` frame on the caller's conduit with the descriptor, tagged with the token of
+        `GetResponse.handoffs[0]`; the two travel on different sockets, so the caller matches them by token, whichever
+        it reads first. `prefetch` asks for more GET tokens, each redeemed later by a `Redeem` frame for one more copy
+        without an RPC. If the caller's conduit is not read and the broker's queue for it passes 8 MiB or 4,096
+        descriptors, the broker drops that conduit (ending the session): the RPC still answers, but the `Deliver`
+        never comes. Needs a session (policy action "get").
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name; `prefetch` over 1,024), UNAUTHENTICATED (no
+        session, or an unknown one), NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION (the entry is under another
+        session's exclusive lease), INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit closed before the
+        `Deliver`). A full prefetch pool is not an error (see `GetRequest.prefetch`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def BatchGet(self, request, context):
-        """Gets many entries in one call; descriptors are delivered in `Deliver` frames of at most 253 descriptors,
-        in request order. All-or-nothing at RPC time.
+        """Gets many entries in one call, each checked as by `Get`; all-or-nothing at RPC time (the error names the
+        first refused name). Before the RPC returns, the descriptors are delivered in request order in `Deliver` frames
+        of at most 253 items, `handoffs[i]` tagging the i-th. A name may appear more than once (one copy each). At
+        most 10,000 names; an empty list delivers nothing. Needs a session (policy action "get").
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name; more than 10,000 names; `prefetch` over 64),
+        UNAUTHENTICATED (no session, or an unknown one), NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION (an entry
+        under another session's exclusive lease), INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit closed
+        before every `Deliver` came).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Take(self, request, context):
-        """Moves an entry's descriptor to the caller. Atomic: the broker sends `Deliver`, the caller answers `Ack`
-        with the token, and only then does the entry leave the registry (the broker confirms with `Acked`). If
-        the caller dies or the token expires before `Ack`, the entry stays. While a take is in flight the entry is
-        reserved: other takes and deletes get FAILED_PRECONDITION.
+        """Moves an entry's descriptor to the caller. Atomic: before the RPC returns, the broker sends `Deliver` with the
+        descriptor, tagged with a TAKE token, and reserves the entry; the caller answers `Ack{tokens}` on the conduit
+        once it holds the descriptor, and only then does the entry leave the registry (event DELETE, reason TAKEN)
+        and the broker answer `Acked` with the revision of the removal. If the caller's session ends or the token
+        expires (`handoff.expire_time`) before `Ack`, the take is abandoned and the entry stays. While a take is in
+        flight the entry is reserved: another Take, a Delete or a replacing Put gets FAILED_PRECONDITION, and the
+        entry does not expire. The caller's own exclusive lease does not block it. Needs a session (policy action
+        "take").
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name), UNAUTHENTICATED (no session, or an unknown
+        one), NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION (`if_revision` differs from the entry's revision;
+        another session's exclusive lease; a take already in flight), RESOURCE_EXHAUSTED
+        (max_pending_tokens_per_uid), INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit closed before the
+        `Deliver` or the `Acked`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Removes an entry; the broker closes its copy. Errors: NOT_FOUND, FAILED_PRECONDITION (`if_revision`,
-        lease, take in flight), PERMISSION_DENIED.
+        """Removes an entry and closes the broker's copy of its descriptor: event DELETE, after a LEASE_RELEASED (reason
+        ENTRY_REMOVED) for each lease on it; queued Lease requests for it fail with NOT_FOUND. Needs a session: the
+        policy decides by the caller's uid (action "delete"; by default only the owner's uid may).
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name), NOT_FOUND, UNAUTHENTICATED (no session, or an
+        unknown one), PERMISSION_DENIED, FAILED_PRECONDITION (`if_revision` differs from the entry's revision;
+        another session's exclusive lease; a take in flight), INTERNAL, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Stat(self, request, context):
-        """Describes one entry. Errors: NOT_FOUND, PERMISSION_DENIED.
+        """Describes one entry. Allowed to anonymous callers by default (policy action "stat").
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name), UNAUTHENTICATED (an unknown session id),
+        NOT_FOUND, PERMISSION_DENIED, INTERNAL, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def List(self, request, context):
-        """Lists entries in name order, with prefix and label filters and pagination (AIP-158).
+        """Lists entries in name order, filtered by `prefix` and `label_selector`, one page per call (AIP-158). Entries
+        the caller may not list are left out, not refused (policy action "list", decided per entry). The pages of one
+        listing are not a snapshot: each reflects the registry at its own `header.revision`. To follow changes, list,
+        then Watch from the first page's `header.revision` + 1: applying the events converges to the right state.
+        Allowed to anonymous callers by default.
+
+        Errors: INVALID_ARGUMENT (an undecodable request; `page_size` over 20,000; a bad `page_token` or
+        `label_selector`), UNAUTHENTICATED (an unknown session id), PERMISSION_DENIED (the policy denies "list"),
+        INTERNAL, UNAVAILABLE; RESOURCE_EXHAUSTED (gRPC: a page larger than a message limit, see the file header;
+        ask for smaller pages).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Lease(self, request, context):
-        """Grants a lease on an entry to the caller's session and delivers the descriptor on the conduit like `Get`.
-        Exclusive leases exclude every other lease; shared leases exclude exclusive ones. With `wait`, the call
-        queues (FIFO) until the lease can be granted; the broker gives up 0.5 s before the RPC deadline and answers
-        DEADLINE_EXCEEDED naming the holders (so a grant never races the caller's own timeout: set the deadline to
-        the wait you want + 0.5 s). Without `wait`, a conflicting lease gives FAILED_PRECONDITION naming the holder.
-        Needs a session. See docs/leasing.md.
+        """Grants a lease on an entry to the caller's session and, before the RPC returns, delivers the entry's
+        descriptor on the conduit like `Get` (tagged with `LeaseResponse.handoff.token`). An exclusive lease excludes
+        every other lease; shared leases exclude exclusive ones; the caller's own session gets no exception. Each
+        grant is an event LEASE_GRANTED with a new fencing epoch. A lease ends at the first of: Release; `ttl` passing
+        without a KeepAlive; the end of the session (its conduit closed: at once, not at TTL); the removal of the
+        entry. Without `wait`, a request that conflicts with a holder, or arrives while others are queued, gets
+        FAILED_PRECONDITION naming the holders. With `wait`, it queues (FIFO) until it can be granted; the broker gives
+        up 0.5 s before the RPC deadline (or a quarter of the time left, if less) and answers DEADLINE_EXCEEDED naming
+        the holders, so a grant never races the caller's own timeout: set the deadline to the wait you want + 0.5 s.
+        Without a deadline a waiting request queues until granted or cancelled. Needs a session (policy action
+        "lease"). See docs/leasing.md.
+
+        Errors: INVALID_ARGUMENT (an undecodable request; a bad name; an unknown mode; `ttl` unset or out of range),
+        UNAUTHENTICATED (no session, or an unknown one; the session ended while waiting), NOT_FOUND (no such entry;
+        it was removed while waiting or as the lease was granted), PERMISSION_DENIED, FAILED_PRECONDITION (a conflict,
+        without `wait`), DEADLINE_EXCEEDED (the wait ran out), CANCELLED (the caller gave up: it leaves the queue),
+        INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit closed before the `Deliver`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def KeepAlive(self, request_iterator, context):
-        """Keeps leases alive: each request names lease ids of the caller's session and renews them for their TTL;
-        each response says which were renewed and which are gone (expired, released, entry deleted).
+        """Keeps leases alive. Each request names lease ids of the caller's session and gets one response, in order:
+        those renewed (each for its full TTL from now, with its new expiry) and those gone (expired, released, ended
+        with the session or the entry, or not this session's: an unknown id is not an error). Renew well within the
+        TTL (fdbroker's clients renew every TTL/3); one stream may serve every lease of the session for as long as it
+        lives. Needs a session. An error ends the stream.
+
+        Errors: INVALID_ARGUMENT (an undecodable request), UNAUTHENTICATED (an unknown session id, at once; no
+        session, at the first request), INTERNAL, UNAVAILABLE; ABORTED (client side: the stream ended without
+        answering a request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Ends a lease. With `return_descriptor`, the response carries a token; the caller sends a `Deposit` frame
-        with it and the (possibly replaced) descriptor, which becomes the entry's descriptor (check-in). The lease
-        stays held until that descriptor arrives (so no waiter is handed the old one); if the token expires or the
-        session ends first, the lease is released and the entry is unchanged. A check-in after the entry was
-        replaced since the grant is FAILED_PRECONDITION (nothing changes, the lease is still held).
+        """Ends a lease of the caller's session: event LEASE_RELEASED (reason RELEASED), after which queued requests that
+        now fit are granted. A plain release is allowed whatever happened to the entry meanwhile. With
+        `return_descriptor` (check-in), the response carries a CHECKIN token instead; the caller sends a `Deposit` frame
+        with it and the (possibly new) descriptor, which becomes the entry's descriptor (labels, owner and expiry
+        kept; event PUT), and the lease ends right after. The lease stays held until that descriptor arrives, so no
+        waiter is handed the old one; if the token expires or the session ends first, the lease is released and the
+        entry is unchanged.
+
+        Errors: INVALID_ARGUMENT (an undecodable request), UNAUTHENTICATED (no session, or an unknown one), NOT_FOUND
+        (no lease of that id held by this session: it expired, was released, or is another session's),
+        FAILED_PRECONDITION (check-in: the entry was replaced or removed since the grant — nothing changed, the lease
+        is still held — or a check-in of this lease is already in flight), RESOURCE_EXHAUSTED (check-in:
+        max_pending_tokens_per_uid), INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit closed before
+        `Deposited`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """Streams registry events from `start_revision` (exclusive of nothing: events with revision >=
-        start_revision), then live. Errors: OUT_OF_RANGE (start older than the history window; the message and the
-        status details carry the oldest available revision), RESOURCE_EXHAUSTED (the watcher fell too far behind
-        and was cut off; resume from the last revision seen + 1).
+        """Streams the registry's events for names under `prefix` that the caller may see (policy action "watch",
+        decided per event by the entry's name and owner), from `start_revision`, then live. The first response
+        carries `header_revision`, the revision the watch starts after, and no events; each later one carries up to
+        256 events in revision order. Watchers with the same prefix and identity share one encoding; with more than 8
+        watch streams open, a watcher is woken at most once per linger (0.5 ms per stream beyond 8, at most 100 ms) and
+        then gets everything that happened meanwhile in one response. Allowed to anonymous callers by default.
+
+        Cut-off: a watcher more than `fdbroker serve --watch-queue` (default 4,096) of its events behind — it does
+        not read, or reads slower than events come — or whose position left the history window, is ended with
+        RESOURCE_EXHAUSTED and the message "... resume with start_revision=R": watch again from R (OUT_OF_RANGE if R
+        has left the window meanwhile: list, then watch). Quotas: max_watchers_per_uid open streams per uid,
+        max_anonymous_watchers anonymous streams in all.
+
+        Errors: INVALID_ARGUMENT (an undecodable request; `start_revision` above the current revision + 1),
+        UNAUTHENTICATED (an unknown session id), PERMISSION_DENIED (the policy denies "watch"), OUT_OF_RANGE
+        (`start_revision` older than the history window; trailing metadata `fdbroker-oldest-revision` and the message
+        give the oldest revision available), RESOURCE_EXHAUSTED (a watch quota; cut off, with the revision to resume
+        from), INTERNAL, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -302,7 +409,8 @@ def add_FdBrokerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FdBroker:
-    """The descriptor broker.
+    """The descriptor broker. Served on `control.sock`, next to the gRPC health service (`grpc.health.v1.Health`) and
+    server reflection. The policy action each RPC needs is named in its comment (docs/policy.md).
     """
 
     @staticmethod
