@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from fdbroker.cli import VERBS, human_duration, parse_duration
+from fdbroker.cli import VERBS
+from fdbroker.cli.format import human_duration, parse_duration
 from fdbroker.testing import BrokerProcess
 
 
