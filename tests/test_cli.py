@@ -86,6 +86,66 @@ def test_every_verb_has_a_manual_page() -> None:
     assert "--policy" in r.stdout  # the serve options come from fdbroker.server.add_arguments
 
 
+# -- the package: one table of exit codes, one module per verb, no broker code ---------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_docs_exit_code_table_is_generated_from_the_one_table() -> None:
+    from fdbroker.cli import exitcodes
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    assert exitcodes.replace_in(doc) == doc, (
+        "docs/cli.md's exit codes differ from fdbroker.cli.exitcodes.TABLE: "
+        "run `python -m fdbroker.cli.exitcodes --update docs/cli.md`"
+    )
+    codes = [row.code for row in exitcodes.TABLE]
+    assert codes == sorted(set(codes)), "one row per code, in order"
+
+
+def test_exit_code_for_every_error() -> None:
+    from fdbroker import errors
+    from fdbroker.cli import exitcodes
+
+    expected = {
+        errors.Code.INVALID_ARGUMENT: 3,
+        errors.Code.NOT_FOUND: 4,
+        errors.Code.ALREADY_EXISTS: 5,
+        errors.Code.FAILED_PRECONDITION: 6,
+        errors.Code.PERMISSION_DENIED: 7,
+        errors.Code.UNAUTHENTICATED: 7,
+        errors.Code.RESOURCE_EXHAUSTED: 8,
+        errors.Code.DEADLINE_EXCEEDED: 9,
+        errors.Code.UNAVAILABLE: 10,
+        errors.Code.OUT_OF_RANGE: 11,
+        errors.Code.ABORTED: 12,
+        errors.Code.CANCELLED: 12,
+    }
+    for code in errors.Code:
+        err = errors.error_for_code(code, "x")
+        want = expected.get(code, 13)
+        assert exitcodes.exit_code_for(err) == errors.exit_code_for(err) == want, code
+    untrusted = errors.UntrustedBroker("x", uid=1, trusted=(0,))
+    assert exitcodes.exit_code_for(untrusted) == errors.exit_code_for(untrusted) == 14
+    for row in exitcodes.TABLE:
+        for name in row.grpc:
+            assert name in errors.Code.__members__, (row.code, name)
+
+
+def test_each_page_lists_the_exit_codes_of_its_verb() -> None:
+    from fdbroker.cli import app
+
+    for name in VERBS:
+        epilog = app.load(name).parser_kwargs()["epilog"]
+        listed = set(re.findall(r"^  (\d+) ", epilog.split("\n\n")[0], re.M))
+        takes_cmd = name in ("put", "get", "exec", "take", "lease")
+        assert ("126" in listed) == ("127" in listed) == takes_cmd, name
+        assert ("1" in listed) == (name == "serve"), name
+        assert ("14" in listed) == (name != "serve"), name
+        assert ("130" in listed) == (name not in ("serve", "watch")), name
+        assert max(len(line) for line in epilog.splitlines()) <= 105, name
+
+
 # -- descriptors through the CLI, proven in the commands it starts ----------------------------------------------
 
 
