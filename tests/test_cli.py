@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from fdbroker.cli import VERBS, human_duration, parse_duration
+from fdbroker.cli import VERBS
+from fdbroker.cli.format import human_duration, parse_duration
 from fdbroker.testing import BrokerProcess
 
 
@@ -83,6 +84,137 @@ def test_every_verb_has_a_manual_page() -> None:
             assert section in r.stdout, f"{verb} --help lacks {section!r}"
     r = subprocess.run([sys.executable, "-m", "fdbroker", "serve", "--help"], capture_output=True, text=True)
     assert "--policy" in r.stdout  # the serve options come from fdbroker.server.add_arguments
+
+
+# -- the package: one table of exit codes, one module per verb, no broker code ---------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_DIR = ROOT / "src" / "fdbroker" / "cli"
+# What runs only inside `fdbroker serve`, under the names it has before and after the broker/ package move.
+BROKER_SIDE = (
+    "fdbroker.broker",
+    "fdbroker.server",
+    "fdbroker.servicer",
+    "fdbroker.registry",
+    "fdbroker.tokens",
+    "fdbroker.sessions",
+    "fdbroker.leases",
+    "fdbroker.policy",
+    "fdbroker.delivery",
+    "fdbroker.conduit_server",
+    "fdbroker.handover",
+    "fdbroker.fdstore",
+    "fdbroker.notify",
+    "fdbroker.watch",
+    "fdbroker.closer",
+)
+
+
+def test_docs_exit_code_table_is_generated_from_the_one_table() -> None:
+    from fdbroker.cli import exitcodes
+
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    assert exitcodes.replace_in(doc) == doc, (
+        "docs/cli.md's exit codes differ from fdbroker.cli.exitcodes.TABLE: "
+        "run `python -m fdbroker.cli.exitcodes --update docs/cli.md`"
+    )
+    codes = [row.code for row in exitcodes.TABLE]
+    assert codes == sorted(set(codes)), "one row per code, in order"
+
+
+def test_exit_code_for_every_error() -> None:
+    from fdbroker import errors
+    from fdbroker.cli import exitcodes
+
+    expected = {
+        errors.Code.INVALID_ARGUMENT: 3,
+        errors.Code.NOT_FOUND: 4,
+        errors.Code.ALREADY_EXISTS: 5,
+        errors.Code.FAILED_PRECONDITION: 6,
+        errors.Code.PERMISSION_DENIED: 7,
+        errors.Code.UNAUTHENTICATED: 7,
+        errors.Code.RESOURCE_EXHAUSTED: 8,
+        errors.Code.DEADLINE_EXCEEDED: 9,
+        errors.Code.UNAVAILABLE: 10,
+        errors.Code.OUT_OF_RANGE: 11,
+        errors.Code.ABORTED: 12,
+        errors.Code.CANCELLED: 12,
+    }
+    for code in errors.Code:
+        err = errors.error_for_code(code, "x")
+        want = expected.get(code, 13)
+        assert exitcodes.exit_code_for(err) == errors.exit_code_for(err) == want, code
+    untrusted = errors.UntrustedBroker("x", uid=1, trusted=(0,))
+    assert exitcodes.exit_code_for(untrusted) == errors.exit_code_for(untrusted) == 14
+    for row in exitcodes.TABLE:
+        for name in row.grpc:
+            assert name in errors.Code.__members__, (row.code, name)
+
+
+def test_each_page_lists_the_exit_codes_of_its_verb() -> None:
+    from fdbroker.cli import app
+
+    for name in VERBS:
+        epilog = app.load(name).parser_kwargs()["epilog"]
+        listed = set(re.findall(r"^  (\d+) ", epilog.split("\n\n")[0], re.M))
+        takes_cmd = name in ("put", "get", "exec", "take", "lease")
+        assert ("126" in listed) == ("127" in listed) == takes_cmd, name
+        assert ("1" in listed) == (name == "serve"), name
+        assert ("14" in listed) == (name != "serve"), name
+        assert ("130" in listed) == (name not in ("serve", "watch")), name
+        assert max(len(line) for line in epilog.splitlines()) <= 105, name
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def test_the_cli_imports_no_broker_code() -> None:
+    """serve hands the process to the broker through one lazy import, by name, in serve.py; no other module of
+    the CLI names a broker-side module, at the top or inside a function."""
+    for path in sorted(CLI_DIR.glob("*.py")):
+        bad = {m for m in _imports(path) if m.startswith(BROKER_SIDE)}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_a_verb_loads_only_itself() -> None:
+    """Cold start: `fdbroker ls --help` and an `ls` that finds no broker load neither gRPC, asyncio, the broker
+    nor any other verb's module."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from fdbroker.cli import main
+        argv = sys.argv[1:]
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        print(rc, " ".join(sorted(m for m in sys.modules if m.startswith(("fdbroker", "grpc", "asyncio")))))
+        """
+    )
+    for argv in (["ls", "--help"], ["ls"], ["stat", "x"]):
+        r = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            env=fdb_env("/nonexistent/fdbroker-run"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        rc, _, loaded = r.stdout.splitlines()[-1].partition(" ")
+        modules = set(loaded.split())
+        assert rc == ("0" if "--help" in argv else "10"), (argv, r.stdout, r.stderr)
+        assert not {m for m in modules if m.startswith(("grpc", "asyncio", *BROKER_SIDE))}, (argv, modules)
+        verbs = {m.rsplit(".", 1)[1] for m in modules if m.startswith("fdbroker.cli.")} & set(VERBS.values())
+        assert verbs == {argv[0]}, (argv, modules)
 
 
 # -- descriptors through the CLI, proven in the commands it starts ----------------------------------------------

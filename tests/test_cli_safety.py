@@ -344,10 +344,10 @@ def fdb_names(broker: BrokerProcess) -> list[str]:
 def test_cleanup_removes_only_what_this_command_created(short_dir: Path) -> None:
     """The undo step, in process: it removes the very file or socket file it created, and nothing that took its
     place or was written into meanwhile. (On main there is no undo step: the names do not exist.)"""
-    from fdbroker.cli import _open_file, _open_listen
+    from fdbroker.cli.source import open_file, open_listen
 
     made = short_dir / "made"
-    fd, created = _open_file(str(made), "w", create=True)
+    fd, created = open_file(str(made), "w", create=True)
     assert created is not None
     created.remove()
     created.close()
@@ -355,7 +355,7 @@ def test_cleanup_removes_only_what_this_command_created(short_dir: Path) -> None
     assert not os.path.lexists(made)
 
     # Someone wrote into the file we created: their data stays.
-    fd, created = _open_file(str(made), "w", create=True)
+    fd, created = open_file(str(made), "w", create=True)
     assert created is not None
     with open(made, "ab") as other:
         other.write(b"theirs")
@@ -365,14 +365,14 @@ def test_cleanup_removes_only_what_this_command_created(short_dir: Path) -> None
     assert made.read_bytes() == b"theirs"
 
     # An existing file is opened, not created: nothing to undo.
-    fd, created = _open_file(str(made), "rw", create=True)
+    fd, created = open_file(str(made), "rw", create=True)
     os.close(fd)
     assert created is None
 
     # A socket file replaced after bind (by a regular file, or by another socket): the replacement stays.
     path = short_dir / "l.sock"
     for replace in ("file", "socket"):
-        sock, screated = _open_listen(f"unix:{path}", 1)
+        sock, screated = open_listen(f"unix:{path}", 1)
         assert screated is not None
         os.unlink(path)
         other_sock = socket.socket(socket.AF_UNIX)
@@ -387,14 +387,14 @@ def test_cleanup_removes_only_what_this_command_created(short_dir: Path) -> None
         assert os.path.lexists(path), replace
         os.unlink(path)
 
-    sock, screated = _open_listen(f"unix:{path}", 1)
+    sock, screated = open_listen(f"unix:{path}", 1)
     assert screated is not None
     screated.remove()
     screated.close()
     sock.close()
     assert not os.path.lexists(path)
     # An abstract socket has no file to undo.
-    sock, screated = _open_listen(f"unix:@fdbsafe-{os.getpid()}", 1)
+    sock, screated = open_listen(f"unix:@fdbsafe-{os.getpid()}", 1)
     sock.close()
     assert screated is None
 
@@ -402,7 +402,7 @@ def test_cleanup_removes_only_what_this_command_created(short_dir: Path) -> None
 def test_an_unknown_outcome_removes_nothing(short_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Only a definite refusal undoes --create: after a deadline, a broken conduit or Ctrl-C the entry may exist
     (holding the very file), so the file stays and a note says so. (In process: the race is not reproducible.)"""
-    from fdbroker.cli import _open_file, _Source
+    from fdbroker.cli.source import Source, open_file
     from fdbroker.errors import AlreadyExists, Cancelled, DeadlineExceeded, PermissionDenied
 
     made = short_dir / "made"
@@ -413,8 +413,8 @@ def test_an_unknown_outcome_removes_nothing(short_dir: Path, capsys: pytest.Capt
         (AlreadyExists("exists"), True),
         (PermissionDenied("denied"), True),
     ):
-        fd, created = _open_file(str(made), "w", create=True)
-        src = _Source(fd, str(made), fd, created, truncate=True)
+        fd, created = open_file(str(made), "w", create=True)
+        src = Source(fd, str(made), fd, created, truncate=True)
         src.refused(err, "n")
         src.close()
         assert os.path.lexists(made) != removed, err

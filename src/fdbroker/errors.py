@@ -5,7 +5,7 @@ wrong. Each carries a gRPC status code *number* (so this module, and the registr
 not import gRPC), a message that names the entry and says what to do, and the entry name when there is one.
 
 The mapping to gRPC status codes lives in :func:`error_for_code` (client side) and in the servicer (server
-side, via ``BrokerError.code``); the mapping to CLI exit codes lives in :data:`EXIT_CODES`.
+side, via ``BrokerError.code``); the mapping to CLI exit codes lives in :mod:`fdbroker.cli.exitcodes`.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ class UntrustedBroker(BrokerError):
 
     Its code is ``UNAUTHENTICATED``, not ``PERMISSION_DENIED``: nobody denied the caller anything; the other side
     failed to authenticate as a broker this client accepts. The broker never sends it (no status received maps
-    back to it), and the CLI exits with its own code, :data:`EXIT_UNTRUSTED`, so a script can tell "I refused
-    the broker" (14) from "the broker refused me" (7).
+    back to it), and the CLI exits with its own code (``fdbroker.cli.exitcodes.UNTRUSTED``), so a script can tell
+    "I refused the broker" (14) from "the broker refused me" (7).
     """
 
     code = Code.UNAUTHENTICATED
@@ -199,30 +199,9 @@ def error_for_code(code: int, message: str, *, name: str = "") -> BrokerError:
     return cls(message, name=name)
 
 
-# CLI exit codes, stable and documented in docs/cli.md. 0 success, 1 the child command's own failure is passed
-# through by get/exec/lease, 2 usage errors (argparse), then one code per error class.
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_CODES: dict[Code, int] = {
-    Code.INVALID_ARGUMENT: 3,
-    Code.NOT_FOUND: 4,
-    Code.ALREADY_EXISTS: 5,
-    Code.FAILED_PRECONDITION: 6,
-    Code.PERMISSION_DENIED: 7,
-    Code.UNAUTHENTICATED: 7,
-    Code.RESOURCE_EXHAUSTED: 8,
-    Code.DEADLINE_EXCEEDED: 9,
-    Code.UNAVAILABLE: 10,
-    Code.OUT_OF_RANGE: 11,
-    Code.ABORTED: 12,
-    Code.CANCELLED: 12,
-}
-EXIT_OTHER = 13
-EXIT_UNTRUSTED = 14  # UntrustedBroker: the client refused the broker (its code alone would say 7)
-
-
 def exit_code_for(err: BrokerError) -> int:
-    """The CLI exit code for an error (see docs/cli.md)."""
-    if isinstance(err, UntrustedBroker):
-        return EXIT_UNTRUSTED
-    return EXIT_CODES.get(err.code, EXIT_OTHER)
+    """The ``fdbroker`` exit code for an error. The table (codes, meanings, gRPC codes) is the CLI's:
+    :mod:`fdbroker.cli.exitcodes`, loaded on this call only, so the broker never imports the CLI."""
+    from fdbroker.cli.exitcodes import exit_code_for
+
+    return exit_code_for(err)

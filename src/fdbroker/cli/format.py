@@ -1,0 +1,190 @@
+"""Values in and out of the command line: durations and labels as typed, entries and events as printed (the
+``ls`` table, the ``stat`` and ``status`` fields, ``watch`` lines, JSON).
+
+Nothing here talks to the broker; the result types come from :mod:`fdbroker.client` (for type checking only).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fdbroker.client import Entry, Event
+
+# -- typed in --------------------------------------------------------------------------------------------------
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``500ms``, ``10s``, ``5m``, ``1h``, ``2d``, ``1m30s`` or plain seconds (``2.5``) → seconds."""
+    s = text.strip().lower()
+    try:
+        value = float(s)
+    except ValueError:
+        pass
+    else:
+        if value < 0 or value != value:
+            raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be >= 0")
+        return value
+    total = 0.0
+    i = 0
+    if not s:
+        raise argparse.ArgumentTypeError("empty duration")
+    while i < len(s):
+        j = i
+        while j < len(s) and (s[j].isdigit() or s[j] == "."):
+            j += 1
+        k = j
+        while k < len(s) and s[k].isalpha():
+            k += 1
+        num, unit = s[i:j], s[j:k]
+        if not num or unit not in _UNITS:
+            raise argparse.ArgumentTypeError(
+                f"invalid duration {text!r}: use e.g. 500ms, 10s, 5m, 1h, 2d or plain seconds"
+            )
+        try:
+            total += float(num) * _UNITS[unit]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
+        i = k
+    return total
+
+
+def parse_label(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` → ``(KEY, VALUE)``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r}: expected KEY=VALUE")
+    return key, value
+
+
+# -- printed out -----------------------------------------------------------------------------------------------
+
+
+def human_duration(seconds: float) -> str:
+    """``3s``, ``5m``, ``2h``, ``4d`` (truncated to the largest unit)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def entry_detail(e: Entry) -> str:
+    """The DETAIL column: addresses for sockets, path and access for files, else the broker's summary."""
+    if e.local_address or e.peer_address:
+        return f"{e.local_address} -> {e.peer_address}" if e.peer_address else e.local_address
+    if e.path:
+        mode = e.access_mode + ("+append" if "O_APPEND" in e.flags else "")
+        return f"{e.path} ({mode})" if mode else e.path
+    return e.summary
+
+
+def lease_cell(e: Entry) -> str:
+    """The LEASE column: ``-``, ``exclusive epoch E pid P`` or ``shared xN epoch E``, plus ``+W waiting``."""
+    lease = e.lease
+    if not lease.mode:
+        return "-"
+    if lease.mode == "exclusive" and lease.holders:
+        cell = f"exclusive epoch {lease.epoch} pid {lease.holders[0][1]}"
+    else:
+        cell = f"{lease.mode} x{len(lease.holders)} epoch {lease.epoch}"
+    return cell + (f" +{lease.waiters} waiting" if lease.waiters else "")
+
+
+def format_table(entries: Sequence[Entry], now: float) -> str:
+    """``ls``: an aligned table, NAME KIND DETAIL OWNER AGE EXPIRES LEASE."""
+    rows = [("NAME", "KIND", "DETAIL", "OWNER", "AGE", "EXPIRES", "LEASE")]
+    for e in entries:
+        rows.append(
+            (
+                e.name,
+                e.kind,
+                entry_detail(e) or "-",
+                f"{_user(e.owner_uid)}/{e.owner_pid}",
+                human_duration(now - e.create_time),
+                human_duration(e.expire_time - now) if e.expire_time is not None else "-",
+                lease_cell(e),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows
+    )
+
+
+def format_fields(fields: Sequence[tuple[str, str]]) -> str:
+    """``stat`` and ``status``: one ``key:     value`` line per field, the values aligned."""
+    return "\n".join(f"{k + ':':<10} {v}" for k, v in fields)
+
+
+def format_stat(e: Entry, now: float) -> str:
+    """``stat``: every field of an entry that is set."""
+    fields = [
+        ("name", e.name),
+        ("kind", e.kind),
+        ("summary", e.summary),
+    ]
+    if e.family:
+        fields.append(("family", e.family))
+    if e.local_address:
+        fields.append(("local", e.local_address))
+    if e.peer_address:
+        fields.append(("peer", e.peer_address))
+    if e.path:
+        fields.append(("path", e.path))
+    if e.access_mode:
+        fields.append(("access", e.access_mode))
+    if e.flags:
+        fields.append(("flags", " ".join(e.flags)))
+    fields += [
+        ("owner", f"{_user(e.owner_uid)} (uid {e.owner_uid}, gid {e.owner_gid}, pid {e.owner_pid})"),
+        ("labels", ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) or "-"),
+        ("age", human_duration(now - e.create_time)),
+        ("revision", f"{e.revision} (created at {e.create_revision})"),
+        ("expires", f"in {human_duration(e.expire_time - now)}" if e.expire_time is not None else "never"),
+        ("ephemeral", "yes" if e.ephemeral else "no"),
+        ("lease", lease_cell(e)),
+    ]
+    return format_fields(fields)
+
+
+def format_event(ev: Event) -> str:
+    """``watch``: ``REVISION TYPE NAME [KIND DETAIL] [epoch=N] [reason=R]``."""
+    parts = [str(ev.revision), ev.type, ev.name]
+    if ev.type == "put":
+        parts += [ev.entry.kind, entry_detail(ev.entry) or "-"]
+    if ev.type.startswith("lease"):
+        parts.append(f"epoch={ev.epoch}")
+    if ev.reason:
+        parts.append(f"reason={ev.reason}")
+    return " ".join(parts)
+
+
+def describe_received(name: str, fd: int) -> str:
+    """What ``get`` or ``take`` without CMD received: ``NAME: SUMMARY`` (the kernel's view of ``fd``)."""
+    from fdbroker.fdinfo import describe
+
+    return f"{name}: {describe(fd).summary}"
+
+
+def print_json(obj: object) -> None:
+    """``--json`` of ``ls``, ``stat`` and ``status``: indented, keys in their order."""
+    import json
+
+    print(json.dumps(obj, indent=2, sort_keys=False))

@@ -1,0 +1,32 @@
+"""``fdbroker rm``: delete an entry."""
+
+from __future__ import annotations
+
+import argparse
+
+from fdbroker.cli import connect
+from fdbroker.cli.page import Verb
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="the entry to delete")
+    p.add_argument(
+        "--if-revision", metavar="N", type=int, default=0, help="only if the entry is at revision N"
+    )
+
+
+def run(args: argparse.Namespace, cmd: list[str]) -> int:
+    with connect.client(args) as client:
+        client.delete(args.name, if_revision=args.if_revision)
+    return 0
+
+
+RM = Verb(
+    name="rm",
+    summary="delete an entry",
+    description="Delete NAME; the broker closes its copy. Prints nothing on success.",
+    add_arguments=add_arguments,
+    run=run,
+    notes="  Processes that already received a copy keep theirs.",
+    example="  fdbroker rm web --if-revision 7",
+)
