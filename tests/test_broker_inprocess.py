@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fdbroker.broker import Broker, BrokerConfig
+from fdbroker.broker.core import Broker, BrokerConfig
+from fdbroker.broker.policy import Identity, Limits, Policy
+from fdbroker.broker.sessions import Session
 from fdbroker.conduit.frames import Frame
 from fdbroker.errors import DeadlineExceeded, FailedPrecondition, NotFound, ResourceExhausted
-from fdbroker.policy import Identity, Limits, Policy
-from fdbroker.sessions import Session
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 

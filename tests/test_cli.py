@@ -82,7 +82,7 @@ def test_every_verb_has_a_manual_page() -> None:
         for section in ("usage: fdbroker " + verb, "options:", "exit codes:", "example:"):
             assert section in r.stdout, f"{verb} --help lacks {section!r}"
     r = subprocess.run([sys.executable, "-m", "fdbroker", "serve", "--help"], capture_output=True, text=True)
-    assert "--policy" in r.stdout  # the serve options come from fdbroker.server.add_arguments
+    assert "--policy" in r.stdout  # the serve options come from fdbroker.broker.server.add_arguments
 
 
 # -- descriptors through the CLI, proven in the commands it starts ----------------------------------------------

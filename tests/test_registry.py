@@ -7,8 +7,8 @@ import os
 import pytest
 
 from fdbroker import fdinfo
+from fdbroker.broker.registry import Owner, PutOptions, Registry
 from fdbroker.errors import OutOfRange, ResourceExhausted
-from fdbroker.registry import Owner, PutOptions, Registry
 from fdbroker.v1 import broker_pb2 as pb
 
 OWNER = Owner(os.getpid(), os.getuid(), os.getgid())

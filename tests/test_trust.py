@@ -403,7 +403,7 @@ def test_trust_between_root_and_a_broker_of_another_uid(monkeypatch: pytest.Monk
     """A real broker running as uid 65534 (in its own directory under a sticky parent, as it must): root's
     clients refuse it unless they trust uid 65534, then use it normally."""
     probe = subprocess.run(
-        [*AS_NOBODY, sys.executable, "-c", "import fdbroker.server"], capture_output=True, cwd="/"
+        [*AS_NOBODY, sys.executable, "-c", "import fdbroker.broker.server"], capture_output=True, cwd="/"
     )
     if probe.returncode != 0:
         pytest.skip("uid 65534 cannot run this interpreter")

@@ -339,7 +339,7 @@ def run_child(argv: list[str], *, pass_fds: Sequence[int] = (), env: dict[str, s
 
 
 def cmd_serve(args: argparse.Namespace, cmd: list[str]) -> int:
-    from fdbroker import server
+    from fdbroker.broker import server
     from fdbroker.rundir import resolve_run_dir
 
     return server.run(server.options_from_args(args, resolve_run_dir(args.run_dir)), args.log_level)
@@ -981,7 +981,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 def _args_serve(p: argparse.ArgumentParser, selected: bool) -> None:
     if selected:
-        from fdbroker import server
+        from fdbroker.broker import server
 
         server.add_arguments(p)
 

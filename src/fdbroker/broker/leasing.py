@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fdbroker.policy import Identity
+from fdbroker.broker.policy import Identity
 from fdbroker.v1 import broker_pb2 as pb
 
 EXCLUSIVE = pb.LeaseState.MODE_EXCLUSIVE

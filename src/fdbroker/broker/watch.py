@@ -26,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fdbroker import limits
+from fdbroker.broker.policy import Identity, Policy
+from fdbroker.broker.registry import Record, Registry, event_of
 from fdbroker.errors import ResourceExhausted
-from fdbroker.policy import Identity, Policy
-from fdbroker.registry import Record, Registry, event_of
 from fdbroker.v1 import broker_pb2 as pb
 
 BATCH = 256  # events per WatchResponse

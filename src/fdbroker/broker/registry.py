@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from fdbroker import closer
-from fdbroker.delivery import item_tail
+from fdbroker.broker import closer
+from fdbroker.broker.delivery import item_tail
 from fdbroker.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -34,7 +34,7 @@ from fdbroker.errors import (
 from fdbroker.v1 import broker_pb2 as pb
 
 if TYPE_CHECKING:
-    from fdbroker.leases import LeaseTable
+    from fdbroker.broker.leasing import LeaseTable
 
 
 class Owner(NamedTuple):
@@ -83,7 +83,7 @@ class Entry:
         self._tail = None
 
     def deliver_tail(self) -> bytes:
-        """The entry's part of a serialized ``DeliverItem`` (see :mod:`fdbroker.delivery`), cached."""
+        """The entry's part of a serialized ``DeliverItem`` (see :mod:`fdbroker.broker.delivery`), cached."""
         tail = self._tail
         if tail is None:
             tail = self._tail = item_tail(self.name, self.info_bytes, self.revision)
@@ -457,7 +457,7 @@ class Registry:
             for listener in list(self._listeners):
                 listener(ev)
 
-    # -- survival (fdbroker.handover, fdbroker.fdstore) ----------------------------------------------------------
+    # -- survival (fdbroker.handover, fdbroker.broker.survival.fdstore) ----------------------------------------------------------
 
     def restore(
         self,
@@ -513,7 +513,7 @@ class Registry:
             entry.expires_at = self._clock() + left
             entry.expire_time = now_wall + left if expire_time is None else expire_time
         if lease_epoch:
-            from fdbroker.leases import LeaseTable
+            from fdbroker.broker.leasing import LeaseTable
 
             entry.lease = LeaseTable(epoch=lease_epoch)
         _prepare(entry)  # may raise: nothing has changed yet and ``fd`` is still the caller's

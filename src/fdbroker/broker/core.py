@@ -1,7 +1,7 @@
 """The broker's core: every operation, in terms of sessions and identities, independent of gRPC.
 
-The servicer (:mod:`fdbroker.servicer`) translates RPCs into calls here; the conduit server
-(:mod:`fdbroker.conduit_server`) hands incoming frames to :meth:`Broker.on_frame`. Everything runs on one event
+The servicer (:mod:`fdbroker.broker.servicer`) translates RPCs into calls here; the conduit server
+(:mod:`fdbroker.broker.listener`) hands incoming frames to :meth:`Broker.on_frame`. Everything runs on one event
 loop, so nothing here locks. Errors are :class:`fdbroker.errors.BrokerError` subclasses.
 
 Descriptor ownership: a descriptor that arrives in a ``Deposit`` frame belongs to the broker from the moment it
@@ -21,9 +21,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fdbroker import __version__, closer, fdinfo, limits
+from fdbroker import __version__, fdinfo, limits
+from fdbroker.broker import closer
+from fdbroker.broker.delivery import encode_deliver, encode_item, encode_repeated, frame_from_items
+from fdbroker.broker.leasing import EXCLUSIVE, SHARED, EpochCounter, Holder, LeaseTable, Waiter
+from fdbroker.broker.policy import Identity, Limits, Policy
+from fdbroker.broker.registry import Entry, Owner, PutOptions, Registry
+from fdbroker.broker.sessions import FrameSink, Session, SessionTable
+from fdbroker.broker.tokens import Token, TokenBook, TokenError, short
+from fdbroker.broker.watch import Watcher, WatchHub
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, SCM_MAX_FD, Frame
-from fdbroker.delivery import encode_deliver, encode_item, encode_repeated, frame_from_items
 from fdbroker.errors import (
     BrokerError,
     Code,
@@ -34,16 +41,10 @@ from fdbroker.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from fdbroker.leases import EXCLUSIVE, SHARED, EpochCounter, Holder, LeaseTable, Waiter
 from fdbroker.names import parse_label_selector, validate_labels, validate_name
-from fdbroker.policy import Identity, Policy
 from fdbroker.protocol import SESSION_METADATA_KEY, lease_wait_reserve
-from fdbroker.registry import Entry, Owner, PutOptions, Registry
-from fdbroker.sessions import FrameSink, Session, SessionTable
-from fdbroker.tokens import Token, TokenBook, TokenError, short
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
-from fdbroker.watch import WatchHub
 
 log = logging.getLogger("fdbroker.broker")
 
@@ -79,20 +80,81 @@ class Broker:
     """Registry + tokens + sessions + policy + leases, and the operations on them."""
 
     def __init__(
-        self, config: BrokerConfig, policy: Policy, *, clock: Callable[[], float] = time.monotonic
+        self,
+        config: BrokerConfig,
+        policy: Policy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wakeup: Callable[[], None] = lambda: None,
     ) -> None:
+        """``wakeup`` is called whenever something new may be due before the time :meth:`tick` last returned
+        (the server's housekeeping then calls :meth:`tick` again)."""
         self.config = config
         self.policy = policy
         self.clock = clock
         self.registry = Registry(capacity=config.capacity, history=config.history, clock=clock)
         self.tokens = TokenBook(config.token_ttl, clock=clock)
         self.sessions = SessionTable(max_per_uid=policy.limits.max_sessions_per_uid)
-        self.epochs = EpochCounter()
+        self._epochs = EpochCounter()
         self.watches = WatchHub(self.registry, lambda: self.policy, queue_limit=config.watch_queue)
         self.leases: dict[str, Holder] = {}
         self.start_time = time.time()
         self._pending_puts: collections.Counter[int] = collections.Counter()
-        self._wakeup: Callable[[], None] = lambda: None
+        self._wakeup = wakeup
+
+    # -- what the server and survival need --------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """The per-uid quotas of the policy in force."""
+        return self.policy.limits
+
+    def set_policy(self, policy: Policy) -> None:
+        """Put a (re)loaded policy in force: every later decision and quota uses it."""
+        self.policy = policy
+        self.sessions.max_per_uid = policy.limits.max_sessions_per_uid
+
+    def next_epoch(self) -> int:
+        """Draw the next fencing epoch (a handover gives it to the successor to continue above)."""
+        return self._epochs.next()
+
+    def continue_epochs(self, above: int) -> None:
+        """Make every later fencing epoch higher than ``above`` (a predecessor's or a crashed broker's last one),
+        still following the clock."""
+        self._epochs = EpochCounter(seed=max(above, int(time.time() * 1_000_000)))
+
+    def watch(self, identity: Identity | None, prefix: str, start_revision: int) -> Watcher:
+        """A watcher of ``prefix`` (see :meth:`WatchHub.open` for its errors)."""
+        return self.watches.open(identity, prefix, start_revision)
+
+    def end_handed_over_sessions(self, leases: Sequence[tuple[str, pb.LeaseHolder]]) -> None:
+        """After a handover: the predecessor's sessions did not come along, so their leases end (reason
+        HANDOVER) and their ephemeral entries go (reason SESSION_ENDED)."""
+        for name, held in leases:
+            e = self.registry.find(name)
+            if e is None:
+                continue
+            lt = e.lease
+            if lt is None:
+                lt = e.lease = LeaseTable()
+            ident = Identity(held.identity.pid, held.identity.uid, held.identity.gid)
+            h = Holder(
+                lease_id=held.lease_id,
+                name=name,
+                entry_id=e.id,
+                session_id="",
+                identity=ident,
+                mode=lt.mode or EXCLUSIVE,
+                epoch=held.epoch,
+                ttl=0.0,
+                expires_at=self.clock(),
+                expire_time=held.expire_time.ToNanoseconds() / 1e9,
+            )
+            lt.holders[h.lease_id] = h
+            self.leases[h.lease_id] = h
+            self._end_lease(h, pb.Event.REASON_HANDOVER)
+        for e in sorted((e for e in self.registry if e.ephemeral), key=lambda e: e.name):
+            self._remove_entry(e, pb.Event.TYPE_DELETE, pb.Event.REASON_SESSION_ENDED)
 
     # -- sessions ------------------------------------------------------------------------------------------------
 
@@ -712,7 +774,7 @@ class Broker:
             identity=s.identity,
             mode=mode,
             ttl=ttl,
-            epochs=self.epochs,
+            epochs=self._epochs,
             now=self.clock(),
             wall=time.time(),
         )
