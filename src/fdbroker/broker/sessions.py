@@ -39,7 +39,6 @@ class Session:
     identity: Identity
     conn: FrameSink
     created: float = field(default_factory=time.time)
-    leases: set[str] = field(default_factory=set)
     ephemeral: set[str] = field(default_factory=set)
     closed: bool = False
 
