@@ -546,3 +546,15 @@ def test_session_end_voids_every_token_and_undoes_what_each_reserved(h: Harness)
     assert len(h.broker.sessions) == 1
     h.broker.take(b, "v/taken")  # the abandoned take left the entry, takeable again
     assert h.broker.tick() == pytest.approx(h.clock.now + TOKEN_TTL)  # only b's take token is left
+
+
+def test_a_deposit_whose_descriptor_never_arrived_answers_an_error_naming_each_token(h: Harness) -> None:
+    a, sa = h.session()
+    tokens = [h.broker.put_begin(a, pb.PutRequest(name=f"miss/{i}")).handoff.token for i in range(2)]
+    fd = _memfd(b"only one")  # the broker's from here on: closed, as the frame is refused whole
+    h.broker.on_frame(a, Frame(cpb.ConduitFrame(fd_count=1, deposit=cpb.Deposit(tokens=tokens)), [fd]))
+    errors = sa.bodies("error")
+    assert [e.token for e in errors] == tokens
+    assert all(e.code == 3 and "1 descriptors for 2 tokens" in e.message for e in errors)
+    assert len(h.broker.tokens) == 0 and h.broker.pending_puts == 0  # both tokens are spent
+    assert "miss/0" not in h.broker.registry and "miss/1" not in h.broker.registry

@@ -244,7 +244,8 @@ class Handoffs:
         """Store each descriptor of a ``Deposit`` under its token and answer ``Deposited``.
 
         A frame whose descriptors do not match its tokens one to one is refused whole: every descriptor goes to
-        the closer, every token is spent, and one ``Error`` frame says so.
+        the closer, every token is spent, and each token gets an ``Error`` frame naming it (one ``Error`` without
+        a token if there was none).
 
         Ownership: the descriptors leave ``frame.fds`` at once; each becomes an entry's (the registry owns it) or
         goes to the closer, on every path, unexpected errors included.
@@ -254,14 +255,13 @@ class Handoffs:
         uid = s.identity.uid
         if len(tokens) != len(fds):
             closer.discard(fds, uid)
+            message = (
+                f"deposit frame carries {len(fds)} descriptors for {len(tokens)} tokens; all were closed"
+            )
             for t in tokens:  # the tokens are spent: a half-understood frame must not be retried blindly
                 self._void(t, s)
-            s.conn.send(
-                error_frame(
-                    Code.INVALID_ARGUMENT,
-                    f"deposit frame carries {len(fds)} descriptors for {len(tokens)} tokens; all were closed",
-                )
-            )
+            for t in tokens or [b""]:
+                s.conn.send(error_frame(Code.INVALID_ARGUMENT, message, token=t))
             return
         results: list[cpb.DepositResult] = []
         waiting = collections.deque(fds)
