@@ -78,6 +78,27 @@ class Holder:
     expire_time: float  # wall clock
     checkin: bytes | None = None  # token of a check-in in flight (Release with return_descriptor)
 
+    def renew(self, now: float, wall: float) -> None:
+        """Keep-alive: expire ``ttl`` seconds from now."""
+        self.expires_at = now + self.ttl
+        self.expire_time = wall + self.ttl
+
+    @classmethod
+    def handed_over(cls, e: Entry, held: pb.LeaseHolder, now: float) -> Holder:
+        """A holder of a predecessor's session (no session of ours), as the predecessor described it."""
+        return cls(
+            lease_id=held.lease_id,
+            name=e.name,
+            entry_id=e.id,
+            session_id="",
+            identity=Identity(held.identity.pid, held.identity.uid, held.identity.gid),
+            mode=pb.LeaseState.MODE_UNSPECIFIED,
+            epoch=held.epoch,
+            ttl=0.0,
+            expires_at=now,
+            expire_time=held.expire_time.ToNanoseconds() / 1e9,
+        )
+
 
 @dataclass(slots=True, eq=False)
 class Waiter:
@@ -177,6 +198,23 @@ class LeaseTable:
         return not self.holders and not any(not w.cancelled for w in self.waiters)
 
 
+def _lease_terms(req: pb.LeaseRequest) -> tuple[int, float]:
+    """The mode (unset: exclusive) and TTL a lease request asks for, range-checked; then its name."""
+    mode = req.mode or EXCLUSIVE
+    if mode not in (EXCLUSIVE, SHARED):
+        raise InvalidArgument(f"unknown lease mode {mode} for {req.name!r}", name=req.name)
+    ttl = limits.duration(
+        req.ttl,
+        "lease ttl",
+        minimum=limits.MIN_LEASE_TTL,
+        maximum=limits.MAX_LEASE_TTL,
+        name=req.name,
+        optional=False,
+    )
+    validate_name(req.name)
+    return mode, ttl
+
+
 def holders_text(lt: LeaseTable) -> str:
     """Who holds a lease, for error messages: pid, uid, mode and epoch of each holder."""
     return ", ".join(
@@ -246,18 +284,7 @@ class Leasing:
         :func:`lease_wait_reserve` before the deadline, so DEADLINE_EXCEEDED reaches the caller as the broker's
         answer (naming the holders) and never races a grant the caller would not see.
         """
-        mode = req.mode or EXCLUSIVE
-        if mode not in (EXCLUSIVE, SHARED):
-            raise InvalidArgument(f"unknown lease mode {mode} for {req.name!r}", name=req.name)
-        ttl = limits.duration(
-            req.ttl,
-            "lease ttl",
-            minimum=limits.MIN_LEASE_TTL,
-            maximum=limits.MAX_LEASE_TTL,
-            name=req.name,
-            optional=False,
-        )
-        validate_name(req.name)
+        mode, ttl = _lease_terms(req)
         e = self._registry.get(req.name)
         self._policy().check(s.identity, "lease", req.name, e.owner.uid)
         lt = e.lease
@@ -368,8 +395,7 @@ class Leasing:
             if h is None or h.session_id != s.id:
                 r.gone.append(lid)
                 continue
-            h.expires_at = now + h.ttl
-            h.expire_time = wall + h.ttl
+            h.renew(now, wall)
             e = self._registry.find(h.name)
             if e is not None:
                 e.invalidate()
@@ -491,22 +517,10 @@ class Leasing:
         e = self._registry.find(name)
         if e is None:
             return
-        lt = e.lease
-        if lt is None:
-            lt = e.lease = LeaseTable()
-        h = Holder(
-            lease_id=held.lease_id,
-            name=name,
-            entry_id=e.id,
-            session_id="",  # no session of ours
-            identity=Identity(held.identity.pid, held.identity.uid, held.identity.gid),
-            mode=pb.LeaseState.MODE_UNSPECIFIED,
-            epoch=held.epoch,
-            ttl=0.0,
-            expires_at=self._clock(),
-            expire_time=held.expire_time.ToNanoseconds() / 1e9,
-        )
-        lt.holders[h.lease_id] = h
+        if e.lease is None:
+            e.lease = LeaseTable()
+        h = Holder.handed_over(e, held, self._clock())
+        e.lease.holders[h.lease_id] = h
         self._record(h)
         self.end_lease(h, EV.REASON_HANDOVER)
 
