@@ -79,7 +79,9 @@ class Harness:
         self.broker = broker
         self.clock = clock
         self.events: list[pb.Event] = []
-        broker.registry.subscribe(lambda ev: self.events.append(pb.Event.FromString(ev.SerializeToString())))
+        broker.registry.history.subscribe(
+            lambda ev: self.events.append(pb.Event.FromString(ev.SerializeToString()))
+        )
         self.loop = asyncio.new_event_loop()
         self._pid = 100
 

@@ -208,7 +208,7 @@ class Broker:
             max_sessions_per_uid=lim.max_sessions_per_uid,
             max_pending_tokens_per_uid=lim.max_pending_tokens_per_uid,
             broker_pid=os.getpid(),
-            oldest_watch_revision=self._registry.oldest_revision,
+            oldest_watch_revision=self._registry.history.oldest_revision,
             max_frame_bytes=self.config.max_frame_bytes,
         )
         r.token_ttl.FromNanoseconds(int(self._tokens.ttl * 1e9))

@@ -4,7 +4,7 @@ With ``serve --fdstore`` every entry the broker holds is also pushed to the serv
 ``$NOTIFY_SOCKET`` with ``FDSTORE=1``, ``FDNAME=<entry name>``, ``FDPOLL=0`` and the descriptor as
 ``SCM_RIGHTS``; when the entry leaves, ``FDSTOREREMOVE=1`` + ``FDNAME``. A replaced entry is removed, then stored
 again. Ephemeral entries are not stored (their session cannot outlive the process). The registry's events drive
-it (:meth:`Registry.subscribe`): nothing in the broker's code paths knows about the store.
+it (:meth:`History.subscribe`): nothing in the broker's code paths knows about the store.
 
 When the broker starts again (crash, ``Restart=on-failure``, ``systemctl restart``), systemd passes the stored
 descriptors back as fds 3.. with ``LISTEN_FDS``/``LISTEN_PID``/``LISTEN_FDNAMES``, and they become entries again;
@@ -41,6 +41,7 @@ from typing import Any
 from fdbroker import activation, fdinfo
 from fdbroker.broker.notify import notify_address
 from fdbroker.broker.registry import Owner, Registry
+from fdbroker.broker.survival import restore
 from fdbroker.conduit import close_fds
 from fdbroker.errors import BrokerError
 from fdbroker.names import validate_name
@@ -136,7 +137,7 @@ class FdStore:
         for e in list(self.registry):
             if e.name not in self.stored and not e.ephemeral:
                 self._store(e.name, e.fd)
-        self._unsubscribe = self.registry.subscribe(self._on_event)
+        self._unsubscribe = self.registry.history.subscribe(self._on_event)
         self.write_state()
 
     def detach(self) -> None:
@@ -324,7 +325,7 @@ class FdStore:
         else:
             log.info("fd store: no metadata for %r; restored with the broker's identity as owner", name)
         try:
-            self.registry.restore(name, fd, info, owner, **kw)
+            restore(self.registry, name, fd, info, owner, **kw)
         except BrokerError as err:
             return err.message
         self.stored.add(name)

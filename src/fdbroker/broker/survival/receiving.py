@@ -29,6 +29,7 @@ from fdbroker.broker.survival import (
     HandoverError,
     Progress,
     allowed,
+    restore,
 )
 from fdbroker.conduit import close_fds
 from fdbroker.conduit.errors import ConduitError, ErrType
@@ -194,7 +195,8 @@ def _install(registry: Registry, item: hpb.HandoverEntry, fd: int) -> None:
     if item.HasField("ttl_remaining"):
         expires_in = item.ttl_remaining.ToNanoseconds() / 1e9
         expire_time = e.expire_time.ToNanoseconds() / 1e9 if e.HasField("expire_time") else None
-    registry.restore(
+    restore(
+        registry,
         e.name,
         fd,
         e.info,
