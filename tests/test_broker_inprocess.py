@@ -263,6 +263,28 @@ def test_a_queued_exclusive_request_holds_back_later_shared_ones_then_they_are_g
     assert sorted(h.holders("f/res")) == sorted(t.result().lease_id for t in later)
 
 
+def test_a_stream_of_overlapping_shared_holders_cannot_starve_an_exclusive_waiter(h: Harness) -> None:
+    """The lease is never free: each shared holder asks again before it releases. The exclusive request still
+    gets in, because every request after it queues behind it."""
+    sessions = [h.session()[0] for _ in range(3)]
+    x, _ = h.session()
+    owner, so = h.session()
+    h.put(owner, so, "st/res")
+    held = {s.id: h.lease(s, "st/res", shared=True) for s in sessions}
+    ex = h.wait_lease(x, "st/res")
+    again = []
+    for s in sessions:  # each holder queues for its next turn, then lets go of this one
+        again.append(h.wait_lease(s, "st/res", shared=True))
+        h.broker.release(s, held[s.id].lease_id, False)
+        h.settle()
+    assert ex.done() and not any(t.done() for t in again)
+    assert h.holders("st/res") == [ex.result().lease_id]
+    h.broker.release(x, ex.result().lease_id, False)
+    h.settle()
+    assert all(t.done() for t in again)  # then the shared ones, together
+    assert ex.result().epoch < min(t.result().epoch for t in again)
+
+
 def test_a_waiter_that_gives_up_leaves_the_queue_with_deadline_exceeded_naming_the_holder(h: Harness) -> None:
     a, sa = h.session()
     b, _ = h.session()
@@ -357,6 +379,18 @@ def test_an_abandoned_checkin_releases_the_lease_and_keeps_the_entry(h: Harness)
     assert h.lease_events("ab/res")[-1][:2] == ("TYPE_LEASE_RELEASED", "REASON_RELEASED")
     assert h.broker.stat(None, "ab/res").entry.create_time == before.create_time
     assert h.broker.pending_puts == 0
+
+
+def test_checkin_after_expiry_is_refused_and_the_entry_keeps_its_descriptor(h: Harness) -> None:
+    a, sa = h.session()
+    h.put(a, sa, "late/res", b"kept")
+    before = h.broker.stat(None, "late/res").entry
+    r = h.lease(a, "late/res", ttl=1.0)
+    h.clock.advance(1.0)
+    h.broker.tick()
+    with pytest.raises(NotFound, match="no lease"):
+        h.broker.release(a, r.lease_id, True)
+    assert h.broker.stat(None, "late/res").entry.create_time == before.create_time
 
 
 def test_checkin_is_refused_when_the_entry_was_replaced_since_the_grant(h: Harness) -> None:
