@@ -7,8 +7,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fdbroker.broker.delivery import encode_deliver, item_tail, varint
 from fdbroker.conduit.frames import FrameDecoder
-from fdbroker.delivery import encode_deliver, item_tail, varint
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 

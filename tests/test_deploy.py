@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from fdbroker import cli
-from fdbroker.policy import Identity, Policy
+from fdbroker.broker.policy import Identity, Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

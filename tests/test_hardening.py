@@ -37,10 +37,10 @@ from secutil import (
 )
 
 from fdbroker import limits
-from fdbroker.broker import Broker, BrokerConfig
+from fdbroker.broker.core import Broker, BrokerConfig
+from fdbroker.broker.policy import Identity, Policy
 from fdbroker.conduit.frames import encode_frame
 from fdbroker.errors import BrokerError, Code, InvalidArgument
-from fdbroker.policy import Identity, Policy
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 

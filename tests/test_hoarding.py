@@ -455,7 +455,7 @@ def test_per_uid_cap_pauses_a_uids_connections(
 
 
 def test_policy_limit_is_loaded_and_range_checked(tmp_path: Path) -> None:
-    from fdbroker.policy import Limits, Policy, PolicyError
+    from fdbroker.broker.policy import Limits, Policy, PolicyError
 
     assert Limits().max_fds_in_flight_per_uid == 1024
     f = tmp_path / "p.toml"

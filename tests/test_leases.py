@@ -1,6 +1,8 @@
-"""Leases through a real broker: mutual exclusion across processes, death-bound release, FIFO, fencing epochs,
-deadlines, keep-alive and expiry, check-in. Every test runs against a real ``fdbroker serve`` with the leak check
-of the ``fdbroker_broker`` fixture."""
+"""Leases through a real broker: mutual exclusion across processes, death-bound release, fencing epochs,
+deadlines, the client's keep-alive, expiry by the housekeeping timer, check-in. Every test runs against a real
+``fdbroker serve`` with the leak check of the ``fdbroker_broker`` fixture. The broker's lease bookkeeping on its
+own (queue order, expiry and keep-alive arithmetic, every way a lease ends) is tested on a fake clock, without
+sleeping, in tests/test_broker_inprocess.py."""
 
 from __future__ import annotations
 
@@ -154,67 +156,9 @@ def test_kill9_of_holder_releases_at_once_and_waiter_gets_it(fdbroker_broker):
 # FIFO
 
 
-def test_queued_exclusive_request_blocks_later_shared_ones(fdbroker_broker):
-    with fdbroker_broker.client() as a, fdbroker_broker.client() as b, fdbroker_broker.client() as x:
-        _put_memfd(a, "f/res")
-        s1 = a.lease("f/res", ttl=30, shared=True, keepalive=False)
-        s1b = b.lease("f/res", ttl=30, shared=True, keepalive=False)  # shared with shared: fine
-        ex = _Bg(lambda: x.lease("f/res", ttl=30, wait=30, keepalive=False))
-        _wait_until(lambda: a.stat("f/res").lease.waiters == 1)
-        with pytest.raises(FailedPrecondition, match=r"queued|leased by"):
-            b.lease("f/res", ttl=30, shared=True)  # would jump the queued exclusive request
-        later = [
-            _Bg(lambda c=c: c.lease("f/res", ttl=30, shared=True, wait=30, keepalive=False)) for c in (a, b)
-        ]
-        _wait_until(lambda: a.stat("f/res").lease.waiters == 3)
-        s1.release()
-        assert ex.is_alive()  # one shared holder left
-        s1b.release()
-        h = ex.get()
-        e = a.stat("f/res")
-        assert e.lease.mode == "exclusive" and e.lease.waiters == 2
-        h.release()
-        shared = [t.get() for t in later]
-        e = a.stat("f/res")
-        assert e.lease.mode == "shared" and len(e.lease.holders) == 2
-        assert h.epoch < min(s.epoch for s in shared)
-        for s in shared:
-            s.release()
-
-
-@pytest.mark.slow
-def test_stream_of_shared_holders_cannot_starve_exclusive_waiter(fdbroker_broker):
-    """Three threads keep overlapping shared leases (the lease is never free); an exclusive request still gets
-    in, because everything that arrives after it queues behind it."""
-    stop = threading.Event()
-    grants: list[int] = []
-    with fdbroker_broker.client() as c0:
-        _put_memfd(c0, "f/stream")
-    clients = [fdbroker_broker.client() for _ in range(3)]
-
-    def loop(c) -> None:
-        while not stop.is_set():
-            with c.lease("f/stream", ttl=30, shared=True, wait=60, keepalive=False) as h:
-                grants.append(h.epoch)
-                time.sleep(0.05)
-
-    threads = [_Bg(lambda c=c: loop(c)) for c in clients]
-    try:
-        with fdbroker_broker.client() as x:
-            _wait_until(lambda: len(grants) >= 6, what="shared stream running")
-            t0 = time.monotonic()
-            h = x.lease("f/stream", ttl=30, wait=30, keepalive=False)
-            waited = time.monotonic() - t0
-            with h:
-                e = x.stat("f/stream")
-                assert e.lease.mode == "exclusive" and [hh[0] for hh in e.lease.holders] == [h.lease_id]
-            print(f"\nexclusive waiter got in after {waited * 1000:.0f} ms of a shared stream")
-    finally:
-        stop.set()
-        for t in threads:
-            t.get(60)
-        for c in clients:
-            c.close()
+# The queue's order (a queued exclusive request holds back later shared ones; a stream of overlapping shared
+# holders cannot starve an exclusive waiter) is broker bookkeeping: tests/test_broker_inprocess.py drives it
+# step by step, without threads or sleeps.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,30 +240,19 @@ def test_no_wait_conflict_is_failed_precondition_naming_holder(fdbroker_broker):
 # Keep-alive and expiry
 
 
-@pytest.mark.slow
-def test_keepalive_extends_and_without_it_the_lease_expires(fdbroker_broker):
+def test_the_handles_keepalive_thread_keeps_a_short_lease(fdbroker_broker):
+    """The client's keep-alive thread against a real broker and its housekeeping timer. Renewal arithmetic and
+    expiry without keep-alive are tested on a fake clock in tests/test_broker_inprocess.py."""
     with fdbroker_broker.client() as c, Collector(c, "ka/") as col:
         _put_memfd(c, "ka/res")
         with c.lease("ka/res", ttl=0.6) as h:  # renewed every 0.2 s by the handle's thread
             first = h.lease.expire_time
-            time.sleep(2.5)
+            time.sleep(1.2)  # two TTLs: without renewals the broker would have expired it
             e = c.stat("ka/res")
             assert [x[0] for x in e.lease.holders] == [h.lease_id] and not h.lost.is_set()
-            assert e.lease.holders[0][3] > first + 1.0  # the expiry moved forward
-            r = c.keepalive([h.lease_id, "no-such-lease"])
-            assert [x.lease_id for x in r.renewed] == [h.lease_id] and list(r.gone) == ["no-such-lease"]
+            assert e.lease.holders[0][3] > first + 0.4  # the expiry moved forward
         ev = col.wait_for(lambda e: e.type == "lease_released" and e.lease_id == h.lease_id)
         assert ev.reason == "released"
-
-        h2 = c.lease("ka/res", ttl=0.3, keepalive=False)
-        ev = col.wait_for(lambda e: e.type == "lease_released" and e.lease_id == h2.lease_id)
-        assert ev.reason == "expired" and ev.epoch == h2.epoch
-        assert list(c.keepalive([h2.lease_id]).gone) == [h2.lease_id]
-        with pytest.raises(NotFound, match="no lease"):
-            c.release(h2.lease_id)
-        h2.release()  # idempotent on a lost lease: closes the descriptor
-        with c.lease("ka/res", ttl=5) as h3:  # free again
-            assert h3.epoch > h2.epoch
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from fdbroker.metrics import Metrics, MetricsServer, State
+from fdbroker.broker.metrics import Metrics, MetricsServer, State
 
 
 class View:

@@ -1,4 +1,4 @@
-"""fdbroker.policy: the default policy, the TOML format, deny-overrides, anonymous limits, load errors."""
+"""fdbroker.broker.policy: the default policy, the TOML format, deny-overrides, anonymous limits, load errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fdbroker.errors import Code, InvalidArgument, PermissionDenied, Unauthenticated
-from fdbroker.policy import (
+from fdbroker.broker.policy import (
     ACTIONS,
     MOVING_ACTIONS,
     READ_ACTIONS,
@@ -21,6 +20,7 @@ from fdbroker.policy import (
     PolicyError,
     glob_to_regex,
 )
+from fdbroker.errors import Code, InvalidArgument, PermissionDenied, Unauthenticated
 
 BROKER_UID = 999
 ROOT = Identity(1, 0, 0)

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from fdbroker import fdinfo
+from fdbroker.broker.registry import Owner, PutOptions, Registry
 from fdbroker.errors import OutOfRange, ResourceExhausted
-from fdbroker.registry import Owner, PutOptions, Registry
 from fdbroker.v1 import broker_pb2 as pb
 
 OWNER = Owner(os.getpid(), os.getuid(), os.getgid())
@@ -70,19 +70,19 @@ def test_history_replays_from_a_revision_and_refuses_below_its_floor(pipe):
     try:
         for i in range(3):
             put(reg, f"h/{i}", pipe)
-        assert [ev.name for ev in reg.history_since(2)] == ["h/1", "h/2"]
+        assert [ev.name for ev in reg.history.since(2)] == ["h/1", "h/2"]
         for i in range(3, 8):
             put(reg, f"h/{i}", pipe)
-        assert reg.oldest_revision == 4  # only the last 5 events are kept
+        assert reg.history.oldest_revision == 4  # only the last 5 events are kept
         with pytest.raises(OutOfRange) as ei:
-            reg.history_since(3)
+            reg.history.since(3)
         assert ei.value.oldest_revision == 4
         # A successor continuing at revision 1000 has no history of what came before.
         succ = Registry(capacity=100)
         succ.raise_revision(1000)
-        assert succ.oldest_revision == 1001
+        assert succ.history.oldest_revision == 1001
         with pytest.raises(OutOfRange):
-            succ.history_since(999)
-        assert succ.history_since(1001) == []
+            succ.history.since(999)
+        assert succ.history.since(1001) == []
     finally:
         reg.close_all()

@@ -15,16 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from fdbroker.broker.notify import sd_notify
+from fdbroker.broker.rundir import LOCK_FILE, AlreadyRunning, RunDir, broker_pid
 from fdbroker.errors import BrokerError, Code
-from fdbroker.notify import sd_notify
 from fdbroker.rundir import (
     CONDUIT_SOCKET,
     CONTROL_SOCKET,
-    LOCK_FILE,
-    AlreadyRunning,
-    RunDir,
     RunDirError,
-    broker_pid,
     default_run_dir,
     resolve_run_dir,
 )
@@ -33,7 +30,7 @@ from fdbroker.rundir import (
 HOLDER = r"""
 import socket, sys
 from pathlib import Path
-from fdbroker.rundir import RunDir
+from fdbroker.broker.rundir import RunDir
 rd = RunDir.claim(Path(sys.argv[1]))
 socks = []
 for p in (rd.control_path, rd.conduit_path):

@@ -148,6 +148,7 @@ def test_deposit_without_token_and_with_fewer_tokens_than_descriptors(fdbroker_b
             deposit(rc, [tok], [probes[1].send_fd, probes[2].send_fd])
             (e, _) = rc.recv_kind("error")
             assert e.code == Code.INVALID_ARGUMENT and "2 descriptors for 1 tokens" in e.message, e
+            assert e.token == tok  # the error names the deposit it refused
             assert probes[1].closed_everywhere() and probes[2].closed_everywhere()
             assert ctl.snapshot() == []
             assert ctl.call("GetInfo", pb.GetInfoRequest()).pending_tokens == 0  # the token was spent too

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from brokerutil import child_env
 
-from fdbroker.handover import HANDOVER_SOCKET
+from fdbroker.broker.rundir import HANDOVER_SOCKET
 from fdbroker.testing import BrokerProcess
 
 # -- helpers -----------------------------------------------------------------------------------------------------
@@ -108,13 +108,15 @@ def put_pipes(broker: BrokerProcess, n: int, prefix: str = "p/") -> tuple[int, i
     return r, w
 
 
-SERVE = [sys.executable, "-m", "fdbroker.server"]
+SERVE = [sys.executable, "-m", "fdbroker.broker.server"]
 
 TAKEOVER_CHILD = """
 import os, signal, sys
 from pathlib import Path
-from fdbroker.handover import take_over, HandoverError
-from fdbroker.registry import Registry
+from fdbroker.broker.core import Broker, BrokerConfig
+from fdbroker.broker.policy import Policy
+from fdbroker.broker.survival.carry import HandoverError
+from fdbroker.broker.survival.receiving import take_over
 
 stop_at = int(sys.argv[2])
 def progress(n, total):
@@ -123,7 +125,8 @@ def progress(n, total):
         os.kill(os.getpid(), signal.SIGKILL)  # a successor killed mid-transfer, for real
 
 try:
-    take_over(Path(sys.argv[1]), Registry(capacity=100000), timeout=30, on_progress=progress)
+    broker = Broker(BrokerConfig(capacity=100000), Policy.default(broker_uid=os.getuid()))
+    take_over(Path(sys.argv[1]), broker, timeout=30, on_progress=progress)
 except HandoverError as err:
     print("ERROR", err.message, flush=True)
     sys.exit(3)
@@ -447,7 +450,16 @@ class ServiceManager:
         cmd = [sys.executable, "-m", "fdbroker.activation"]
         for name, fd in items:
             cmd += ["--fd", str(fd), "--name", name]
-        cmd += ["--", sys.executable, "-m", "fdbroker.server", "--run-dir", str(run_dir), "--fdstore", *args]
+        cmd += [
+            "--",
+            sys.executable,
+            "-m",
+            "fdbroker.broker.server",
+            "--run-dir",
+            str(run_dir),
+            "--fdstore",
+            *args,
+        ]
         env = child_env(run_dir, NOTIFY_SOCKET=str(self.path), **(extra or {}))
         env.pop("FDBROKER_FDSTORE", None)
         log_fd, log_name = tempfile.mkstemp(prefix="fdbroker-log-", suffix=".txt")

@@ -1,4 +1,4 @@
-"""Handoff tokens (fdbroker.tokens): unit tests and a model check against a trivial reference model."""
+"""Handoff tokens (fdbroker.broker.tokens): unit tests and a model check against a trivial reference model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
+from fdbroker.broker.tokens import RETIRED_MEMORY, TOKEN_BYTES, Token, TokenBook, TokenError, short
 from fdbroker.errors import Code
-from fdbroker.tokens import RETIRED_MEMORY, TOKEN_BYTES, Token, TokenBook, TokenError, short
 from fdbroker.v1 import broker_pb2 as pb
 
 PUT, GET, TAKE, LEASE = pb.OPERATION_PUT, pb.OPERATION_GET, pb.OPERATION_TAKE, pb.OPERATION_LEASE

@@ -22,11 +22,12 @@ import pytest
 from secutil import NOBODY, new_run_dir, run_as, unprivileged_python
 
 import fdbroker.aio
+from fdbroker.cli.exitcodes import exit_code_for
 from fdbroker.client import Client
 from fdbroker.client.core import TRUST_UID_ENV, Trust
 from fdbroker.client.quick import QuickClient
 from fdbroker.conduit.frames import encode_frame
-from fdbroker.errors import Code, InvalidArgument, UntrustedBroker, exit_code_for
+from fdbroker.errors import Code, InvalidArgument, UntrustedBroker
 from fdbroker.testing import BrokerProcess, checked_broker
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -403,7 +404,7 @@ def test_trust_between_root_and_a_broker_of_another_uid(monkeypatch: pytest.Monk
     """A real broker running as uid 65534 (in its own directory under a sticky parent, as it must): root's
     clients refuse it unless they trust uid 65534, then use it normally."""
     probe = subprocess.run(
-        [*AS_NOBODY, sys.executable, "-c", "import fdbroker.server"], capture_output=True, cwd="/"
+        [*AS_NOBODY, sys.executable, "-c", "import fdbroker.broker.server"], capture_output=True, cwd="/"
     )
     if probe.returncode != 0:
         pytest.skip("uid 65534 cannot run this interpreter")

@@ -197,11 +197,3 @@ def error_for_code(code: int, message: str, *, name: str = "") -> BrokerError:
     if cls is None:
         return BrokerError(message, name=name, code=c)
     return cls(message, name=name)
-
-
-def exit_code_for(err: BrokerError) -> int:
-    """The ``fdbroker`` exit code for an error. The table (codes, meanings, gRPC codes) is the CLI's:
-    :mod:`fdbroker.cli.exitcodes`, loaded on this call only, so the broker never imports the CLI."""
-    from fdbroker.cli.exitcodes import exit_code_for
-
-    return exit_code_for(err)

@@ -64,7 +64,7 @@ class BrokerProcess:
         child_env = dict(os.environ if env is None else env)
         child_env["NOTIFY_SOCKET"] = str(notify_path)
         child_env.pop("FDBROKER_RUN_DIR", None)
-        cmd = [*preexec, sys.executable, "-m", "fdbroker.server", "--run-dir", str(run_dir), *args]
+        cmd = [*preexec, sys.executable, "-m", "fdbroker.broker.server", "--run-dir", str(run_dir), *args]
         with open(log_path, "wb") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=child_env, close_fds=True)
         deadline = time.monotonic() + timeout

@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def __getattr__(name: str) -> Any:
-    # Loaded on use, so that importing one part (fdbroker.cli.exitcodes for fdbroker.errors.exit_code_for, or
+    # Loaded on use, so that importing one part (fdbroker.cli.exitcodes, or
     # `python -m fdbroker.cli.exitcodes`) does not load the program around it.
     if name in ("VERBS", "build_parser"):
         from fdbroker.cli import app

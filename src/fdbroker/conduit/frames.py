@@ -81,7 +81,7 @@ def encode_frame(
 CloseFds = Callable[[list[int]], None]
 """How a receiver gets rid of descriptors it will not hand on: takes ownership of every one in the list.
 The default, :func:`~fdbroker.conduit.receive.close_fds`, closes them at once; the broker passes a callable
-that closes them off its event loop (``fdbroker.closer``)."""
+that closes them off its event loop (``fdbroker.broker.closer``)."""
 
 
 @dataclass

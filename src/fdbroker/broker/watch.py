@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fdbroker import limits
+from fdbroker.broker.history import Record, event_of
+from fdbroker.broker.policy import Identity, Policy
+from fdbroker.broker.registry import Registry
 from fdbroker.errors import ResourceExhausted
-from fdbroker.policy import Identity, Policy
-from fdbroker.registry import Record, Registry, event_of
 from fdbroker.v1 import broker_pb2 as pb
 
 BATCH = 256  # events per WatchResponse
@@ -99,7 +100,7 @@ class WatchHub:
         self._events: collections.OrderedDict[int, pb.Event] = collections.OrderedDict()
         self._decided: collections.OrderedDict[tuple[int, VisKey], bool] = collections.OrderedDict()
         self._decided_for: Policy | None = None
-        registry.on_record = self._on_record
+        registry.history.on_record = self._on_record
 
     def __len__(self) -> int:
         return self._anonymous + sum(self._per_uid.values())
@@ -117,7 +118,7 @@ class WatchHub:
         reg = self.registry
         limits.start_revision(start_revision, reg.revision)
         if start_revision:
-            reg.check_history(start_revision)
+            reg.history.check(start_revision)
         lim = policy.limits
         if identity is None:
             if self._anonymous >= lim.max_anonymous_watchers:
@@ -220,7 +221,9 @@ class WatchHub:
     def _read(self, w: Watcher) -> list[pb.Event]:
         reg = self.registry
         behind = w.group.seq - w.seen
-        if behind > self.queue_limit or (w.cursor < reg.revision and w.cursor + 1 < reg.oldest_revision):
+        if behind > self.queue_limit or (
+            w.cursor < reg.revision and w.cursor + 1 < reg.history.oldest_revision
+        ):
             raise ResourceExhausted(
                 f"watcher fell more than {self.queue_limit} events behind and was cut off; "
                 f"resume with start_revision={w.cursor + 1}"
@@ -231,7 +234,7 @@ class WatchHub:
         prefix, vis = w.key
         ident = w.group.identity
         cursor, counted = w.cursor, 0
-        for rec in reg.records_after(w.cursor):
+        for rec in reg.history.after(w.cursor):
             rev = rec[1]
             if len(out) >= BATCH:
                 break

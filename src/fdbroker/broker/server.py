@@ -26,24 +26,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fdbroker import __version__, closer
-from fdbroker.broker import Broker, BrokerConfig
+from fdbroker import __version__
+from fdbroker.broker import closer
+from fdbroker.broker.core import Broker, BrokerConfig
+from fdbroker.broker.listener import Connection, Listener
+from fdbroker.broker.notify import sd_notify
+from fdbroker.broker.policy import Identity, Policy
+from fdbroker.broker.rundir import HANDOVER_SOCKET, RunDir
+from fdbroker.broker.servicer import FdBrokerServicer, add_to_server
+from fdbroker.broker.sessions import Session
+from fdbroker.broker.survival.fdstore import FdStore
+from fdbroker.broker.survival.giving import HandoverServer, released
+from fdbroker.broker.survival.receiving import take_over
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame, FramedConduit
-from fdbroker.conduit_server import Connection, Listener
 from fdbroker.errors import BrokerError, InvalidArgument
-from fdbroker.fdstore import FdStore
-from fdbroker.handover import (
-    HANDOVER_SOCKET,
-    HandoverServer,
-    continue_epochs,
-    released,
-    take_over,
-)
-from fdbroker.notify import sd_notify
-from fdbroker.policy import Identity, Policy
-from fdbroker.rundir import CONDUIT_SOCKET, CONTROL_SOCKET, RunDir
-from fdbroker.servicer import FdBrokerServicer, add_to_server
-from fdbroker.sessions import Session
+from fdbroker.rundir import CONDUIT_SOCKET, CONTROL_SOCKET
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -148,14 +145,16 @@ class BrokerServer:
                 max_frame_bytes=opts.max_frame_bytes,
             ),
             policy,
+            wakeup=self._wake.set,
         )
-        self.broker._wakeup = self._wake.set
         loop = asyncio.get_running_loop()
         if opts.takeover:
             self.rundir = self._take_over()
         assert self.rundir is not None
         if opts.fdstore:
-            self.fdstore = FdStore.open(self.broker, self.rundir.path)
+            self.fdstore = FdStore.open(
+                self.broker.registry, self.rundir.path, continue_epochs=self.broker.continue_epochs
+            )
 
         old_umask = os.umask(0o177)  # no window in which a socket is more open than asked for
         try:
@@ -202,7 +201,7 @@ class BrokerServer:
             loop,
             Path(rundir.address(HANDOVER_SOCKET)),
             broker.registry,
-            lambda: broker.epochs,
+            broker.next_epoch,
             broker.clock,
             lambda: rundir.lock_fd,
             self._commit_handover,
@@ -226,12 +225,11 @@ class BrokerServer:
         run_dir = self.opts.run_dir
         dir_fd = RunDir.open(run_dir)  # an unsafe run dir is refused while the old broker still serves
         try:
-            t = take_over(run_dir, self.broker.registry, timeout=self.opts.handover_timeout)
+            t = take_over(run_dir, self.broker, timeout=self.opts.handover_timeout)
         except BaseException:
             os.close(dir_fd)
             raise
-        self.broker.epochs = continue_epochs(t.epoch)
-        rundir = RunDir.adopt(run_dir, dir_fd, t.lock_fd, stale=(HANDOVER_SOCKET,))
+        rundir = RunDir.adopt(run_dir, dir_fd, t.lock_fd)
         log.info(
             "took over %d entries from pid %d in %.3f s (revision %d)",
             t.entries,
@@ -266,7 +264,7 @@ class BrokerServer:
             self._on_frame,
             self._on_conn_close,
             max_frame_bytes=self.opts.max_frame_bytes,
-            max_fds_in_flight=lambda: broker.policy.limits.max_fds_in_flight_per_uid,
+            max_fds_in_flight=lambda: broker.limits.max_fds_in_flight_per_uid,
         )
         try:
             session = self.broker.open_session(identity, conn)
@@ -313,8 +311,7 @@ class BrokerServer:
             log.info("SIGHUP: no policy file configured; nothing to reload")
             return
         try:
-            self.broker.policy = self._load_policy()
-            self.broker.sessions.max_per_uid = self.broker.policy.limits.max_sessions_per_uid
+            self.broker.set_policy(self._load_policy())
             log.info("policy reloaded from %s", self.opts.policy_path)
         except BrokerError as err:
             log.error("policy reload failed, keeping the old policy: %s", err)
@@ -366,7 +363,7 @@ async def serve(opts: ServeOptions) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``fdbroker serve`` (shared by the CLI and ``python -m fdbroker.server``)."""
+    """The options of ``fdbroker serve`` (shared by the CLI and ``python -m fdbroker.broker.server``)."""
     parser.add_argument(
         "--policy",
         metavar="FILE",
@@ -471,7 +468,7 @@ def run(opts: ServeOptions, log_level: str = "info") -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fdbroker.server [--run-dir DIR] [serve options]``."""
+    """``python -m fdbroker.broker.server [--run-dir DIR] [serve options]``."""
     from fdbroker.rundir import resolve_run_dir
 
     parser = argparse.ArgumentParser(prog="fdbroker serve")

@@ -7,7 +7,7 @@ goes to the ``on_frame`` callback (the broker), which owns the frame's descripto
 
 Descriptors a client sent that the broker does not keep (unsolicited ones, those of a frame cut off by a hang-up
 or a fatal error, duplicates queued for a delivery that never went out) and the connection's own socket (whose
-receive queue may still hold a client's descriptors) go to :func:`fdbroker.closer.discard`, attributed to the
+receive queue may still hold a client's descriptors) go to :func:`fdbroker.broker.closer.discard`, attributed to the
 connection's uid: a ``close`` on the event loop could block it (a lingering socket).
 
 Descriptors in flight: a connection holds at most the descriptors of its one frame in progress (the decoder's
@@ -29,13 +29,13 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 
-from fdbroker import closer
+from fdbroker.broker import closer
+from fdbroker.broker.policy import Identity, Limits
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame, FrameDecoder, encode_frame
 from fdbroker.conduit.receive import recv_fds_into
 from fdbroker.conduit.send import send_with_fds
 from fdbroker.errors import Code
-from fdbroker.policy import Identity, Limits
 from fdbroker.v1 import conduit_pb2 as cpb
 
 log = logging.getLogger("fdbroker.conduit")
@@ -100,7 +100,7 @@ class Connection:
         max_fds_in_flight: Callable[[], int] | None = None,
     ) -> None:
         """``max_fds_in_flight`` returns the uid's cap on descriptors in flight (read on every ``recvmsg``, so a
-        policy reload applies at once); default: :class:`~fdbroker.policy.Limits`' default."""
+        policy reload applies at once); default: :class:`~fdbroker.broker.policy.Limits`' default."""
         self.loop = loop
         self.sock = sock
         self.identity = identity

@@ -2,7 +2,7 @@
 
 A small parent process that runs the broker as its child and keeps a copy of every stored entry, so a broker
 that crashes, is OOM-killed or is ``kill -9``-ed comes back with every entry. It is deliberately tiny: no gRPC,
-no policy, no registry — the standard library and :mod:`fdbroker.closer` only — so it is far less likely to die
+no policy, no registry — the standard library and :mod:`fdbroker.broker.closer` only — so it is far less likely to die
 than the broker it keeps.
 
 It speaks the subset of systemd's service-manager protocol that the broker's fd-store code already uses
@@ -50,7 +50,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fdbroker import closer
+from fdbroker.broker import closer
 
 log = logging.getLogger("fdbroker.keeper")
 

@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fdbroker.broker import Broker
+from fdbroker.broker.core import Broker
+from fdbroker.broker.policy import Identity
+from fdbroker.broker.sessions import Session
 from fdbroker.errors import BrokerError, InvalidArgument, OutOfRange
-from fdbroker.policy import Identity
 from fdbroker.protocol import OLDEST_REVISION_KEY, SESSION_METADATA_KEY
-from fdbroker.sessions import Session
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -242,7 +242,7 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchResponse]:
         try:
             _, ident = self._caller(context)
-            w = self.broker.watches.open(ident, request.prefix, request.start_revision)
+            w = self.broker.watch(ident, request.prefix, request.start_revision)
         except BrokerError as err:
             await _abort(context, err)
             return

@@ -1,7 +1,11 @@
-"""systemd readiness notification (``sd_notify``), without libsystemd.
+"""systemd notification (``sd_notify``), without libsystemd: readiness here, the fd store in
+:mod:`fdbroker.broker.survival.fdstore`.
 
 The protocol: one datagram with ``KEY=VALUE`` lines (``READY=1``, ``STATUS=...``, ``STOPPING=1``) sent to the
-``AF_UNIX`` socket named by ``$NOTIFY_SOCKET``; a leading ``@`` means the abstract namespace.
+``AF_UNIX`` socket named by ``$NOTIFY_SOCKET``; a leading ``@`` means the abstract namespace
+(:func:`notify_address`, the one place that reads the variable).
+
+Descriptor ownership: :func:`sd_notify` opens and closes its own socket; no descriptor outlives the call.
 """
 
 from __future__ import annotations
@@ -9,6 +13,15 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+
+
+def notify_address(environ: Mapping[str, str] | None = None) -> str | bytes | None:
+    """``$NOTIFY_SOCKET`` as a socket address (a leading ``@`` is the abstract namespace), or None when it is
+    unset or empty."""
+    target = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not target:
+        return None
+    return b"\0" + target[1:].encode() if target.startswith("@") else target
 
 
 def sd_notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
@@ -19,13 +32,9 @@ def sd_notify(state: str, *, environ: Mapping[str, str] | None = None) -> bool:
     broker, so this never raises ``OSError``. Opens and closes its own socket: no descriptor outlives the
     call.
     """
-    env = os.environ if environ is None else environ
-    target = env.get("NOTIFY_SOCKET", "")
-    if not target:
+    address = notify_address(environ)
+    if address is None:
         return False
-    address: str | bytes = target
-    if target.startswith("@"):
-        address = b"\0" + target[1:].encode()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.sendto(state.encode(), address)

@@ -8,8 +8,9 @@ came from a client, and its last close may block); callers never close an entry'
 Every step that can fail (building the entry's serialized forms) runs before the registry takes a descriptor, so
 once it owns one no error path can close it behind its back.
 
-Every change gets the next revision of one broker-wide counter, and is recorded as an event in a bounded history
-window, so a client can list at revision R and watch from R + 1 with nothing missed and nothing repeated.
+Every change gets the next revision of one broker-wide counter, and is recorded as an event in the bounded
+history window (:mod:`.history`), so a client can list at revision R and watch from R + 1 with nothing missed and
+nothing repeated.
 """
 
 from __future__ import annotations
@@ -21,20 +22,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from fdbroker import closer
-from fdbroker.delivery import item_tail
+from fdbroker.broker import closer
+from fdbroker.broker.delivery import item_tail
+from fdbroker.broker.history import History
 from fdbroker.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
 )
 from fdbroker.v1 import broker_pb2 as pb
 
 if TYPE_CHECKING:
-    from fdbroker.leases import LeaseTable
+    from fdbroker.broker.leasing import LeaseTable
 
 
 class Owner(NamedTuple):
@@ -83,7 +84,7 @@ class Entry:
         self._tail = None
 
     def deliver_tail(self) -> bytes:
-        """The entry's part of a serialized ``DeliverItem`` (see :mod:`fdbroker.delivery`), cached."""
+        """The entry's part of a serialized ``DeliverItem`` (see :mod:`fdbroker.broker.delivery`), cached."""
         tail = self._tail
         if tail is None:
             tail = self._tail = item_tail(self.name, self.info_bytes, self.revision)
@@ -127,7 +128,6 @@ class PutOptions:
     if_revision: int = 0
 
 
-EventListener = Callable[[pb.Event], None]
 Discard = Callable[[int, int], None]
 """Gives up a descriptor the registry no longer holds: ``discard(fd, owner_uid)`` (never blocks)."""
 
@@ -150,23 +150,14 @@ class Registry:
     ) -> None:
         self.capacity = capacity
         self._discard = discard
-        self._clock = clock
-        self._wall = wall
+        self.clock = clock  # monotonic: expiries
+        self.wall = wall  # wall clock: times shown
         self._entries: dict[str, Entry] = {}
         self._names: list[str] = []  # sorted
         self._next_id = 1
         self.revision = 0
-        # Compact records, not pb.Event messages (a upb message with an entry copy is ~1.7 KiB; a record shares
-        # the entry's serialized bytes): see Record.
-        # A list, trimmed in chunks, not a deque: watchers bisect and slice it, and a deque indexes in O(n).
-        self._history: list[Record] = []
-        self._history_len = history
-        # Revisions <= the floor happened before this registry's history began (a takeover or a restart from the
-        # fd store jumps the counter): a watch cannot start there.
-        self._floor = 0
-        self._listeners: list[EventListener] = []
-        #: Called with each new record before the listeners (the watch hub: cheap, no message is built for it).
-        self.on_record: Callable[[Record], None] | None = None
+        #: Every change, in a bounded window (watchers read it; survival subscribes to it).
+        self.history = History(history)
         self._per_uid: collections.Counter[int] = collections.Counter()
         self._expiring: dict[str, float] = {}
 
@@ -287,7 +278,7 @@ class Registry:
         (any :class:`BrokerError` from :meth:`check_put`) ``fd`` is untouched and still the caller's.
         """
         old = self.check_put(name, owner.uid, opts, pending=pending)
-        now_wall = self._wall()
+        now_wall = self.wall()
         revision = self.revision + 1
         entry = Entry(
             id=self._next_id,
@@ -303,7 +294,7 @@ class Registry:
             ephemeral=opts.ephemeral,
         )
         if opts.ttl > 0:
-            entry.expires_at = self._clock() + opts.ttl
+            entry.expires_at = self.clock() + opts.ttl
             entry.expire_time = now_wall + opts.ttl
         if old is not None:
             # The lease state (epoch, holders) belongs to the name, not the descriptor: a replaced entry keeps it.
@@ -311,21 +302,7 @@ class Registry:
         _prepare(entry)  # may raise: nothing has changed yet and ``fd`` is still the caller's
         # From here on nothing raises: the registry owns ``fd``.
         self.revision = revision
-        self._next_id += 1
-        if entry.expires_at is not None:
-            self._expiring[name] = entry.expires_at
-        else:
-            self._expiring.pop(name, None)
-        if old is not None:
-            self._per_uid[old.owner.uid] -= 1
-            if not self._per_uid[old.owner.uid]:
-                del self._per_uid[old.owner.uid]
-            self._discard(old.fd, old.owner.uid)
-            old.fd = -1
-        else:
-            bisect.insort(self._names, name)
-        self._entries[name] = entry
-        self._per_uid[owner.uid] += 1
+        self._hold(entry, old)
         self._emit(pb.Event.TYPE_PUT, entry)
         return entry
 
@@ -335,14 +312,10 @@ class Registry:
         i = bisect.bisect_left(self._names, name)
         del self._names[i]
         self._expiring.pop(name, None)
-        self._per_uid[entry.owner.uid] -= 1
-        if not self._per_uid[entry.owner.uid]:
-            del self._per_uid[entry.owner.uid]
         self.revision += 1
         entry.revision = self.revision
         entry.invalidate()
-        self._discard(entry.fd, entry.owner.uid)
-        entry.fd = -1
+        self._let_go(entry)
         self._emit(event, entry, reason)
         return entry
 
@@ -359,7 +332,7 @@ class Registry:
         with event EXPIRE, after ending their leases)."""
         if not self._expiring:
             return []
-        now = self._clock() if now is None else now
+        now = self.clock() if now is None else now
         out = []
         for name in sorted(n for n, t in self._expiring.items() if t <= now):
             e = self._entries.get(name)
@@ -380,62 +353,18 @@ class Registry:
         self._expiring.clear()
         self._per_uid.clear()
 
-    # -- events --------------------------------------------------------------------------------------------------
-
-    def subscribe(self, listener: EventListener) -> Callable[[], None]:
-        """Call ``listener`` with every new event; returns the unsubscribe function."""
-        self._listeners.append(listener)
-
-        def unsubscribe() -> None:
-            try:
-                self._listeners.remove(listener)
-            except ValueError:
-                pass
-
-        return unsubscribe
-
-    @property
-    def oldest_revision(self) -> int:
-        """The oldest revision a watch can start from."""
-        hist = self._history
-        if len(hist) >= self._history_len:
-            return hist[len(hist) - self._history_len][1]
-        return max(1, self._floor + 1)
+    # -- events ------------------------------------------------------------------------------------------------
 
     def raise_revision(self, revision: int) -> None:
         """Continue from at least ``revision`` (a successor or a restart); earlier revisions cannot be watched."""
         self.revision = max(self.revision, revision)
-        self._floor = max(self._floor, self.revision)
-
-    def check_history(self, start_revision: int) -> None:
-        """:class:`OutOfRange` if events from ``start_revision`` on are no longer all in the history window."""
-        oldest = self.oldest_revision
-        if start_revision < oldest:
-            raise OutOfRange(
-                f"revision {start_revision} is older than the broker's history window; "
-                f"the oldest revision available is {oldest}: list again and watch from the listing's revision + 1",
-                oldest_revision=oldest,
-            )
-
-    def records_after(self, revision: int) -> Iterator[Record]:
-        """The history's records with a revision above ``revision``, oldest first (a live view: do not change the
-        registry while iterating)."""
-        hist = self._history
-        if not hist or revision >= hist[-1][1]:
-            return iter(())
-        # Revisions are increasing but not dense (each event has its own revision); only the window counts.
-        lo = bisect.bisect_right(hist, revision, lo=max(0, len(hist) - self._history_len), key=_revision_of)
-        return (hist[i] for i in range(lo, len(hist)))
-
-    def history_since(self, start_revision: int, prefix: str = "") -> list[pb.Event]:
-        """Events with revision >= ``start_revision`` under ``prefix``; :class:`OutOfRange` if compacted away."""
-        self.check_history(start_revision)
-        return [event_of(r) for r in self.records_after(start_revision - 1) if r[2].startswith(prefix)]
+        self.history.raise_floor(self.revision)
 
     def _emit(
         self, event_type: int, entry: Entry, reason: int = 0, *, lease_id: str = "", epoch: int = 0
     ) -> None:
-        rec: Record = (
+        wall_ns = int(self.wall() * 1e9)
+        rec = (
             event_type,
             self.revision,
             entry.name,
@@ -443,48 +372,21 @@ class Registry:
             reason,
             lease_id,
             epoch,
-            int(self._wall() * 1e9),
+            wall_ns,
             entry.owner.uid,
         )
-        hist = self._history
-        hist.append(rec)
-        if len(hist) >= 2 * self._history_len:
-            del hist[: len(hist) - self._history_len]
-        if self.on_record is not None:
-            self.on_record(rec)
-        if self._listeners:
-            ev = event_of(rec)  # one message, shared by every listener: they must not modify it
-            for listener in list(self._listeners):
-                listener(ev)
+        self.history.append(rec)
 
-    # -- survival (fdbroker.handover, fdbroker.fdstore) ----------------------------------------------------------
+    # -- survival ------------------------------------------------------------------------------------------------
 
-    def restore(
-        self,
-        name: str,
-        fd: int,
-        info: pb.DescriptorInfo,
-        owner: Owner,
-        *,
-        labels: dict[str, str] | None = None,
-        create_time: float | None = None,
-        create_revision: int = 0,
-        revision: int = 0,
-        expires_in: float | None = None,
-        expire_time: float | None = None,
-        ephemeral: bool = False,
-        session_id: str = "",
-        lease_epoch: int = 0,
-    ) -> Entry:
-        """Install an entry carried over from a previous broker process (handover or fd store), as it was.
-
-        No event and no new revision: the entry keeps ``revision``/``create_revision`` (0: the current revision),
-        and the registry's counter is raised to at least ``revision``. ``expires_in``: seconds left (None: never);
-        ``expire_time``: its wall-clock form (default now + ``expires_in``). ``lease_epoch``: the last fencing
-        epoch granted on the name (holders do not survive). Ownership as :meth:`put`: on success the registry owns
-        ``fd``; on any :class:`BrokerError` (:class:`AlreadyExists`, :class:`ResourceExhausted`,
+    def install(self, entry: Entry) -> Entry:
+        """Take in an entry carried over from a previous broker process (built by
+        :func:`fdbroker.broker.survival.carry.restore`), as it was: no event and no new revision (the counter is raised
+        to the entry's). Assigns ``entry.id``. Ownership as :meth:`put`: on success the registry owns
+        ``entry.fd``; on any :class:`BrokerError` (:class:`AlreadyExists`, :class:`ResourceExhausted`,
         :class:`InvalidArgument` for metadata that cannot be encoded) it is still the caller's.
         """
+        name = entry.name
         if name in self._entries:
             raise AlreadyExists(f"entry {name!r} is restored twice", name=name)
         if len(self._entries) >= self.capacity:
@@ -493,38 +395,34 @@ class Registry:
                 f"({self.capacity}); raise RLIMIT_NOFILE or lower --reserve-fds",
                 name=name,
             )
-        now_wall = self._wall()
-        floor = max(self.revision, revision, create_revision)
-        entry = Entry(
-            id=self._next_id,
-            name=name,
-            fd=fd,
-            info_bytes=info.SerializeToString(),
-            owner=owner,
-            session_id=session_id,
-            labels=dict(labels or {}),
-            create_time=now_wall if create_time is None else create_time,
-            create_revision=create_revision or floor,
-            revision=revision or floor,
-            ephemeral=ephemeral,
-        )
-        if expires_in is not None:
-            left = min(max(0.0, expires_in), _MAX_RESTORED_TTL)
-            entry.expires_at = self._clock() + left
-            entry.expire_time = now_wall + left if expire_time is None else expire_time
-        if lease_epoch:
-            from fdbroker.leases import LeaseTable
-
-            entry.lease = LeaseTable(epoch=lease_epoch)
+        entry.id = self._next_id
         _prepare(entry)  # may raise: nothing has changed yet and ``fd`` is still the caller's
-        self.raise_revision(floor)
+        self.raise_revision(max(entry.revision, entry.create_revision))
+        self._hold(entry, None)
+        return entry
+
+    def _hold(self, entry: Entry, old: Entry | None) -> None:
+        """Take ``entry`` into the tables, in place of ``old`` (whose descriptor is given up). Never raises."""
+        name = entry.name
         self._next_id += 1
         if entry.expires_at is not None:
             self._expiring[name] = entry.expires_at
-        bisect.insort(self._names, name)
+        else:
+            self._expiring.pop(name, None)
+        if old is None:
+            bisect.insort(self._names, name)
+        else:
+            self._let_go(old)
         self._entries[name] = entry
-        self._per_uid[owner.uid] += 1
-        return entry
+        self._per_uid[entry.owner.uid] += 1
+
+    def _let_go(self, e: Entry) -> None:
+        """Stop counting ``e`` against its owner and give its descriptor up."""
+        self._per_uid[e.owner.uid] -= 1
+        if not self._per_uid[e.owner.uid]:
+            del self._per_uid[e.owner.uid]
+        self._discard(e.fd, e.owner.uid)
+        e.fd = -1
 
 
 def _prepare(entry: Entry) -> None:
@@ -539,30 +437,3 @@ def _prepare(entry: Entry) -> None:
     except (ValueError, OverflowError) as err:
         entry.invalidate()
         raise InvalidArgument(f"entry {entry.name!r} cannot be encoded: {err}", name=entry.name) from None
-
-
-# A restored expiry is clamped like a requested one (a corrupt fd-store record must not make an entry unencodable).
-_MAX_RESTORED_TTL = 366 * 24 * 3600.0
-
-Record = tuple[int, int, str, bytes, int, str, int, int, int]
-"""One history event: (type, revision, name, entry bytes, reason, lease id, epoch, time ns, owner uid)."""
-
-
-def _revision_of(rec: Record) -> int:
-    return rec[1]
-
-
-def event_of(rec: Record) -> pb.Event:
-    """The ``pb.Event`` of a history record (a new message)."""
-    event_type, revision, name, entry_bytes, reason, lease_id, epoch, time_ns, _ = rec
-    ev = pb.Event(
-        type=event_type,  # type: ignore[arg-type]
-        revision=revision,
-        name=name,
-        reason=reason,  # type: ignore[arg-type]
-        lease_id=lease_id,
-        epoch=epoch,
-    )
-    ev.entry.MergeFromString(entry_bytes)
-    ev.time.FromNanoseconds(time_ns)
-    return ev

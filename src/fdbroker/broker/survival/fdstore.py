@@ -4,7 +4,7 @@ With ``serve --fdstore`` every entry the broker holds is also pushed to the serv
 ``$NOTIFY_SOCKET`` with ``FDSTORE=1``, ``FDNAME=<entry name>``, ``FDPOLL=0`` and the descriptor as
 ``SCM_RIGHTS``; when the entry leaves, ``FDSTOREREMOVE=1`` + ``FDNAME``. A replaced entry is removed, then stored
 again. Ephemeral entries are not stored (their session cannot outlive the process). The registry's events drive
-it (:meth:`Registry.subscribe`): nothing in the broker's code paths knows about the store.
+it (:meth:`History.subscribe`): nothing in the broker's code paths knows about the store.
 
 When the broker starts again (crash, ``Restart=on-failure``, ``systemctl restart``), systemd passes the stored
 descriptors back as fds 3.. with ``LISTEN_FDS``/``LISTEN_PID``/``LISTEN_FDNAMES``, and they become entries again;
@@ -18,6 +18,10 @@ Revisions continue above anything the crashed broker may have handed out: the co
 revision + :data:`REVISION_GAP`, and the state is written at once whenever the revision has moved
 :data:`FLUSH_EVERY` (half the gap) past the last write. Fencing epochs likewise restart above the recorded
 highest epoch + :data:`FLUSH_EVERY` (and follow the clock, as always).
+
+Descriptor ownership: the service manager gets copies (the kernel duplicates each entry's descriptor into it;
+the registry keeps its own). Descriptors passed back at start are this process's: each becomes an entry's (the
+registry owns it) or is closed at once.
 """
 
 from __future__ import annotations
@@ -30,15 +34,17 @@ import os
 import socket
 import time
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fdbroker import activation, fdinfo
-from fdbroker.broker import Broker
+from fdbroker.broker.notify import notify_address
+from fdbroker.broker.registry import Owner, Registry
+from fdbroker.broker.survival.carry import restore
+from fdbroker.conduit import close_fds
 from fdbroker.errors import BrokerError
-from fdbroker.leases import EpochCounter
 from fdbroker.names import validate_name
-from fdbroker.registry import Owner
 from fdbroker.v1 import broker_pb2 as pb
 
 log = logging.getLogger("fdbroker.fdstore")
@@ -54,20 +60,23 @@ _PUT = pb.Event.TYPE_PUT
 _GONE = (pb.Event.TYPE_DELETE, pb.Event.TYPE_EXPIRE)
 
 
-def notify_address(environ: dict[str, str] | None = None) -> str | bytes | None:
-    """``$NOTIFY_SOCKET`` as a socket address (a leading ``@`` is the abstract namespace), or None."""
-    target = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
-    if not target:
-        return None
-    return b"\0" + target[1:].encode() if target.startswith("@") else target
-
-
 class FdStore:
-    """The broker's side of the fd store: restore at start, then mirror every put and removal."""
+    """The broker's side of the fd store: restore at start, then mirror every put and removal.
 
-    def __init__(self, broker: Broker, run_dir: Path, address: str | bytes) -> None:
-        self.broker = broker
-        self.registry = broker.registry
+    ``continue_epochs(epoch)`` makes the broker's fencing epochs continue above ``epoch`` (called once, when a
+    restore finds a recorded epoch).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        run_dir: Path,
+        address: str | bytes,
+        *,
+        continue_epochs: Callable[[int], None],
+    ) -> None:
+        self.registry = registry
+        self._continue_epochs = continue_epochs
         self.state_path = Path(run_dir) / STATE_FILE
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -81,7 +90,9 @@ class FdStore:
         self.failures = 0
 
     @classmethod
-    def open(cls, broker: Broker, run_dir: Path) -> FdStore | None:
+    def open(
+        cls, registry: Registry, run_dir: Path, *, continue_epochs: Callable[[int], None]
+    ) -> FdStore | None:
         """Restore what the service manager passed, then start mirroring; None (with a warning) without
         ``$NOTIFY_SOCKET``."""
         address = notify_address()
@@ -90,7 +101,7 @@ class FdStore:
                 "--fdstore: NOTIFY_SOCKET is not set (not run by systemd?); entries will not survive a crash"
             )
             return None
-        store = cls(broker, run_dir, address)
+        store = cls(registry, run_dir, address, continue_epochs=continue_epochs)
         store.restore(activation.listen_fds())
         store.attach()
         return store
@@ -126,7 +137,7 @@ class FdStore:
         for e in list(self.registry):
             if e.name not in self.stored and not e.ephemeral:
                 self._store(e.name, e.fd)
-        self._unsubscribe = self.registry.subscribe(self._on_event)
+        self._unsubscribe = self.registry.history.subscribe(self._on_event)
         self.write_state()
 
     def detach(self) -> None:
@@ -251,7 +262,7 @@ class FdStore:
             why = self._restore_one(fd, name, records.get(name), me, now)
             if why:
                 log.warning("fd store: dropped descriptor %r: %s", name, why)
-                _close(fd)
+                close_fds([fd])
                 (again if name in self.stored else drop).add(name)
             else:
                 restored += 1
@@ -268,7 +279,7 @@ class FdStore:
             reg.raise_revision(max(reg.revision, rev) + REVISION_GAP)
             epoch = int(doc.get("epoch", 0) or 0)
             self._epoch = epoch
-            self.broker.epochs = EpochCounter(seed=max(epoch + FLUSH_EVERY, int(time.time() * 1_000_000)))
+            self._continue_epochs(epoch + FLUSH_EVERY)
         if passed:
             log.info(
                 "fd store: restored %d of %d descriptors (revision continues at %d)",
@@ -314,16 +325,9 @@ class FdStore:
         else:
             log.info("fd store: no metadata for %r; restored with the broker's identity as owner", name)
         try:
-            self.registry.restore(name, fd, info, owner, **kw)
+            restore(self.registry, name, fd, info, owner, **kw)
         except BrokerError as err:
             return err.message
         self.stored.add(name)
         self._ino[name] = ino
         return ""
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fdbroker.broker.policy import Identity
 from fdbroker.errors import ResourceExhausted
-from fdbroker.policy import Identity
 from fdbroker.v1 import conduit_pb2 as cpb
 
 SESSION_ID_BYTES = 18  # 144 bits; url-safe base64 gives 24 characters
@@ -39,7 +39,6 @@ class Session:
     identity: Identity
     conn: FrameSink
     created: float = field(default_factory=time.time)
-    leases: set[str] = field(default_factory=set)
     ephemeral: set[str] = field(default_factory=set)
     closed: bool = False
 

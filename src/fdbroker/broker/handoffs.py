@@ -1,0 +1,391 @@
+"""Handoffs: the conduit half of every operation that moves a descriptor.
+
+The control plane issues a token for one operation on one entry for one session (:meth:`Handoffs.issue`,
+speculative ones from the uid's prefetch pool with :meth:`Handoffs.prefetch`); the descriptor then crosses the
+conduit tagged with it: a ``Deposit`` frame brings one in (put, check-in), a ``Deliver`` frame takes copies out
+(get, take, lease, a redeemed prefetch), an ``Ack`` confirms a take. A token that leaves the book unredeemed
+(expired, voided with its session) undoes what it reserved. What a token completes or abandons belongs to the
+operation that issued it: :class:`Routes` (the broker) sends it there.
+
+Descriptor ownership: the descriptors of a ``Deposit`` frame are the broker's from the moment they arrive; each
+becomes an entry's (the registry owns it) or goes to the closer before the answer is sent, on every path.
+Deliveries send the registry's own descriptors (the kernel duplicates them into the receiver); the registry keeps
+its copies.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fdbroker import fdinfo
+from fdbroker.broker import closer
+from fdbroker.broker.delivery import encode_deliver, encode_item, frame_from_items
+from fdbroker.broker.leasing import check_lease_free
+from fdbroker.broker.policy import Limits
+from fdbroker.broker.registry import Entry, Registry
+from fdbroker.broker.sessions import Session
+from fdbroker.broker.tokens import Token, TokenBook, TokenError
+from fdbroker.conduit.frames import SCM_MAX_FD, Frame
+from fdbroker.errors import BrokerError, Code, NotFound, ResourceExhausted
+from fdbroker.v1 import broker_pb2 as pb
+from fdbroker.v1 import conduit_pb2 as cpb
+
+log = logging.getLogger("fdbroker.broker")
+
+OP = pb.Operation
+_RESERVES_A_DESCRIPTOR = (OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
+
+Item = tuple[bytes, int, Entry]
+"""One delivery: the token it is tagged with, its operation, the entry whose descriptor goes."""
+
+
+class Routes(Protocol):
+    """Where the conduit half of an operation completes, or is abandoned: the operation that issued the token."""
+
+    def store(self, s: Session, tok: Token, fd: int, info: pb.DescriptorInfo) -> Entry:
+        """A PUT token's descriptor arrived: store it (ownership as :meth:`Registry.put`)."""
+        ...
+
+    def checkin(self, s: Session, tok: Token, fd: int, info: pb.DescriptorInfo) -> Entry:
+        """A CHECKIN token's descriptor arrived: make it the leased entry's (ownership as :meth:`Registry.put`)."""
+        ...
+
+    def take_done(self, s: Session, tok: Token) -> None:
+        """A TAKE token was acked: the entry leaves. :class:`BrokerError` if the take cannot complete."""
+        ...
+
+    def checkin_abandoned(self, tok: Token) -> None:
+        """A CHECKIN token left unredeemed."""
+        ...
+
+    def take_abandoned(self, tok: Token) -> None:
+        """A TAKE token left unacked."""
+        ...
+
+
+@dataclass(slots=True, frozen=True)
+class BatchPlan:
+    """What a batch token delivers: entries by name and id, and their Deliver items after the first, encoded
+    once when the tokens are issued (valid while every entry is at the recorded revision)."""
+
+    names: tuple[str, ...]
+    ids: tuple[int, ...]
+    revisions: tuple[int, ...]
+    rest: bytes
+
+    @classmethod
+    def of(cls, entries: Sequence[Entry]) -> BatchPlan:
+        return cls(
+            names=tuple(e.name for e in entries),
+            ids=tuple(e.id for e in entries),
+            revisions=tuple(e.revision for e in entries),
+            rest=b"".join([encode_item(b"", OP.OPERATION_GET, e.deliver_tail()) for e in entries[1:]]),
+        )
+
+
+def error_pb(err: BrokerError, token: bytes = b"") -> cpb.Error:
+    """The conduit form of ``err``, naming ``token`` if given."""
+    return cpb.Error(code=int(err.code), message=err.message, name=err.name, token=token)
+
+
+def error_frame(code: Code, message: str, token: bytes = b"") -> cpb.ConduitFrame:
+    return cpb.ConduitFrame(error=cpb.Error(code=int(code), message=message, token=token))
+
+
+class Handoffs:
+    """Tokens issued and redeemed, deliveries, the prefetch pool, and the deposits each put token reserves."""
+
+    def __init__(
+        self,
+        tokens: TokenBook,
+        registry: Registry,
+        limits: Callable[[], Limits],
+        routes: Routes,
+        *,
+        clock: Callable[[], float],
+        wakeup: Callable[[], None],
+    ) -> None:
+        self._tokens = tokens
+        self._registry = registry
+        self._limits = limits
+        self._routes = routes
+        self._clock = clock
+        self._wakeup = wakeup
+        self._pending_puts: collections.Counter[int] = collections.Counter()
+
+    # -- issuing -------------------------------------------------------------------------------------------------
+
+    def issue(self, s: Session, op: int, name: str, entry_id: int = 0, payload: Any = None) -> Token:
+        """A token for an explicit operation; RESOURCE_EXHAUSTED past the uid's pending-token quota."""
+        uid = s.identity.uid
+        limit = self._limits().max_pending_tokens_per_uid
+        if self._tokens.pending_for_uid(uid) >= limit:
+            raise ResourceExhausted(
+                f"uid {uid} has {limit} handoff tokens pending, its limit; cannot hand off {name!r}: "
+                "complete or let expire the handoffs in flight",
+                name=name,
+            )
+        tok = self._tokens.issue(
+            operation=op, name=name, session_id=s.id, uid=uid, entry_id=entry_id, payload=payload
+        )
+        if op in _RESERVES_A_DESCRIPTOR:
+            self._pending_puts[uid] += 1
+        self._wakeup()
+        return tok
+
+    def prefetch(self, s: Session, count: int, name: str, entry_id: int, payload: Any = None) -> list[Token]:
+        """Up to ``count`` speculative GET tokens, as many as the uid's prefetch pool has room for (maybe none:
+        prefetching is an optimisation, and a full pool never fails the call that asked for it)."""
+        uid = s.identity.uid
+        room = self._limits().max_prefetch_tokens_per_uid - self._tokens.speculative_for_uid(uid)
+        issue = self._tokens.issue
+        toks = [
+            issue(
+                operation=OP.OPERATION_GET,
+                name=name,
+                session_id=s.id,
+                uid=uid,
+                entry_id=entry_id,
+                payload=payload,
+                speculative=True,
+            )
+            for _ in range(max(0, min(count, room)))
+        ]
+        if toks:
+            self._wakeup()
+        return toks
+
+    def expire_time_ns(self, tok: Token) -> int:
+        """The token's expiry on the wall clock, in nanoseconds (what responses carry)."""
+        return int((time.time() + (tok.expires_at - self._clock())) * 1e9)
+
+    def handoff_pb(self, tok: Token) -> pb.Handoff:
+        h = pb.Handoff(token=tok.token, operation=tok.operation, name=tok.name)  # type: ignore[arg-type]
+        h.expire_time.FromNanoseconds(self.expire_time_ns(tok))
+        return h
+
+    def cancel(self, tok: Token) -> None:
+        """Take back a token whose operation failed before anything was reserved for it."""
+        self._tokens.cancel(tok.token)
+
+    def push(self, op: int, e: Entry) -> tuple[pb.Handoff, Item]:
+        """A token for a delivery sent right now: issued and spent in the same step, so it never waits in the
+        token book (and never counts as pending); it tags the Deliver item the client matches its RPC to."""
+        token = self._tokens.random_token()
+        h = pb.Handoff(token=token, operation=op, name=e.name)  # type: ignore[arg-type]
+        return h, (token, op, e)
+
+    def deliver(self, s: Session, items: Sequence[Item]) -> None:
+        """Send the entries' descriptors in Deliver frames of at most 253, tagged with their tokens."""
+        send = s.conn.send_raw
+        for i in range(0, len(items), SCM_MAX_FD):
+            chunk = items[i : i + SCM_MAX_FD]
+            data = encode_deliver([(t, op, e.deliver_tail()) for t, op, e in chunk], len(chunk))
+            send(data, [e.fd for _, _, e in chunk])
+
+    # -- reservations and tokens that leave unredeemed -----------------------------------------------------------
+
+    @property
+    def pending_puts(self) -> int:
+        """Descriptors announced by PUT and CHECKIN tokens not yet redeemed."""
+        return sum(self._pending_puts.values())
+
+    def pending_puts_for(self, uid: int) -> int:
+        return self._pending_puts[uid]
+
+    def pending_tokens_for(self, uid: int) -> int:
+        """Explicit tokens of ``uid`` not yet redeemed (its pending-token quota counts these)."""
+        return self._tokens.pending_for_uid(uid)
+
+    def promised(self) -> int:
+        """Descriptors the broker must keep room for besides its entries: deposits announced by a token, and
+        descriptors given up but not yet closed (each still open in the broker's table until the closer gets
+        to it)."""
+        return self.pending_puts + closer.pending()
+
+    def _unreserve_put(self, uid: int) -> None:
+        self._pending_puts[uid] -= 1
+        if self._pending_puts[uid] <= 0:
+            del self._pending_puts[uid]
+
+    def forget(self, tok: Token) -> None:
+        """A token left the book unredeemed (expired, voided): undo what it reserved."""
+        if tok.operation in _RESERVES_A_DESCRIPTOR:
+            self._unreserve_put(tok.uid)
+        if tok.operation == OP.OPERATION_CHECKIN:
+            self._routes.checkin_abandoned(tok)
+        elif tok.operation == OP.OPERATION_TAKE:
+            self._routes.take_abandoned(tok)
+
+    def expire(self, now: float) -> None:
+        """Drop the tokens that are due."""
+        for tok in self._tokens.expire(now):
+            self.forget(tok)
+
+    def void_session(self, s: Session) -> None:
+        """The session ended: every token it holds is void."""
+        for tok in self._tokens.void_session(s.id):
+            self.forget(tok)
+
+    def _void(self, token: bytes, s: Session) -> None:
+        tok = self._tokens.peek(token, session_id=s.id) if len(token) else None
+        if tok is not None:
+            self._tokens.cancel(token)
+            self.forget(tok)
+
+    # -- Deposit -------------------------------------------------------------------------------------------------
+
+    def on_deposit(self, s: Session, frame: Frame) -> None:
+        """Store each descriptor of a ``Deposit`` under its token and answer ``Deposited``.
+
+        A frame whose descriptors do not match its tokens one to one is refused whole: every descriptor goes to
+        the closer, every token is spent, and each token gets an ``Error`` frame naming it (one ``Error`` without
+        a token if there was none).
+
+        Ownership: the descriptors leave ``frame.fds`` at once; each becomes an entry's (the registry owns it) or
+        goes to the closer, on every path, unexpected errors included.
+        """
+        tokens = list(frame.message.deposit.tokens)
+        fds, frame.fds = frame.fds, []
+        uid = s.identity.uid
+        if len(tokens) != len(fds):
+            closer.discard(fds, uid)
+            message = (
+                f"deposit frame carries {len(fds)} descriptors for {len(tokens)} tokens; all were closed"
+            )
+            for t in tokens:  # the tokens are spent: a half-understood frame must not be retried blindly
+                self._void(t, s)
+            for t in tokens or [b""]:
+                s.conn.send(error_frame(Code.INVALID_ARGUMENT, message, token=t))
+            return
+        results: list[cpb.DepositResult] = []
+        waiting = collections.deque(fds)
+        try:
+            for t in tokens:
+                results.append(self._deposit_one(s, t, waiting.popleft()))  # it owns the descriptor now
+        finally:
+            closer.discard(waiting, uid)  # left over only if a deposit raised: nobody took them
+        s.conn.send(cpb.ConduitFrame(deposited=cpb.Deposited(results=results)))
+
+    def _deposit_one(self, s: Session, token: bytes, fd: int) -> cpb.DepositResult:
+        """Redeem a PUT or CHECKIN token and hand ``fd`` to its operation.
+
+        Ownership: on success the registry owns ``fd``; on any failure, expected or not, ``fd`` went to the
+        closer before this returns or raises. Everything that can fail about the answer is built before the
+        registry takes ``fd``.
+        """
+        stored = False
+        name = ""
+        try:
+            try:
+                tok = self._tokens.redeem(token, session_id=s.id, operations=_RESERVES_A_DESCRIPTOR)
+            except TokenError as err:
+                log.warning("deposit refused for session %s…: %s", s.id[:6], err.message)
+                return cpb.DepositResult(token=token, error=error_pb(err))
+            self._unreserve_put(tok.uid)
+            name = tok.name
+            try:
+                info = fdinfo.describe(fd)
+                store = self._routes.checkin if tok.operation == OP.OPERATION_CHECKIN else self._routes.store
+                entry = store(s, tok, fd, info)
+                stored = True
+            except BrokerError as err:
+                return cpb.DepositResult(token=token, name=tok.name, error=error_pb(err))
+            except OSError as err:
+                return cpb.DepositResult(
+                    token=token,
+                    name=tok.name,
+                    error=cpb.Error(code=Code.INTERNAL, message=str(err), name=tok.name),
+                )
+            log.info("put %r (%s) by pid %d", entry.name, info.summary, s.identity.pid)
+            return cpb.DepositResult(
+                token=token,
+                name=entry.name,
+                revision=entry.revision,
+                entry=pb.Entry.FromString(entry.pb_bytes()),
+            )
+        finally:
+            held = self._registry.find(name) if name else None
+            if not stored and (held is None or held.fd != fd):
+                closer.discard(fd, s.identity.uid)
+
+    # -- Redeem --------------------------------------------------------------------------------------------------
+
+    def on_redeem(self, s: Session, frame: Frame) -> None:
+        """Deliver every prefetched GET token of a ``Redeem`` frame; an ``Error`` naming each bad one."""
+        ok: list[Item] = []
+        for t in frame.message.redeem.tokens:
+            try:
+                item = self._redeem_one(s, t)
+            except BrokerError as err:
+                s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
+                continue
+            if item is not None:
+                ok.append(item)
+        if ok:
+            self.deliver(s, ok)
+
+    def _redeem_one(self, s: Session, t: bytes) -> Item | None:
+        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned."""
+        tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,))
+        if isinstance(tok.payload, BatchPlan):
+            self._redeem_batch(s, tok.token, tok.payload)
+            return None
+        e = self._registry.find(tok.name)
+        if e is None or e.id != tok.entry_id:
+            raise NotFound(
+                f"entry {tok.name!r} was deleted or replaced since the token was issued; get it again",
+                name=tok.name,
+            )
+        check_lease_free(e, s, "get")
+        return (tok.token, OP.OPERATION_GET, e)
+
+    def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
+        """Deliver every entry of a prefetched batch in one frame, the first item tagged with ``token``."""
+        find = self._registry.find
+        entries: list[Entry] = []
+        for name, eid in zip(plan.names, plan.ids, strict=True):
+            e = find(name)
+            if e is None or e.id != eid:
+                raise NotFound(
+                    f"entry {name!r} was deleted or replaced since the batch token was issued; get the batch again",
+                    name=name,
+                )
+            if e.lease is not None:
+                check_lease_free(e, s, "get")
+            entries.append(e)
+        n = len(entries)
+        if tuple(e.revision for e in entries) == plan.revisions:
+            data = frame_from_items(
+                encode_item(token, OP.OPERATION_GET, entries[0].deliver_tail()) + plan.rest, n
+            )
+        else:  # a lease or metadata change since: same descriptors, fresh descriptions
+            data = encode_deliver(
+                [
+                    (token if i == 0 else b"", OP.OPERATION_GET, e.deliver_tail())
+                    for i, e in enumerate(entries)
+                ],
+                n,
+            )
+        s.conn.send_raw(data, [e.fd for e in entries])
+
+    # -- Ack -----------------------------------------------------------------------------------------------------
+
+    def on_ack(self, s: Session, frame: Frame) -> None:
+        """Complete each acked take; answer ``Acked`` for those done, an ``Error`` naming each that is not."""
+        acked: list[bytes] = []
+        for t in frame.message.ack.tokens:
+            try:
+                tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_TAKE,))
+                self._routes.take_done(s, tok)
+            except BrokerError as err:
+                s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
+                continue
+            acked.append(t)
+        if acked:
+            s.conn.send(cpb.ConduitFrame(acked=cpb.Acked(tokens=acked, revision=self._registry.revision)))
