@@ -220,7 +220,7 @@ def test_every_response_reports_its_revision_the_same_way(files: Files) -> None:
 
 def test_the_documented_limits_are_the_enforced_ones(files: Files) -> None:
     """The numbers written in the proto are the ones the code enforces (a change to one must change the other)."""
-    from fdbroker import broker, limits, names
+    from fdbroker import limits, names
 
     docs = {e.name: e.comment for e in all_elements(files)}
 
@@ -235,7 +235,7 @@ def test_the_documented_limits_are_the_enforced_ones(files: Files) -> None:
     assert (limits.MAX_PAGE_SIZE, limits.DEFAULT_PAGE_SIZE, limits.MAX_PAGE_TOKEN) == (20_000, 1000, 1024)
     says("ListRequest.page_size", "20,000", "1,000")
     says("ListRequest.page_token", "1,024")
-    assert (broker.MAX_PREFETCH, broker.MAX_BATCH_PREFETCH, broker.MAX_BATCH) == (1024, 64, 10_000)
+    assert (limits.MAX_PREFETCH, limits.MAX_BATCH_PREFETCH, limits.MAX_BATCH) == (1024, 64, 10_000)
     says("GetRequest.prefetch", "1,024")
     says("BatchGetRequest.prefetch", "64", "253")
     says("BatchGetRequest.names", "10,000")

@@ -13,6 +13,8 @@ lease TTL              100 ms .. 24 h               ``LeaseRequest.ttl``
 revision bounds        0 .. current revision + 1    ``WatchRequest.start_revision``
 page size              0 (default 1000) .. 20,000   ``ListRequest.page_size``
 page token             at most 1,024 characters     ``ListRequest.page_token``
+prefetch               at most 1,024 (batch: 64)    ``GetRequest.prefetch``, ``BatchGetRequest.prefetch``
+batch size             at most 10,000               ``BatchGetRequest.names``, ``BatchPutRequest.requests``
 =====================  ===========================  ==========================================================
 
 A ``Duration`` must be normalized as its own documentation requires: ``nanos`` in 0..999,999,999 for a
@@ -35,6 +37,9 @@ MAX_LEASE_TTL = 1 * DAY
 MAX_PAGE_SIZE = 20_000
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_TOKEN = 1024
+MAX_PREFETCH = 1024  # GetRequest.prefetch
+MAX_BATCH_PREFETCH = 64  # BatchGetRequest.prefetch
+MAX_BATCH = 10_000  # names in a BatchGet, requests in a BatchPut
 
 
 def duration(

@@ -33,9 +33,6 @@ from fdbroker.v1 import broker_pb2 as pb
 
 log = logging.getLogger("fdbroker.broker")
 
-MAX_PREFETCH = 1024
-MAX_BATCH_PREFETCH = 64
-MAX_BATCH = 10_000
 
 OP = pb.Operation
 EV = pb.Event
@@ -89,8 +86,8 @@ class Entries:
         return pb.PutResponse(handoff=self._handoffs.handoff_pb(tok))
 
     def batch_put_begin(self, s: Session, req: pb.BatchPutRequest) -> pb.BatchPutResponse:
-        if len(req.requests) > MAX_BATCH:
-            raise InvalidArgument(f"at most {MAX_BATCH} puts per batch, got {len(req.requests)}")
+        if len(req.requests) > limits.MAX_BATCH:
+            raise InvalidArgument(f"at most {limits.MAX_BATCH} puts per batch, got {len(req.requests)}")
         seen: set[str] = set()
         planned: list[tuple[str, PutOptions]] = []
         for i, r in enumerate(req.requests):
@@ -132,8 +129,8 @@ class Entries:
 
     def get(self, s: Session, name: str, prefetch: int = 0) -> pb.GetResponse:
         """Hand a copy of ``name`` to the session: ``Deliver`` is sent before this returns."""
-        if prefetch > MAX_PREFETCH:
-            raise InvalidArgument(f"prefetch is at most {MAX_PREFETCH}, got {prefetch}", name=name)
+        if prefetch > limits.MAX_PREFETCH:
+            raise InvalidArgument(f"prefetch is at most {limits.MAX_PREFETCH}, got {prefetch}", name=name)
         e = self._readable(s, name, "get")
         resp = pb.GetResponse(entry=e.to_pb())
         if prefetch:
@@ -147,10 +144,10 @@ class Entries:
         return resp
 
     def batch_get(self, s: Session, names: Sequence[str], prefetch: int = 0) -> pb.BatchGetResponse:
-        if len(names) > MAX_BATCH:
-            raise InvalidArgument(f"at most {MAX_BATCH} names per batch, got {len(names)}")
-        if prefetch > MAX_BATCH_PREFETCH:
-            raise InvalidArgument(f"batch prefetch is at most {MAX_BATCH_PREFETCH}, got {prefetch}")
+        if len(names) > limits.MAX_BATCH:
+            raise InvalidArgument(f"at most {limits.MAX_BATCH} names per batch, got {len(names)}")
+        if prefetch > limits.MAX_BATCH_PREFETCH:
+            raise InvalidArgument(f"batch prefetch is at most {limits.MAX_BATCH_PREFETCH}, got {prefetch}")
         entries = [self._readable(s, n, "get") for n in names]
         resp = pb.BatchGetResponse(entries=[e.to_pb() for e in entries])
         if prefetch and 0 < len(entries) <= SCM_MAX_FD:
