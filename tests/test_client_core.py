@@ -14,6 +14,7 @@ import contextlib
 import gc
 import inspect
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from brokerutil import run_client
 from fakebroker import FakeBroker
 
 import fdbroker
@@ -318,3 +320,21 @@ def test_concurrent_gets_of_one_name_share_a_prefetching_rpc(fdbroker_broker: Br
     finally:
         os.close(r)
         os.close(w)
+
+
+# -- docs/client.md --------------------------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "client.md"
+
+
+def _example(name: str) -> str:
+    m = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)\n```", DOC.read_text(), re.S)
+    assert m, f"no example {name!r} in {DOC}"
+    return m.group(1)
+
+
+def test_the_raw_seam_examples_in_the_docs_run(fdbroker_broker: BrokerProcess) -> None:
+    out = run_client(fdbroker_broker.run_dir, _example("raw")).stdout
+    assert out == "deliver jobs/1 acked []\ntaken by hand\n", out
+    out = run_client(fdbroker_broker.run_dir, _example("flow")).stdout
+    assert out == f"acked [] {IDLE}\n", out
