@@ -10,7 +10,7 @@ GEN := src/fdbroker/v1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv run test lint typecheck proto proto-check buf-lint pytest test-fast bench clean
+.PHONY: all venv run test lint typecheck proto proto-check buf-lint pytest test-fast bench clean install-systemd
 
 all: test
 
@@ -66,6 +66,11 @@ test-fast: $(STAMP)
 ## bench: time fdbroker against its floors in one run and print ratios
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+## install-systemd: install deploy/systemd's units on this host (as root; DESTDIR= and FDBROKER= as in
+## deploy/systemd/install.sh, which this runs)
+install-systemd:
+	DESTDIR="$(DESTDIR)" FDBROKER="$(FDBROKER)" deploy/systemd/install.sh
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

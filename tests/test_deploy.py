@@ -40,6 +40,15 @@ DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 UNIT = SYSTEMD / "fdbroker.service"
 PUT_UNIT = SYSTEMD / "fdbroker-put@.service"
+PUT_SOCKET = SYSTEMD / "fdbroker-put@.socket"
+HOLD_UNIT = SYSTEMD / "fdbroker-hold@.service"
+PUT_DROPIN = DEPLOY / "etc" / "systemd" / "system" / "fdbroker-put@web-https.socket.d" / "listen.conf"
+VERIFY_UNITS = (
+    "fdbroker.service",
+    "fdbroker-put@web-https.service",
+    "fdbroker-put@web-https.socket",
+    "fdbroker-hold@web-https.service",
+)
 POLICY = DEPLOY / "etc" / "fdbroker" / "policy.toml"
 PUT_ENV = DEPLOY / "etc" / "fdbroker" / "put" / "web-https.env"
 CONTAINERFILE = DEPLOY / "container" / "Containerfile"
@@ -139,7 +148,7 @@ def test_units_parse_and_describe_the_broker() -> None:
     assert set(unit) == {"Unit", "Service", "Install"}
     assert one(unit, "Service", "Type") == "notify"
     argv = exec_start_argv(unit)
-    assert argv[:2] == ["/usr/bin/fdbroker", "serve"]
+    assert argv[:2] == ["/usr/local/bin/fdbroker", "serve"]
     verb, args = check_fdbroker_argv(argv[1:])
     assert verb == "serve"
     # RuntimeDirectory= creates exactly the run dir the broker is told to use.
@@ -162,52 +171,129 @@ def test_units_parse_and_describe_the_broker() -> None:
     assert "PrivateUsers" not in dict(unit["Service"]), "a user namespace would hide the callers' uids"
 
 
-def test_put_template_deposits_with_real_options() -> None:
-    unit = parse_unit(PUT_UNIT)
-    assert one(unit, "Service", "Type") == "oneshot"
-    assert one(unit, "Unit", "BindsTo") == "fdbroker.service"
-    assert "fdbroker.service" in one(unit, "Unit", "After").split()
-    assert one(unit, "Install", "WantedBy") == "fdbroker.service"
-    assert one(unit, "Service", "EnvironmentFile") == "/etc/fdbroker/put/%i.env"
+def env_file(path: Path) -> dict[str, str]:
     env = {}
-    for line in PUT_ENV.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             k, _, v = line.partition("=")
             env[k] = v
+    return env
+
+
+def test_put_template_deposits_the_socket_systemd_holds() -> None:
+    """The deposit pair: systemd binds and holds the listener (fdbroker-put@.socket, whose activation target
+    runs nothing), and fdbroker-put@.service hands that same socket (fd 3) to every broker that starts."""
+    unit = parse_unit(PUT_UNIT)
+    assert one(unit, "Service", "Type") == "oneshot"
+    assert one(unit, "Service", "RemainAfterExit") == "yes"
+    assert one(unit, "Unit", "BindsTo") == "fdbroker.service"
+    afters = [a for k, v in unit["Unit"] if k == "After" for a in v.split()]
+    assert {"fdbroker.service", "fdbroker-put@%i.socket"} <= set(afters)
+    assert one(unit, "Unit", "Requires") == "fdbroker-put@%i.socket"
+    assert one(unit, "Service", "Sockets") == "fdbroker-put@%i.socket"
+    assert one(unit, "Install", "WantedBy") == "fdbroker.service"
+    assert one(unit, "Install", "Also") == "fdbroker-put@%i.socket"
+    assert one(unit, "Service", "EnvironmentFile") == "-/etc/fdbroker/put/%i.env"
+    env = env_file(PUT_ENV)
     # The example env file is named as systemd escapes web/https.
     assert PUT_ENV.name == "web-https.env"
     cmd = one(unit, "Service", "ExecStart")
-    cmd = cmd.replace("%I", "web/https").replace("${FDBROKER_LISTEN}", env["FDBROKER_LISTEN"])
+    cmd = cmd.replace("%I", "web/https")
     cmd = cmd.replace("$FDBROKER_PUT_ARGS", env["FDBROKER_PUT_ARGS"])  # unbraced: word-split, as systemd does
     argv = shlex.split(cmd)
-    assert argv[0] == "/usr/bin/fdbroker"
+    assert argv[0] == "/usr/local/bin/fdbroker"
     verb, args = check_fdbroker_argv(argv[1:])
-    assert (verb, args.name, args.listen) == ("put", "web/https", "tcp://0.0.0.0:443")
+    # fd 3: the first (only) socket of Sockets=; --replace: the same socket again is the same entry.
+    assert (verb, args.name, args.fd, args.listen, args.replace) == ("put", "web/https", 3, None, True)
     assert args.run_dir == "/run/fdbroker"
-    caps = one(unit, "Service", "CapabilityBoundingSet")
-    assert caps == one(unit, "Service", "AmbientCapabilities") == "CAP_NET_BIND_SERVICE"
-    # The broker's own user/group (sysusers) is the group that admits a capability-less root to the sockets.
-    sysusers = (SYSTEMD / "fdbroker.sysusers.conf").read_text().split("\n")
-    assert any(line.split()[:2] == ["u", "fdbroker"] for line in sysusers if line and line[0] != "#")
-    assert one(unit, "Service", "SupplementaryGroups") == one(parse_unit(UNIT), "Service", "Group")
+    assert dict(args.label) == {"tier": "web"}
+    # It binds nothing, so it needs nothing: the broker's own user, no capabilities, AF_UNIX only.
+    broker = parse_unit(UNIT)
+    assert one(unit, "Service", "User") == one(broker, "Service", "User")
+    assert one(unit, "Service", "CapabilityBoundingSet") == one(unit, "Service", "AmbientCapabilities") == ""
+    assert one(unit, "Service", "RestrictAddressFamilies") == "AF_UNIX"
+    assert one(unit, "Service", "NoNewPrivileges") == "yes"
+    # The broker's own user/group (sysusers) exists.
+    sysusers = [line.split() for line in (SYSTEMD / "fdbroker.sysusers.conf").read_text().splitlines()]
+    assert ["u", one(broker, "Service", "User")] in [w[:2] for w in sysusers if w and w[0][0] != "#"]
+
+    sock = parse_unit(PUT_SOCKET)
+    assert set(sock) == {"Unit", "Socket", "Install"}
+    # Traffic activates only the do-nothing holder, never the deposit (which would pull in the broker).
+    assert one(sock, "Socket", "Service") == "fdbroker-hold@%i.service"
+    assert not [k for k, _ in sock["Socket"] if k.startswith("Listen")], (
+        "addresses go in per-instance drop-ins"
+    )
+    assert one(sock, "Install", "WantedBy") == "sockets.target"
+    hold = parse_unit(HOLD_UNIT)
+    assert one(hold, "Service", "Type") == "oneshot" and one(hold, "Service", "RemainAfterExit") == "yes"
+    assert one(hold, "Service", "ExecStart") == "/bin/true"
+    dropin = parse_unit(PUT_DROPIN)
+    assert PUT_DROPIN.parent.name == "fdbroker-put@web-https.socket.d"
+    assert one(dropin, "Socket", "ListenStream") == "0.0.0.0:443"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    # verify checks that ExecStart's binary exists: point it at this checkout's fdbroker.
+def run_install(root: Path, fdbroker: str) -> subprocess.CompletedProcess[str]:
+    """deploy/systemd/install.sh as docs/deploy.md runs it, into DESTDIR=root."""
+    return subprocess.run(
+        [str(SYSTEMD / "install.sh")],
+        env={**os.environ, "DESTDIR": str(root), "FDBROKER": fdbroker},
+        capture_output=True,
+        text=True,
+    )
+
+
+def install_root(tmp: Path) -> Path:
+    """Install as documented into DESTDIR=tmp/root, then add the example deposit (socket drop-in, env file).
+
+    The root gets what ``systemd-analyze verify --root`` needs from an OS around our files: systemd's own
+    units, /bin/kill and /bin/true, and an fdbroker program at /opt/fdbroker/bin/fdbroker (a copy of this
+    checkout's console script: verify checks only that it is executable)."""
+    root = tmp / "root"
+    units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
+    shutil.copytree(units, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "usr/bin").mkdir(parents=True)
+    for cmd in ("kill", "true"):
+        shutil.copy(shutil.which(cmd) or f"/bin/{cmd}", root / "usr/bin" / cmd)
+    (root / "bin").symlink_to("usr/bin")
     exe = shutil.which("fdbroker", path=str(Path(sys.executable).parent)) or shutil.which("fdbroker")
     if exe is None:
-        pytest.skip("no fdbroker console script on PATH")
-    for src in (UNIT, PUT_UNIT):
-        (tmp_path / src.name).write_text(src.read_text().replace("/usr/bin/fdbroker", exe))
+        pytest.skip("no fdbroker console script to install")
+    (root / "opt/fdbroker/bin").mkdir(parents=True)
+    shutil.copy(exe, root / "opt/fdbroker/bin/fdbroker")
+    r = run_install(root, "/opt/fdbroker/bin/fdbroker")
+    assert r.returncode == 0, r.stderr
+    dropin = root / "etc/systemd/system" / PUT_DROPIN.parent.name
+    dropin.mkdir()
+    shutil.copy(PUT_DROPIN, dropin)
+    shutil.copy(PUT_ENV, root / "etc/fdbroker/put")
+    return root
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-analyze") or not shutil.which("systemd-sysusers"),
+    reason="systemd-analyze/systemd-sysusers not installed (Debian: systemd)",
+)
+def test_install_then_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The units as shipped, after the documented install: ``systemd-analyze verify`` reports nothing.
+    (tests/test_systemd.py does the same install in a booted systemd and runs the units.)"""
+    root = install_root(tmp_path)
+    assert os.readlink(root / "usr/local/bin/fdbroker") == "/opt/fdbroker/bin/fdbroker"
+    for name in (
+        "fdbroker.service",
+        "fdbroker-put@.service",
+        "fdbroker-put@.socket",
+        "fdbroker-hold@.service",
+    ):
+        assert (root / "etc/systemd/system" / name).read_bytes() == (SYSTEMD / name).read_bytes(), name
+    assert (root / "etc/fdbroker/policy.toml").read_bytes() == POLICY.read_bytes()
+    assert re.search(r"^fdbroker:x:\d+:\d+:", (root / "etc/passwd").read_text(), re.M), "systemd-sysusers ran"
+    # Installing again upgrades the units and keeps an edited policy.
+    (root / "etc/fdbroker/policy.toml").write_text("# mine\n")
+    r = run_install(root, "/opt/fdbroker/bin/fdbroker")
+    assert r.returncode == 0 and (root / "etc/fdbroker/policy.toml").read_text() == "# mine\n", r.stderr
     r = subprocess.run(
-        [
-            "systemd-analyze",
-            "verify",
-            "--man=no",
-            str(tmp_path / "fdbroker.service"),
-            str(tmp_path / "fdbroker-put@web-https.service"),
-        ],
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}", *VERIFY_UNITS],
         capture_output=True,
         text=True,
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
@@ -215,6 +301,12 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify exits 0 even for unknown keys; it only complains: any output is a finding.
     out = (r.stdout + r.stderr).strip()
     assert r.returncode == 0 and not out, out
+
+
+def test_install_refuses_a_missing_program(tmp_path: Path) -> None:
+    r = run_install(tmp_path, "/nonexistent/fdbroker")
+    assert r.returncode == 1 and "is not an executable" in r.stderr, r
+    assert not (tmp_path / "etc").exists(), "nothing installed"
 
 
 # -- the policy examples ---------------------------------------------------------------------------------------
@@ -495,7 +587,7 @@ def test_unit_exec_start_runs_reloads_and_stops(short_tmp: Path) -> None:
     policy = short_tmp / "policy.toml"
     shutil.copy(POLICY, policy)
     swap = {
-        "/usr/bin/fdbroker": None,
+        "/usr/local/bin/fdbroker": None,
         "/run/fdbroker": str(run_dir),
         "/etc/fdbroker/policy.toml": str(policy),
     }
