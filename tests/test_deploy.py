@@ -393,19 +393,60 @@ def image_entrypoint() -> list[str]:
     return json.loads(dict(containerfile_instructions())["ENTRYPOINT"])
 
 
+SHELL_SEPARATORS = {
+    "|",
+    "||",
+    "&&",
+    ";",
+    "&",
+    "!",
+    "(",
+    ")",
+    "if",
+    "then",
+    "else",
+    "elif",
+    "fi",
+    "while",
+    "do",
+    "done",
+}
+
+
+def shell_commands(script: str) -> Iterator[list[str]]:
+    """The simple commands of a shell script that start with ``fdbroker``: each line tokenized as the shell
+    would (quotes respected), split at operators and ``if``/``then``/..., redirections removed; ``$variable``
+    words (options chosen at run time, such as ``$takeover``) are dropped."""
+    for line in script.splitlines():
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        tokens = iter(lex)
+        cmd: list[str] = []
+        cmds = [cmd]
+        for t in tokens:
+            if t in SHELL_SEPARATORS:
+                cmd = []
+                cmds.append(cmd)
+            elif set(t) <= set("<>&"):  # a redirection: drop it, its target and a leading fd number
+                next(tokens, None)
+                if cmd and cmd[-1].isdigit():
+                    cmd.pop()
+            elif not t.startswith("$"):
+                cmd.append(t)
+        yield from (c for c in cmds if c and c[0] == "fdbroker")
+
+
 def fdbroker_commands(c: dict[str, Any]) -> Iterator[list[str]]:
-    """Every fdbroker command line in a container: its command/args, its probes, and lines of a shell script."""
+    """Every fdbroker command line in a container: its command/args, its probes, and the lines of shell scripts
+    (``/bin/sh -c SCRIPT``) in either."""
     argv = list(c.get("command") or image_entrypoint()) + list(c.get("args", []))
     lines = [argv]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         if probe in c:
             lines.append(c[probe]["exec"]["command"])
-    if argv[:2] == ["/bin/sh", "-c"]:
-        for line in argv[2].splitlines():
-            for part in re.split(r"\|\||&&|;|\bthen\b|\bif\b|!", line):
-                words = shlex.split(part.split(">")[0]) if "fdbroker" in part else []
-                if words and words[0] == "fdbroker":
-                    lines.append(words)
+    for line in list(lines):
+        if line[:2] == ["/bin/sh", "-c"]:
+            lines.extend(shell_commands(line[2]))
     for line in lines:
         if line and line[0] == "fdbroker":
             yield line[1:]
@@ -483,20 +524,40 @@ def test_sidecar_pod_manifest() -> None:
 
 
 @needs_yaml
+def daemonset_broker() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    docs = load_docs(DAEMONSET)
+    (spec,) = pod_specs(docs)
+    (broker,) = spec["containers"]
+    return docs, spec, broker
+
+
 def test_daemonset_manifest() -> None:
     docs, spec = check_manifest(DAEMONSET)
     assert [d["kind"] for d in docs if d["kind"] == "PodDisruptionBudget"] == []
     (vol,) = [v for v in spec["volumes"] if "hostPath" in v]
     assert vol["hostPath"] == {"path": "/run/fdbroker", "type": "DirectoryOrCreate"}
-    assert spec["hostNetwork"] is False
+    assert (
+        spec["hostNetwork"] is False and spec["hostPID"] is False
+    )  # the readiness probe relies on hostPID off
     assert spec["tolerations"]
     (broker,) = spec["containers"]
     assert broker["resources"]["requests"] and broker["resources"]["limits"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert check_fdbroker_argv(broker[probe]["exec"]["command"][1:])[0] == "status"
-    args = check_fdbroker_argv(next(fdbroker_commands(broker)))[1]
-    assert args.run_dir == "/run/fdbroker"
+    # A rollout surges: the new pod runs beside the old one (and takes its entries over) before it goes.
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert broker["command"][:2] == ["/bin/sh", "-c"]
+    serves = [check_fdbroker_argv(a)[1] for a in fdbroker_commands(broker) if a and a[0] == "serve"]
+    (args,) = serves
+    assert args.run_dir == "/run/fdbroker" and not args.takeover  # --takeover only when a broker serves there
+    assert "$takeover &" in broker["command"][2] and 'takeover="--takeover"' in broker["command"][2]
     assert args.socket_group in [str(g) for g in spec["securityContext"]["supplementalGroups"]]
+    statuses = [a for a in fdbroker_commands(broker) if "status" in a]
+    assert len(statuses) == 3, statuses  # the script's "is a broker serving?", liveness and readiness
+    for a in statuses:
+        assert check_fdbroker_argv(a)[0] == "status"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
@@ -848,3 +909,149 @@ def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
         code = broker.stop()
     assert binder is not None and binder.returncode == 0  # its TERM trap: a clean exit
     assert code == 0, broker.log()
+
+
+class Pod:
+    """One "pod" of the DaemonSet on this host: its container's command run as PID 1 of a PID namespace of its
+    own (pods do not share one), as root with every capability dropped and supplementary group 2000, as the
+    manifest's securityContext says."""
+
+    def __init__(self, name: str, script: str, env: dict[str, str], groups: list[int], tmp: Path) -> None:
+        self.name = name
+        self.env = env
+        # runAsUser 0, capabilities drop ALL, allowPrivilegeEscalation false, supplementalGroups
+        self.identity = [
+            "setpriv",
+            f"--groups={','.join(map(str, groups))}",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+        ]
+        self.log_path = tmp / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--kill-child", *self.identity, "/bin/sh", "-c", script],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+            )
+        self.pid1 = wait_for(self._child, f"{name}'s PID 1")
+
+    def _child(self) -> int:
+        assert self.proc.poll() is None, self.log()
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return int(children[0]) if children else 0
+        return 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def probe(self, argv: list[str]) -> bool:
+        """An exec probe: ``argv`` run inside this pod's PID namespace, with the container's identity."""
+        r = subprocess.run(
+            ["nsenter", "-t", str(self.pid1), "-p", *self.identity, *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=60,
+        )
+        return r.returncode == 0
+
+    def delete(self) -> int:
+        """What the kubelet does when the pod is deleted: SIGTERM to the container's PID 1, then wait."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid1, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # --kill-child takes the namespace's processes along
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@needs_yaml
+@pytest.mark.skipif(
+    not IS_ROOT or not all(shutil.which(t) for t in ("unshare", "setpriv", "nsenter")),
+    reason="needs root, unshare(1), setpriv(1) and nsenter(1)",
+)
+def test_daemonset_rollout_hands_entries_over(short_tmp: Path) -> None:
+    """A DaemonSet rolling update on one node, rehearsed with the manifest's own container command and readiness
+    probe (parsed from the YAML; /run/fdbroker and /etc/fdbroker swapped for temp dirs): pod A starts on an
+    empty node and serves; entries are deposited; pod B (the surge pod) starts beside it on the same run dir,
+    takes every entry over, and only then turns ready while A turns unready and idles; the controller then
+    deletes A (SIGTERM) and B keeps serving every entry, listeners still accepting."""
+    docs, spec, broker_c = daemonset_broker()
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert broker_c["securityContext"]["runAsUser"] == 0
+    groups = spec["securityContext"]["supplementalGroups"]
+    run_dir = short_tmp / "run"  # the hostPath (DirectoryOrCreate: root's, 0755)
+    run_dir.mkdir(mode=0o755)
+    etc = short_tmp / "etc"
+    etc.mkdir()
+    (etc / "policy.toml").write_text(cm["data"]["policy.toml"])
+
+    def localize(s: str) -> str:
+        return s.replace("/run/fdbroker", str(run_dir)).replace("/etc/fdbroker", str(etc))
+
+    script = localize(broker_c["command"][2])
+    ready = [localize(a) for a in broker_c["readinessProbe"]["exec"]["command"]]
+    bindir = short_tmp / "bin"  # the image's fdbroker and python3
+    bindir.mkdir()
+    (bindir / "fdbroker").write_text(f'#!/bin/sh\nexec {sys.executable} -m fdbroker "$@"\n')
+    (bindir / "fdbroker").chmod(0o755)
+    (bindir / "python3").symlink_to(sys.executable)
+    env = {
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        **{k: localize(v) for k, v in env_of(broker_c).items()},
+    }
+    pods: list[Pod] = []
+    try:
+        a = Pod("pod-a", script, env, groups, short_tmp)
+        pods.append(a)
+        wait_for(lambda: a.probe(ready), "pod A to be ready on an empty node")
+        # The probe tells pods apart: run from any other PID namespace (a pod whose broker is not the one
+        # serving, such as a surge pod still taking over), it fails although a broker serves.
+        other_pod = subprocess.run(["unshare", "--pid", "--fork", *a.identity, *ready], env=env, cwd="/")
+        assert other_pod.returncode != 0 and fdb(run_dir, "status").returncode == 0
+        for name, addr in (("web/https", "tcp://127.0.0.1:0"), ("web/admin", "tcp://127.0.0.1:0")):
+            r = fdb(run_dir, "put", name, "--listen", addr, "--label", "tier=web")
+            assert r.returncode == 0, r.stderr
+        before = json.loads(fdb(run_dir, "ls", "--json").stdout)
+        rev = json.loads(fdb(run_dir, "status", "--json").stdout)["revision"]
+
+        b = Pod("pod-b", script, env, groups, short_tmp)  # maxSurge: the new pod beside the old one
+        pods.append(b)
+        wait_for(lambda: b.probe(ready), "pod B to be ready (its own broker serving)", timeout=60)
+        wait_for(lambda: "handed over" in a.log(), "pod A's broker to hand over")
+        assert "took over 2 entries" in b.log(), b.log()
+        assert not a.probe(ready), "pod A still ready after handing over"
+        assert a.proc.poll() is None, "pod A's container exited (the kubelet would restart it)"
+        status = json.loads(fdb(run_dir, "status", "--json").stdout)
+        assert status["revision"] >= rev
+        after = json.loads(fdb(run_dir, "ls", "--json").stdout)
+        assert [(e["name"], e["summary"], e["labels"]) for e in after] == [
+            (e["name"], e["summary"], e["labels"]) for e in before
+        ]
+
+        assert a.delete() == 0, a.log()  # the controller deletes the old pod once the new one is ready
+        assert b.probe(ready)
+        exercise_listener(run_dir, "web/https")
+        assert len(json.loads(fdb(run_dir, "ls", "--json").stdout)) == 2
+    finally:
+        codes = [p.delete() for p in reversed(pods)]
+    assert codes[0] == 0, pods[-1].log()  # pod B: SIGTERM forwarded, the broker stopped cleanly
+
+
+def exercise_listener(run_dir: Path, name: str) -> None:
+    """``fdbroker get NAME -- CMD``: CMD accepts a connection on the held listener."""
+    server = (
+        "import socket; s = socket.socket(fileno=3); c = socket.create_connection(s.getsockname()); "
+        "a, _ = s.accept(); c.sendall(b'ok'); print(a.recv(2).decode())"
+    )
+    r = fdb(run_dir, "get", name, "--", sys.executable, "-c", server)
+    assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
