@@ -1055,3 +1055,72 @@ def exercise_listener(run_dir: Path, name: str) -> None:
     )
     r = fdb(run_dir, "get", name, "--", sys.executable, "-c", server)
     assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
+
+
+# -- the wheel -------------------------------------------------------------------------------------------------
+
+
+def checkout_copy(dest: Path) -> Path:
+    """This checkout without its environments and caches (building in it would leave build/ behind)."""
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".tools", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
+    return dest
+
+
+@pytest.mark.slow
+def test_wheel_ships_license_protos_and_metadata(tmp_path: Path) -> None:
+    """``pip wheel --no-deps`` of this checkout: the LICENSE (Apache-2.0, as pyproject says), the .proto files,
+    the classifiers, the console script and py.typed."""
+    import zipfile
+    from email.parser import HeaderParser
+
+    assert (
+        "Apache License" in (ROOT / "LICENSE").read_text()
+        and "Version 2.0, January 2004" in (ROOT / "LICENSE").read_text()
+    )
+    src = checkout_copy(tmp_path / "src")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "dist").glob("fdbroker-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = HeaderParser().parsestr(z.read(meta_name).decode())
+        dist_info = meta_name.rsplit("/", 1)[0]
+        assert z.read(f"{dist_info}/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
+        protos = sorted(p.name for p in (ROOT / "proto/fdbroker/v1").glob("*.proto"))
+        data = f"{dist_info.removesuffix('.dist-info')}.data/data/share/fdbroker/proto/fdbroker/v1"
+        assert protos and all(
+            z.read(f"{data}/{p}") == (ROOT / "proto/fdbroker/v1" / p).read_bytes() for p in protos
+        )
+        assert "fdbroker/py.typed" in names
+        assert "fdbroker = fdbroker.cli:main" in z.read(f"{dist_info}/entry_points.txt").decode().replace(
+            " =", " ="
+        )
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    classifiers = meta.get_all("Classifier")
+    assert "Operating System :: POSIX :: Linux" in classifiers and "Typing :: Typed" in classifiers
+    assert not [c for c in classifiers if c.startswith("License ::")], (
+        "PEP 639: the expression, not classifiers"
+    )
