@@ -25,7 +25,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -345,10 +344,16 @@ def containerfile_instructions() -> list[tuple[str, str]]:
 
 def test_containerfile() -> None:
     ins = containerfile_instructions()
-    assert ins[0][0] == "FROM" and re.fullmatch(r"python:3\.11-slim(@sha256:[0-9a-f]{64})?", ins[0][1])
+    # Pinned: an exact release tag (and optionally its digest), never a moving one such as 3.11-slim.
+    assert ins[0][0] == "FROM" and re.fullmatch(
+        r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", ins[0][1]
+    )
     assert not [i for i in ins if i[0] == "ADD"], "COPY only: no ADD (of URLs or archives)"
-    users = [rest for word, rest in ins if word == "USER"]
-    assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as a non-root user by default"
+    args = dict(rest.split("=", 1) for word, rest in ins if word == "ARG" and "=" in rest)
+    users = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest) for word, rest in ins if word == "USER"]
+    # Numeric (hadolint DL3066; Kubernetes' runAsNonRoot can check only a numeric image user) and not root.
+    assert users and re.fullmatch(r"\d+:\d+", users[-1]), users
+    assert users[-1].split(":")[0] != "0", "runs as a non-root user by default"
     assert json.loads(dict(ins)["ENTRYPOINT"]) == ["fdbroker", "serve"]
     assert json.loads(dict(ins)["VOLUME"]) == ["/run/fdbroker"]
     assert "FDBROKER_RUN_DIR=/run/fdbroker" in dict(ins)["ENV"]
@@ -514,9 +519,28 @@ def test_sidecar_pod_manifest() -> None:
     # The broker's run dir is its own subdirectory of the emptyDir (whose root it would refuse).
     assert Path(serve_args.run_dir).parent == Path("/run/fdbroker")
     assert serve_args.socket_group == str(spec["securityContext"]["fsGroup"])
-    assert binder["securityContext"]["capabilities"]["add"] == ["NET_BIND_SERVICE"]
     puts = [check_fdbroker_argv(a)[1] for a in fdbroker_commands(binder) if "put" in a]
     assert [(p.name, p.listen) for p in puts] == [("web/https", "tcp://0.0.0.0:443")]
+    # The binder is an ordinary user without capabilities: the Pod's sysctl makes :443 bindable, and the
+    # policy lets that uid deposit (and check) web/https and nothing else.
+    bsc = binder["securityContext"]
+    assert (
+        bsc["runAsNonRoot"] is True and bsc["runAsUser"] not in (0, None) and "add" not in bsc["capabilities"]
+    )
+    sysctls = {x["name"]: x["value"] for x in spec["securityContext"]["sysctls"]}
+    assert int(sysctls["net.ipv4.ip_unprivileged_port_start"]) <= 443
+    (cm,) = [d for d in load_docs(SIDECAR) if d["kind"] == "ConfigMap"]
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(cm["data"]["policy.toml"])
+        f.flush()
+        policy = Policy.load(Path(f.name), broker_uid=10001)
+    # The binder's deposit is its own entry (the built-in rules); the app's rule reaches it.
+    who = Identity(pid=1, uid=bsc["runAsUser"], gid=bsc["runAsGroup"])
+    assert policy.allows(who, "put", "web/https", owner_uid=None)  # a new name
+    assert policy.allows(who, "stat", "web/https", owner_uid=bsc["runAsUser"])
+    app_id = Identity(pid=1, uid=NOBODY, gid=NOBODY)
+    assert policy.allows(app_id, "get", "web/https", owner_uid=bsc["runAsUser"])
+    assert not policy.allows(app_id, "delete", "web/https", owner_uid=bsc["runAsUser"])
     asc = app["securityContext"]
     assert asc["runAsNonRoot"] is True and asc["runAsUser"] == NOBODY and "add" not in asc["capabilities"]
     (app_cmd,) = list(fdbroker_commands(app))
@@ -560,6 +584,199 @@ def test_daemonset_manifest() -> None:
         assert check_fdbroker_argv(a)[0] == "status"
 
 
+# The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards/), as the
+# rules that admission enforces for it: every baseline control, then the restricted ones. No tool from the package
+# registries reachable here implements it offline, so it is written out; each rule names its control.
+BASELINE_CAPS = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+    "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}  # fmt: skip
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}  # fmt: skip
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+}  # fmt: skip
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
+
+def restricted_violations(spec: dict[str, Any], annotations: dict[str, str] | None = None) -> list[str]:
+    """What keeps a pod spec from the restricted Pod Security level; empty if it passes."""
+    out: list[str] = []
+    psc = spec.get("securityContext") or {}
+    containers = [
+        *spec.get("initContainers", []),
+        *spec.get("containers", []),
+        *spec.get("ephemeralContainers", []),
+    ]
+    for key in ("hostNetwork", "hostPID", "hostIPC"):  # baseline: host namespaces
+        if spec.get(key):
+            out.append(f"{key}: true")
+    for v in spec.get("volumes", []):
+        kind = next(k for k in v if k != "name")
+        if kind == "hostPath":  # baseline: HostPath volumes
+            out.append(f"volume {v['name']}: hostPath")
+        elif kind not in RESTRICTED_VOLUMES:  # restricted: volume types
+            out.append(f"volume {v['name']}: {kind} is not an allowed volume type")
+    for x in psc.get("sysctls", []):  # baseline: sysctls
+        if x["name"] not in SAFE_SYSCTLS:
+            out.append(f"sysctl {x['name']} is not a safe sysctl")
+    for key, value in (annotations or {}).items():  # baseline: AppArmor (annotation form)
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and value == "unconfined":
+            out.append(f"annotation {key}: unconfined")
+    pod_nonroot = psc.get("runAsNonRoot")
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    if pod_nonroot is False:
+        out.append("pod runAsNonRoot: false")
+    if psc.get("runAsUser") == 0:  # restricted: running as non-root user
+        out.append("pod runAsUser: 0")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"pod seccompProfile {pod_seccomp}")
+    for ctx in (psc, *(c.get("securityContext") or {} for c in containers)):
+        if (ctx.get("windowsOptions") or {}).get("hostProcess"):  # baseline: HostProcess
+            out.append("windowsOptions.hostProcess: true")
+        se = ctx.get("seLinuxOptions") or {}  # baseline: SELinux
+        if se.get("type", "") not in SELINUX_TYPES or se.get("user") or se.get("role"):
+            out.append(f"seLinuxOptions {se}")
+        if (ctx.get("appArmorProfile") or {}).get("type") == "Unconfined":  # baseline: AppArmor
+            out.append("appArmorProfile: Unconfined")
+    for c in containers:
+        name = c["name"]
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):  # baseline: privileged containers
+            out.append(f"{name}: privileged")
+        caps = sc.get("capabilities") or {}
+        added = set(caps.get("add", []))
+        if added - BASELINE_CAPS:  # baseline: capabilities
+            out.append(f"{name}: adds {sorted(added - BASELINE_CAPS)}")
+        if "ALL" not in caps.get("drop", []):  # restricted: capabilities
+            out.append(f"{name}: does not drop ALL capabilities")
+        if added - {"NET_BIND_SERVICE"}:
+            out.append(
+                f"{name}: adds {sorted(added - {'NET_BIND_SERVICE'})} (only NET_BIND_SERVICE may be added)"
+            )
+        for port in c.get("ports", []):  # baseline: host ports
+            if port.get("hostPort"):
+                out.append(f"{name}: hostPort {port['hostPort']}")
+        if sc.get("procMount", "Default") != "Default":  # baseline: /proc mount type
+            out.append(f"{name}: procMount {sc['procMount']}")
+        if sc.get("allowPrivilegeEscalation") is not False:  # restricted: privilege escalation
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        nonroot = sc.get("runAsNonRoot", pod_nonroot)  # restricted: running as non-root
+        if nonroot is not True:
+            out.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:  # restricted: running as non-root user
+            out.append(f"{name}: runAsUser: 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)  # restricted: seccomp
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile is {seccomp or 'unset'}, not RuntimeDefault or Localhost")
+    return out
+
+
+def pod_objects(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """(namespace, pod spec, pod annotations) of every Pod and pod template in ``docs``."""
+    out = []
+    for d in docs:
+        ns = d["metadata"].get("namespace", "default")
+        if d["kind"] == "Pod":
+            out.append((ns, d["spec"], d["metadata"].get("annotations", {})))
+        elif d["kind"] in ("DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job"):
+            t = d["spec"]["template"]
+            out.append((ns, t["spec"], t.get("metadata", {}).get("annotations", {})))
+    return out
+
+
+@needs_yaml
+@pytest.mark.parametrize("path", [SIDECAR, DAEMONSET], ids=lambda p: p.name)
+def test_pod_security_level_as_labelled(path: Path) -> None:
+    """Every workload lives in a namespace its manifest declares with a Pod Security ``enforce`` label, and where
+    that label says "restricted", every pod passes the restricted profile's rules."""
+    docs = load_docs(path)
+    levels = {
+        d["metadata"]["name"]: d["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+        for d in docs
+        if d["kind"] == "Namespace"
+    }
+    for ns, spec, notes in pod_objects(docs):
+        assert levels.get(ns) in ("restricted", "baseline", "privileged"), (
+            f"{path.name}: namespace {ns} unlabelled"
+        )
+        violations = restricted_violations(spec, notes)
+        if levels[ns] == "restricted":
+            assert violations == [], violations
+        else:
+            # Labelled below restricted: say so only when it is needed (the check is not vacuous).
+            assert violations, f"{path.name}: passes restricted; label namespace {ns} so"
+
+
+def test_restricted_rules_catch_each_violation() -> None:
+    """The rule set above refuses each thing the profile forbids (a good spec, then one change at a time)."""
+    good: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "v", "emptyDir": {}}],
+        "containers": [
+            {
+                "name": "c",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
+                },
+            }
+        ],
+    }
+    assert restricted_violations(good) == []
+    bad = [
+        ("hostPID", lambda s: s.update(hostPID=True)),
+        ("hostPath", lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}})),
+        ("nfs", lambda s: s["volumes"].append({"name": "n", "nfs": {"server": "x", "path": "/"}})),
+        ("runAsNonRoot", lambda s: s["securityContext"].pop("runAsNonRoot")),
+        ("runAsUser", lambda s: s["containers"][0]["securityContext"].update(runAsUser=0)),
+        ("seccomp", lambda s: s["securityContext"].pop("seccompProfile")),
+        ("escalation", lambda s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation")),
+        ("drop", lambda s: s["containers"][0]["securityContext"]["capabilities"].update(drop=[])),
+        ("add", lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["CHOWN"])),
+        ("privileged", lambda s: s["containers"][0]["securityContext"].update(privileged=True)),
+        ("hostPort", lambda s: s["containers"][0].update(ports=[{"containerPort": 1, "hostPort": 1}])),
+        ("sysctl", lambda s: s["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}])),
+    ]
+    for what, change in bad:
+        spec = json.loads(json.dumps(good))
+        change(spec)
+        assert restricted_violations(spec), f"{what} not caught"
+
+
+def deploy_tool(name: str) -> str | None:
+    """A linter `make test` installs into .tools/py (Makefile: deploy-tools), else one on PATH."""
+    local = ROOT / ".tools" / "py" / "bin" / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+@pytest.mark.skipif(
+    deploy_tool("kubernetes-validate") is None, reason="kubernetes-validate not installed (make deploy-tools)"
+)
+def test_manifests_validate_strictly() -> None:
+    """kubernetes-validate --strict: every object of every manifest against the Kubernetes API schemas,
+    unknown fields refused."""
+    files = sorted(K8S.glob("*.yaml"))
+    r = subprocess.run(
+        [str(deploy_tool("kubernetes-validate")), "--strict", *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    passed = re.findall(r"passed for resource (\S+)", r.stdout + r.stderr)
+    assert len(passed) == sum(len(load_docs(f)) for f in files) if yaml else passed, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(deploy_tool("hadolint") is None, reason="hadolint not installed (make deploy-tools)")
+def test_containerfile_hadolint_clean() -> None:
+    r = subprocess.run([str(deploy_tool("hadolint")), str(CONTAINERFILE)], capture_output=True, text=True)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_manifests_parse_with_kustomize(tmp_path: Path) -> None:
     """kustomize (built into kubectl, offline) reads every manifest as Kubernetes objects."""
@@ -569,7 +786,7 @@ def test_manifests_parse_with_kustomize(tmp_path: Path) -> None:
     r = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     kinds = re.findall(r"^kind: (\w+)$", r.stdout, re.M)
-    assert sorted(kinds) == sorted(["ConfigMap", "Pod", "Namespace", "ConfigMap", "DaemonSet"])
+    assert sorted(kinds) == sorted(["Namespace", "ConfigMap", "Pod", "Namespace", "ConfigMap", "DaemonSet"])
 
 
 # -- real runs -------------------------------------------------------------------------------------------------
@@ -763,19 +980,54 @@ def test_broker_in_private_network_namespace(short_tmp: Path) -> None:
     assert code == 0, broker.log()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def pod_network(sysctls: list[dict[str, str]]) -> Iterator[int]:
+    """A network namespace for a rehearsed Pod (its containers share one): loopback up, the Pod's sysctls set.
+    Yields the pid of a process in it (for ``nsenter -n``)."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+    try:
+        wait_for(
+            lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"), "netns"
+        )
+        net = ["nsenter", "-t", str(holder.pid), "-n"]
+        subprocess.run([*net, "ip", "link", "set", "lo", "up"], check=True)
+        for x in sysctls:
+            subprocess.run([*net, "sysctl", "-q", "-w", f"{x['name']}={x['value']}"], check=True)
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @needs_yaml
-@pytest.mark.skipif(not IS_ROOT or shutil.which("setpriv") is None, reason="needs root and setpriv(1)")
+@pytest.mark.skipif(
+    not IS_ROOT or not all(shutil.which(t) for t in ("setpriv", "unshare", "nsenter", "ip", "sysctl")),
+    reason="needs root, setpriv(1), unshare(1), nsenter(1), ip(8) and sysctl(8)",
+)
 def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
-    """The Pod's three containers, run on this host with the Pod's identities: the broker as 10001 with
-    supplementary group fsGroup, in a subdirectory of a root-owned 1777 directory (an emptyDir on tmpfs); the
-    binder's script as root with only CAP_NET_BIND_SERVICE; the app's command as 65534. The app serves HTTP
-    on the binder's listener. Port 443 becomes a free port; the policy comes from the ConfigMap."""
+    """The Pod's three containers, run on this host with the Pod's identities, in one network namespace with the
+    Pod's sysctls: the broker as 10001 with supplementary group fsGroup, in a subdirectory of a root-owned 1777
+    directory (an emptyDir on tmpfs); the binder's script as 10002 without capabilities, binding :443 (allowed
+    by the Pod's net.ipv4.ip_unprivileged_port_start, and refused without it); the app's command as 65534. The
+    app serves HTTP on the binder's listener; the policy comes from the ConfigMap."""
+    spec = pod_specs(load_docs(SIDECAR))[0]
+    sysctls = spec["securityContext"]["sysctls"]
+    with pod_network(sysctls) as netns:
+        rehearse_sidecar_pod(short_tmp, netns)
+    # Without the sysctl the binder's user could not bind :443: the sysctl is what makes it work.
+    binder_uid = container(spec, "binder")["securityContext"]["runAsUser"]
+    bind = "import socket; socket.socket().bind(('0.0.0.0', 443))"
+    with pod_network([x for x in sysctls if x["name"] != "net.ipv4.ip_unprivileged_port_start"]) as bare:
+        r = subprocess.run(
+            ["nsenter", "-t", str(bare), "-n", "setpriv", f"--reuid={binder_uid}", f"--regid={binder_uid}",
+             "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "/usr/bin/python3", "-c", bind],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+    assert r.returncode != 0 and "PermissionError" in r.stderr, r  # bind() refused, not the exec
+
+
+def rehearse_sidecar_pod(short_tmp: Path, netns: int) -> None:
     docs = load_docs(SIDECAR)
     (spec,) = pod_specs(docs)
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
@@ -789,20 +1041,20 @@ def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
     etc.mkdir()
     (etc / "policy.toml").write_text(cm["data"]["policy.toml"])
     os.chmod(etc / "policy.toml", 0o644)
-    port = free_port()
+    port = 443  # the binder's, as in the manifest: this rehearsal has the Pod's own network namespace
 
     def localize(s: str) -> str:
-        return (
-            s.replace("/run/fdbroker", str(empty_dir))
-            .replace("/etc/fdbroker", str(etc))
-            .replace(":443", f":{port}")
-        )
+        return s.replace("/run/fdbroker", str(empty_dir)).replace("/etc/fdbroker", str(etc))
 
     def as_user(c: dict[str, Any]) -> list[str]:
         sc = c["securityContext"]
         uid, gid = sc["runAsUser"], sc.get("runAsGroup", sc["runAsUser"])
         caps = "-all" + "".join(f",+{a.lower()}" for a in sc["capabilities"].get("add", []))
         return [
+            "nsenter",
+            "-t",
+            str(netns),
+            "-n",
             "setpriv",
             f"--reuid={uid}",
             f"--regid={gid}",
@@ -883,13 +1135,14 @@ def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
             text=True,
         )
 
+        get = f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/', timeout=5).read().decode(), end='')"
+
         def fetch() -> str | None:
             assert app.poll() is None, app.stderr.read() if app.stderr else ""
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
-                    return str(resp.read().decode())
-            except OSError:
-                return None
+            r = subprocess.run(
+                ["nsenter", "-t", str(netns), "-n", sys.executable, "-c", get], capture_output=True, text=True
+            )
+            return r.stdout if r.returncode == 0 else None
 
         assert wait_for(fetch, "the app to serve") == "served on a brokered listener\n"
         # The app's uid may not take the listener away (the ConfigMap's policy).
