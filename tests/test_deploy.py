@@ -308,6 +308,24 @@ def test_install_refuses_a_missing_program(tmp_path: Path) -> None:
     assert not (tmp_path / "etc").exists(), "nothing installed"
 
 
+def test_install_keeps_a_program_installed_at_the_units_path(tmp_path: Path) -> None:
+    """/usr/local/bin/fdbroker that pip put there is used as it is (FDBROKER=/usr/local/bin/fdbroker), and never
+    overwritten by a link to another one."""
+    local = tmp_path / "usr/local/bin/fdbroker"
+    other = tmp_path / "opt/fdbroker/bin/fdbroker"
+    for exe in (local, other):
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+    r = run_install(tmp_path, "/opt/fdbroker/bin/fdbroker")
+    assert r.returncode == 1 and "is not a link" in r.stderr, r
+    assert local.read_text() == "#!/bin/sh\n" and not local.is_symlink()
+    if shutil.which("systemd-sysusers"):
+        r = run_install(tmp_path, "/usr/local/bin/fdbroker")
+        assert r.returncode == 0, r.stderr
+        assert local.read_text() == "#!/bin/sh\n" and not local.is_symlink()
+
+
 # -- the policy examples ---------------------------------------------------------------------------------------
 
 

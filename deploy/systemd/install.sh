@@ -35,6 +35,10 @@ case $exe in /*) ;; *) die "FDBROKER must be an absolute path, not $exe" ;; esac
 "$root$exe" --help >/dev/null 2>&1 || [ -n "$root" ] || die "$exe --help fails: is it fdbroker?"
 
 if [ "$exe" != "$bin" ]; then
+	# Replace our own link, never a program someone installed there (pip as root puts its script there).
+	if [ -e "$root$bin" ] && [ ! -L "$root$bin" ]; then
+		die "$root$bin exists and is not a link (installed by pip?); run with FDBROKER=$bin, or remove it"
+	fi
 	install -d -m 0755 "$root/usr/local/bin"
 	ln -sfn "$exe" "$root$bin"
 fi
