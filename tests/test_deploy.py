@@ -786,7 +786,8 @@ def test_manifests_validate_strictly() -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     passed = re.findall(r"passed for resource (\S+)", r.stdout + r.stderr)
-    assert len(passed) == sum(len(load_docs(f)) for f in files) if yaml else passed, r.stdout + r.stderr
+    objects = sum(len(load_docs(f)) for f in files) if yaml is not None else 1
+    assert len(passed) >= objects, r.stdout + r.stderr
 
 
 @pytest.mark.skipif(deploy_tool("hadolint") is None, reason="hadolint not installed (make deploy-tools)")
