@@ -57,6 +57,9 @@ class Takeover:
     revision: int
     epoch: int
     seconds: float
+    #: From HandoverBegin to the ack sent (receiving and installing every entry), wall clock and this thread's CPU.
+    install_seconds: float = 0.0
+    install_cpu_seconds: float = 0.0
 
 
 def take_over(
@@ -94,6 +97,8 @@ def take_over(
         except OSError:
             pidfd = -1
         begin = _expect(conn, "handover_begin").handover_begin
+        t1 = time.monotonic()
+        c1 = time.thread_time()
         total = begin.entries
         free = registry.capacity - len(registry)
         if total > free:
@@ -108,6 +113,15 @@ def take_over(
         broker.continue_epochs(begin.epoch)
         broker.end_handed_over_sessions(leases)
         conn.send(cpb.ConduitFrame(handover_ack=hpb.HandoverAck(entries=got)))
+        install_s = time.monotonic() - t1
+        install_cpu = time.thread_time() - c1
+        log.info(
+            "handover: installed %d entries from pid %d in %.4f s (cpu %.4f s); waiting for its release",
+            got,
+            begin.pid,
+            install_s,
+            install_cpu,
+        )
         _wait_released(conn, pidfd, begin.pid, timeout)
     except BaseException as exc:
         registry.close_all()
@@ -131,6 +145,8 @@ def take_over(
         revision=registry.revision,
         epoch=begin.epoch,
         seconds=time.monotonic() - t0,
+        install_seconds=install_s,
+        install_cpu_seconds=install_cpu,
     )
 
 
