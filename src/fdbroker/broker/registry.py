@@ -222,6 +222,10 @@ class Registry:
                     return out, ""
         return out, ""
 
+    def in_order(self) -> list[Entry]:
+        """Every entry, in name order."""
+        return list(map(self._entries.__getitem__, self._names))
+
     # -- changing ------------------------------------------------------------------------------------------------
 
     def check_put(self, name: str, uid: int, opts: PutOptions, *, pending: int = 0) -> Entry | None:
