@@ -7,6 +7,7 @@ generated classes build, and what the successor decodes from it is the entry :fu
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -14,9 +15,10 @@ import pytest
 from fdbroker import fdinfo
 from fdbroker.broker.leasing import LeaseTable
 from fdbroker.broker.registry import Entry, Owner, PutOptions, Registry
-from fdbroker.broker.survival.carry import restore
+from fdbroker.broker.survival.carry import MAX_FRAME_BYTES, restore
 from fdbroker.broker.survival.giving import encode_entries
 from fdbroker.broker.survival.receiving import decode_entries
+from fdbroker.conduit.frames import FramedConduit
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 from fdbroker.v1 import handover_pb2 as hpb
@@ -78,6 +80,27 @@ def test_spliced_frame_is_the_message_the_classes_build(source: Registry) -> Non
             assert int.from_bytes(data[:4], "big") == len(data) - 4
             want = built(chunk, now)
             assert cpb.ConduitFrame.FromString(data[4:]) == want
+
+
+def test_spliced_frame_travels_with_its_descriptors(source: Registry) -> None:
+    x, y = socket.socketpair()
+    a, b = FramedConduit(x, timeout=10), FramedConduit(y, timeout=10, max_frame_bytes=MAX_FRAME_BYTES)
+    try:
+        chunk = source.in_order()[:253]
+        now = source.clock()
+        a.send_raw(encode_entries(chunk, now), [e.fd for e in chunk])
+        frame = b.recv()
+        try:
+            assert frame.message == built(chunk, now)
+            assert len(frame.fds) == 253
+            assert all(
+                os.fstat(fd).st_ino == os.fstat(e.fd).st_ino for fd, e in zip(frame.fds, chunk, strict=True)
+            )
+        finally:
+            frame.close_fds()
+    finally:
+        a.close()
+        b.close()
 
 
 def test_spliced_frame_over_the_limit_is_refused(source: Registry) -> None:
