@@ -22,9 +22,9 @@ from fdbroker.client.core import (
     error_from_frame,
     socket_address,
 )
-from fdbroker.conduit.errors import ConduitError
+from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import FramedConduit
-from fdbroker.errors import Aborted, Unavailable
+from fdbroker.errors import Aborted, DeadlineExceeded, Unavailable
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -64,6 +64,10 @@ class QuickClient:
             first = self._conduit.recv(timeout=timeout)
         except ConduitError as err:
             self._conduit.close()
+            if err.type is ErrType.TIMEOUT:
+                raise DeadlineExceeded(
+                    f"the broker at {self.paths.run_dir} did not answer within {self.timeout:g}s"
+                ) from None
             raise Unavailable(f"the broker at {self.paths.run_dir} closed the conduit: {err}") from None
         except BaseException:
             self._conduit.close()
@@ -99,6 +103,10 @@ class QuickClient:
                 if kind == "error":
                     raise error_from_frame(m.error)
         except ConduitError as err:
+            if err.type is ErrType.TIMEOUT:
+                raise DeadlineExceeded(
+                    f"the broker at {self.paths.run_dir} did not answer within {self.timeout:g}s"
+                ) from None
             raise Aborted(f"the conduit to the broker at {self.paths.run_dir} broke: {err}") from None
 
     def list(self, prefix: str = "", *, selector: str = "") -> Listing:

@@ -185,6 +185,10 @@ class Client:
                 frame = conduit.recv(timeout=self.timeout)
             except ConduitError as err:
                 conduit.close()
+                if err.type is ErrType.TIMEOUT:
+                    raise DeadlineExceeded(
+                        f"the broker at {self.paths.run_dir} did not answer within {self.timeout:g}s"
+                    ) from None
                 raise Unavailable(f"the broker at {self.paths.run_dir} closed the conduit: {err}") from None
             except BaseException:
                 conduit.close()
