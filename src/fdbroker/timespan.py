@@ -98,7 +98,9 @@ def parse(text: str, *, what: str = "duration", maximum: float | None = None, mi
 
 
 def format_span(seconds: float) -> str:
-    """A short human form: ``250ms``, ``30s``, ``5min``, ``1h30min``, ``366d``."""
+    """A short human form: ``0``, ``250ms``, ``30s``, ``5min``, ``1h30min``, ``366d``."""
+    if seconds == 0:
+        return "0"
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
     out = []

@@ -15,7 +15,7 @@ from typing import Any
 
 from fdbroker.cli import exitcodes
 from fdbroker.cli.exitcodes import CliError
-from fdbroker.cli.format import parse_duration
+from fdbroker.cli.format import TIMEOUT_RANGE, duration
 from fdbroker.cli.page import ENVIRONMENT, Verb
 
 PROG = "fdbroker"
@@ -60,9 +60,9 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
     p.add_argument(
         "--timeout",
         metavar="DURATION",
-        type=parse_duration,
+        type=duration(*TIMEOUT_RANGE),
         default=DEFAULT_TIMEOUT if top else d,
-        help=f"limit for each call to the broker (default {DEFAULT_TIMEOUT:g}s)",
+        help=f"limit for each call to the broker, 1ms..24h (default {DEFAULT_TIMEOUT:g}s)",
     )
 
 
@@ -105,6 +105,17 @@ def find_verb(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _explain(err: BaseException, args: argparse.Namespace) -> str:
+    """The message for a broker error: its own, except where gRPC's bare status text says nothing."""
+    text = str(err)
+    if text == "Deadline Exceeded":  # gRPC's deadline ran out before the broker answered
+        return (
+            f"no answer from the broker within {args.timeout:g}s (--timeout); it may be overloaded or "
+            "stopped: check `fdbroker status`, or give a longer --timeout"
+        )
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fdbroker`` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -122,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return verb.run(args, cmd)
     except BrokerError as err:
-        print(f"{PROG} {args.verb}: {err}", file=sys.stderr)
+        print(f"{PROG} {args.verb}: {_explain(err, args)}", file=sys.stderr)
         return exitcodes.exit_code_for(err)
     except CliError as err:
         print(f"{PROG} {args.verb}: {err}", file=sys.stderr)

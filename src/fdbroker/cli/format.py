@@ -7,7 +7,7 @@ Nothing here talks to the broker; the result types come from :mod:`fdbroker.clie
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,42 +15,43 @@ if TYPE_CHECKING:
 
 # -- typed in --------------------------------------------------------------------------------------------------
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DAY = 86400.0
+
+TIMEOUT_RANGE = (0.001, DAY)
+"""``--timeout``: 1 ms .. 24 h (0 would give up before the broker could answer)."""
+
+
+def duration(minimum: float, maximum: float | None) -> Callable[[str], float]:
+    """An argparse type: a duration in systemd's time-span syntax (:mod:`fdbroker.timespan`: ``500ms``, ``30s``,
+    ``5min``, ``1h30min``, plain seconds; ``M`` is a month) within [``minimum``, ``maximum``] → seconds.
+
+    ``inf``, ``nan``, signs and exponents are refused, so no later step (a deadline, a protobuf ``Duration``)
+    can fail on the value. :mod:`fdbroker.timespan` is imported only when a duration is actually given.
+    """
+
+    def parse(text: str) -> float:
+        from fdbroker.timespan import TimespanError
+        from fdbroker.timespan import parse as parse_span
+
+        try:
+            return parse_span(text, minimum=minimum, maximum=maximum)
+        except TimespanError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = "duration"  # what argparse calls the type in its own messages
+    return parse
+
+
+def span_range(minimum: float, maximum: float) -> str:
+    """``1ms..24h`` (for option help): the range a :func:`duration` accepts, in its own syntax."""
+    from fdbroker.timespan import format_span
+
+    return f"{format_span(minimum)}..{format_span(maximum)}"
 
 
 def parse_duration(text: str) -> float:
-    """``500ms``, ``10s``, ``5m``, ``1h``, ``2d``, ``1m30s`` or plain seconds (``2.5``) → seconds."""
-    s = text.strip().lower()
-    try:
-        value = float(s)
-    except ValueError:
-        pass
-    else:
-        if value < 0 or value != value:
-            raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be >= 0")
-        return value
-    total = 0.0
-    i = 0
-    if not s:
-        raise argparse.ArgumentTypeError("empty duration")
-    while i < len(s):
-        j = i
-        while j < len(s) and (s[j].isdigit() or s[j] == "."):
-            j += 1
-        k = j
-        while k < len(s) and s[k].isalpha():
-            k += 1
-        num, unit = s[i:j], s[j:k]
-        if not num or unit not in _UNITS:
-            raise argparse.ArgumentTypeError(
-                f"invalid duration {text!r}: use e.g. 500ms, 10s, 5m, 1h, 2d or plain seconds"
-            )
-        try:
-            total += float(num) * _UNITS[unit]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
-        i = k
-    return total
+    """Any non-negative duration (:func:`duration` without a maximum) → seconds."""
+    return duration(0.0, None)(text)
 
 
 def parse_label(text: str) -> tuple[str, str]:

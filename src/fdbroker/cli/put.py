@@ -6,7 +6,7 @@ import argparse
 
 from fdbroker.cli import child, connect, exitcodes
 from fdbroker.cli.exitcodes import USAGE, CliError
-from fdbroker.cli.format import parse_duration, parse_label
+from fdbroker.cli.format import duration, parse_label, span_range
 from fdbroker.cli.page import Verb
 from fdbroker.cli.source import FILE_MODES, open_source
 
@@ -42,7 +42,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--label", metavar="KEY=VALUE", type=parse_label, action="append", help="attach a label (repeatable)"
     )
-    p.add_argument("--ttl", metavar="DURATION", type=parse_duration, help="remove the entry after DURATION")
+    from fdbroker.limits import MAX_ENTRY_TTL, MIN_ENTRY_TTL
+
+    p.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        type=duration(MIN_ENTRY_TTL, MAX_ENTRY_TTL),
+        help=f"remove the entry after DURATION, {span_range(MIN_ENTRY_TTL, MAX_ENTRY_TTL)} "
+        "(default: it never expires)",
+    )
     p.add_argument(
         "--ephemeral",
         action="store_true",
