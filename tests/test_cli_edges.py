@@ -117,3 +117,118 @@ def test_any_valid_span_is_accepted(text: str) -> None:
     from fdbroker.cli.format import parse_duration
 
     assert parse_duration(text) >= 0
+
+
+# -- finding the broker: the system one when the user has none; permission denied said as such ------------------
+
+
+def test_find_run_dir_falls_back_to_the_system_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+    import socket
+
+    from fdbroker import rundir
+
+    system = tmp_path / "system"
+    own = tmp_path / "xdg"
+    monkeypatch.setattr(rundir, "SYSTEM_RUN_DIR", system)
+    env = {"XDG_RUNTIME_DIR": str(own)}
+    find = functools.partial(rundir.find_run_dir, uid=1000)
+    # Named: no lookup at all.
+    assert find("/named", environ=env) == Path("/named")
+    assert find(None, environ={**env, "FDBROKER_RUN_DIR": "/env"}) == Path("/env")
+    # Neither holds a broker: the user's own default (where `fdbroker serve` would start one).
+    assert find(None, environ=env) == own / "fdbroker"
+    system.mkdir()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(system / "conduit.sock"))
+        # Only the system one holds a broker: a client finds it; serve's resolution does not move.
+        assert find(None, environ=env) == system
+        assert rundir.default_run_dir(uid=1000, environ=env) == own / "fdbroker"
+        # The user's own broker wins.
+        (own / "fdbroker").mkdir(parents=True)
+        with socket.socket(socket.AF_UNIX) as mine:
+            mine.bind(str(own / "fdbroker" / "conduit.sock"))
+            assert find(None, environ=env) == own / "fdbroker"
+
+
+@pytest.fixture(scope="module")
+def nobody() -> list[str]:
+    """A command prefix running Python as uid 65534 with fdbroker importable (``secutil``)."""
+    from secutil import unprivileged_python
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the CLI as uid 65534")
+    cmd = unprivileged_python()
+    if cmd is None:
+        pytest.skip("cannot run a Python with fdbroker importable as uid 65534")
+    return cmd
+
+
+# The CLI as uid 65534 with no run directory named: fdbroker.rundir.SYSTEM_RUN_DIR points at the stand-in for
+# /run/fdbroker given as argv[1] (the real one is not touched), then `fdbroker ARGS`.
+WITH_SYSTEM_DIR = (
+    "import sys; from pathlib import Path; import fdbroker.rundir as r; r.SYSTEM_RUN_DIR = Path(sys.argv[1]); "
+    "sys.argv[0] = 'fdbroker'; from fdbroker.cli import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
+def as_nobody_finding(
+    nobody: list[str], system: Path, xdg: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    cmd = [*nobody[:-1], f"XDG_RUNTIME_DIR={xdg}", nobody[-1], "-c", WITH_SYSTEM_DIR, str(system), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def test_nonroot_finds_the_system_broker_or_is_told_permission_denied(nobody: list[str]) -> None:
+    from secutil import custom_broker, new_run_dir
+
+    system = new_run_dir()  # /tmp/fdb-XXXX/run, the stand-in for /run/fdbroker
+    xdg = system.parent / "xdg-65534"  # uid 65534's own default: no broker there
+    try:
+        # No broker anywhere: the user's own default, and how to start one (10).
+        r = as_nobody_finding(nobody, system, xdg, "ls")
+        refused(r, 10, f"no broker at {xdg / 'fdbroker'}", "fdbroker serve")
+
+        # Root's broker with its default sockets (0660, group root): found, and refused by the kernel. On main:
+        # "no broker ... start one" (10). Now: permission denied, naming the socket's group and mode (7).
+        with custom_broker(run_dir=system):
+            for args in (["ls"], ["status"], ["get", "x"], ["put", "x", "--file", "/dev/null"], ["watch"]):
+                err = refused(as_nobody_finding(nobody, system, xdg, *args), 7, "permission denied")
+                assert "group root" in err and "mode 0660" in err and str(system / "conduit.sock") in err, err
+                assert "start one" not in err and "--socket-group" in err, err
+            # Named explicitly, the same answer.
+            refused(cli(system, "ls", prefix=nobody), 7, "permission denied", "group root")
+
+        # Sockets for group 65534: the same user, naming nothing, lists what root's broker holds.
+        with custom_broker(["--socket-group", str(65534)], run_dir=system) as b:
+            ok(cli(b, "put", "shared/web", "--listen", "tcp://127.0.0.1:0"))
+            out = ok(as_nobody_finding(nobody, system, xdg, "ls", "--json"))
+            assert [e["name"] for e in json.loads(out)] == ["shared/web"]
+            st = json.loads(ok(as_nobody_finding(nobody, system, xdg, "status", "--json")))
+            assert st["run_dir"] == str(system) and st["caller"][1] == 65534
+            ok(cli(b, "rm", "shared/web"))
+    finally:
+        import shutil
+
+        shutil.rmtree(system.parent, ignore_errors=True)
+
+
+def test_a_directory_on_the_way_that_may_not_be_entered(nobody: list[str]) -> None:
+    from secutil import custom_broker, new_run_dir
+
+    run = new_run_dir()
+    try:
+        with custom_broker(["--socket-mode", "0666"], run_dir=run) as b:
+            os.chmod(run.parent, 0o700)
+            try:
+                r = cli(b, "ls", prefix=nobody)
+                refused(r, 7, "permission denied", f"may not enter the directory {run.parent}", "mode 0700")
+            finally:
+                os.chmod(run.parent, 0o755)
+            ok(cli(b, "ls", prefix=nobody))
+    finally:
+        import shutil
+
+        shutil.rmtree(run.parent, ignore_errors=True)

@@ -46,7 +46,7 @@ def load(name: str) -> Verb:
     return verb
 
 
-def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
+def _common(p: argparse.ArgumentParser, *, top: bool, serve: bool = False) -> None:
     # On the verb parsers the defaults are suppressed, so `fdbroker --run-dir X ls` and `fdbroker ls --run-dir X`
     # both work and the verb's absent option does not reset the top-level one.
     d: Any = argparse.SUPPRESS
@@ -55,7 +55,8 @@ def _common(p: argparse.ArgumentParser, *, top: bool) -> None:
         metavar="DIR",
         default=None if top else d,
         help="the broker's run directory, holding control.sock and conduit.sock (env FDBROKER_RUN_DIR; "
-        "default /run/fdbroker for root, else $XDG_RUNTIME_DIR/fdbroker, else a per-user temp dir)",
+        "default /run/fdbroker for root, else $XDG_RUNTIME_DIR/fdbroker, else a per-user temp dir"
+        + (")" if serve else "; a client uses /run/fdbroker when no broker of your own is there)"),
     )
     p.add_argument(
         "--timeout",
@@ -85,7 +86,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         else:
             v = load(name)
             p = sub.add_parser(name, **v.parser_kwargs())
-            _common(p, top=False)
+            _common(p, top=False, serve=name == "serve")
             v.add_arguments(p)
     return parser
 
@@ -128,11 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = None  # `fdbroker --help VERB`: the top-level page, listing every verb
     args = build_parser(name).parse_args(args_list)
     verb = load(args.verb)
-    from fdbroker.errors import BrokerError
+    from fdbroker.cli import connect
+    from fdbroker.errors import BrokerError, Code
 
     try:
         return verb.run(args, cmd)
     except BrokerError as err:
+        if err.code == Code.UNAVAILABLE:
+            # Unreachable may mean "not yours to reach": say so, with the permission code.
+            denied = connect.explain_unreachable(args)
+            if denied is not None:
+                print(f"{PROG} {args.verb}: {denied}", file=sys.stderr)
+                return denied.code
         print(f"{PROG} {args.verb}: {_explain(err, args)}", file=sys.stderr)
         return exitcodes.exit_code_for(err)
     except CliError as err:
