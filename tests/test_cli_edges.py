@@ -232,3 +232,28 @@ def test_a_directory_on_the_way_that_may_not_be_entered(nobody: list[str]) -> No
         import shutil
 
         shutil.rmtree(run.parent, ignore_errors=True)
+
+
+# -- put --listen on an address it cannot have --------------------------------------------------------------------
+
+
+def test_put_listen_on_a_port_in_use_or_privileged_exits_with_its_code(
+    fdbroker_broker: BrokerProcess, nobody: list[str]
+) -> None:
+    # Before the CLI split: an UnboundLocalError traceback and exit 1 for both.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for host in ("127.0.0.1", "0.0.0.0"):
+            addr = f"tcp://{host}:{port}"
+            refused(cli(fdbroker_broker, "put", "a", "--listen", addr), 5, addr, "Address already in use")
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if start.exists() and int(start.read_text()) <= 53:
+        pytest.skip("this kernel lets any uid bind low ports (net.ipv4.ip_unprivileged_port_start)")
+    for addr in ("tcp://127.0.0.1:80", "tcp://[::1]:443", "udp://127.0.0.1:53"):
+        r = cli(fdbroker_broker, "put", "a", "--listen", addr, prefix=nobody)
+        refused(r, 7, addr, "Permission denied")
+    assert json.loads(ok(cli(fdbroker_broker, "ls", "--json"))) == []
