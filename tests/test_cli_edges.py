@@ -257,3 +257,94 @@ def test_put_listen_on_a_port_in_use_or_privileged_exits_with_its_code(
         r = cli(fdbroker_broker, "put", "a", "--listen", addr, prefix=nobody)
         refused(r, 7, addr, "Permission denied")
     assert json.loads(ok(cli(fdbroker_broker, "ls", "--json"))) == []
+
+
+# -- exec: socket activation, or plain descriptors ------------------------------------------------------------------
+
+APP = """
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello from gunicorn on a brokered socket"]
+"""
+
+
+def _gunicorn() -> list[str]:
+    import shutil
+
+    exe = Path(sys.executable).parent / "gunicorn"
+    if exe.exists():
+        return [str(exe)]
+    if shutil.which("gunicorn"):
+        return ["gunicorn"]
+    pytest.skip("gunicorn is not installed")
+    return []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("exec_opts", "gunicorn_opts"),
+    [
+        pytest.param([], [], id="LISTEN_FDS, no --bind"),
+        pytest.param(["--no-listen-env"], ["--bind", "fd://3"], id="plain fd 3, --bind fd://3"),
+    ],
+)
+def test_gunicorn_serves_a_brokered_listener_both_ways(
+    fdbroker_broker: BrokerProcess, tmp_path: Path, exec_opts: list[str], gunicorn_opts: list[str]
+) -> None:
+    # On main, only the first way worked: `exec` always set LISTEN_*, so gunicorn told --bind fd://3 as well
+    # adopted fd 3 twice and died with EBADF (and deploy/kubernetes/sidecar-pod.yaml recommended exactly that).
+    import re
+    import urllib.request
+
+    gunicorn = _gunicorn()
+    (tmp_path / "tests_app.py").write_text(APP)
+    out = ok(cli(fdbroker_broker, "put", "web", "--listen", "tcp://127.0.0.1:0"))
+    m = re.search(r"127\.0\.0\.1:(\d+)", out)
+    assert m, out
+    port = int(m.group(1))
+    env = {k: v for k, v in os.environ.items() if k != "FDBROKER_RUN_DIR"}
+    env["FDBROKER_RUN_DIR"] = str(fdbroker_broker.run_dir)
+    argv = [*gunicorn, *gunicorn_opts, "--workers", "1", "--chdir", str(tmp_path), "tests_app:app"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fdbroker", "exec", "web", *exec_opts, "--", *argv],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    status, body = 0, b""
+    try:
+        # The broker holds the listener: connections queue until gunicorn accepts.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as resp:
+            status, body = resp.status, resp.read()
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert status == 200 and body == b"hello from gunicorn on a brokered socket", err
+    assert "Bad file descriptor" not in err
+
+
+def test_no_listen_env_passes_plain_descriptors(fdbroker_broker: BrokerProcess, tmp_path: Path) -> None:
+    f = tmp_path / "data"
+    f.write_text("plain data")
+    ok(cli(fdbroker_broker, "put", "d", "--file", str(f)))
+    show = (
+        "import os; print(sorted(k for k in os.environ if k.startswith('LISTEN_')), "
+        "os.pread(3, 20, 0).decode(), os.environ.get('FDBROKER_LEASE_EPOCH', '-') != '-')"
+    )
+    stale = {"LISTEN_FDS": "5", "LISTEN_PID": "1", "LISTEN_FDNAMES": "x"}  # inherited: never passed on
+    for verb in (["get", "d"], ["exec", "d"], ["lease", "d", "--ttl", "5s"]):
+        plain = ok(
+            cli(fdbroker_broker, *verb, "--no-listen-env", "--", sys.executable, "-c", show, env=stale)
+        )
+        assert plain.split("]")[0] == "[", (verb, plain)
+        assert "plain data" in plain
+        activated = ok(cli(fdbroker_broker, *verb, "--", sys.executable, "-c", show, env=stale))
+        assert activated.startswith("['LISTEN_FDNAMES', 'LISTEN_FDS', 'LISTEN_PID'] plain data"), activated
+        # lease's own variables stay either way.
+        assert plain.endswith("True\n" if verb[0] == "lease" else "False\n")
+    ok(cli(fdbroker_broker, "take", "d", "--no-listen-env", "--", sys.executable, "-c", show))

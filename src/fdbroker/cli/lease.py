@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"queue up to DURATION for the lease, {span_range(*WAIT_RANGE)} (default: fail at once if it is "
         "held)",
     )
+    child.add_listen_env_argument(p)
 
 
 def run(args: argparse.Namespace, cmd: list[str]) -> int:
@@ -50,7 +51,10 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
         env["FDBROKER_LEASE_NAME"] = args.name
         # CMD runs as our child (we keep the session, hence the lease); a fresh single-threaded helper process
         # arranges fd 3 and sets LISTEN_PID to its own pid, which CMD keeps across its exec.
-        trampoline = [sys.executable, "-m", "fdbroker.activation", "--fd", str(fd), "--name", args.name, "--"]
+        trampoline = [sys.executable, "-m", "fdbroker.activation", "--fd", str(fd), "--name", args.name]
+        if args.no_listen_env:
+            trampoline.append("--no-listen-env")
+        trampoline.append("--")
         rc = child.run(trampoline + cmd, pass_fds=[fd], env=env)
         if held.lost.is_set():
             print(

@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--if-revision", metavar="N", type=int, default=0, help="only if the entry is at revision N"
     )
+    child.add_listen_env_argument(p)
 
 
 def run(args: argparse.Namespace, cmd: list[str]) -> int:
