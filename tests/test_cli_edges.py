@@ -348,3 +348,36 @@ def test_no_listen_env_passes_plain_descriptors(fdbroker_broker: BrokerProcess, 
         # lease's own variables stay either way.
         assert plain.endswith("True\n" if verb[0] == "lease" else "False\n")
     ok(cli(fdbroker_broker, "take", "d", "--no-listen-env", "--", sys.executable, "-c", show))
+
+
+# -- --version, --json on every verb that prints ----------------------------------------------------------------
+
+
+def test_version() -> None:
+    import fdbroker
+
+    for args in (["--version"], ["--run-dir", "/nowhere", "--version"]):
+        assert ok(cli(None, *args)) == f"fdbroker {fdbroker.__version__}\n"
+
+
+def test_json_on_every_verb_that_prints(fdbroker_broker: BrokerProcess, tmp_path: Path) -> None:
+    f = tmp_path / "data"
+    f.write_text("x")
+    put = json.loads(ok(cli(fdbroker_broker, "put", "j", "--file", str(f), "--label", "a=b", "--json")))
+    assert (
+        put["name"] == "j" and put["kind"] == "file" and put["labels"] == {"a": "b"} and put["revision"] > 0
+    )
+    assert json.loads(ok(cli(fdbroker_broker, "stat", "j", "--json"))) == put
+    got = json.loads(ok(cli(fdbroker_broker, "get", "j", "--json")))
+    assert got["name"] == "j" and got["kind"] == "file" and got["descriptor"]["path"] == str(f)
+    taken = json.loads(ok(cli(fdbroker_broker, "take", "j", "--json")))
+    assert taken["taken"] is True and taken["kind"] == "file"
+    ok(cli(fdbroker_broker, "put", "j", "--file", str(f)))
+    rm = json.loads(ok(cli(fdbroker_broker, "rm", "j", "--json")))
+    assert rm["name"] == "j" and rm["deleted"] is True and rm["revision"] > put["revision"]
+    r = cli(fdbroker_broker, "rm", "nothing", "--json")
+    refused(r, 4, "nothing")
+    assert r.stdout == ""  # an error prints no JSON
+    # ls, stat, status and watch had --json already; exec and lease print nothing of their own on stdout.
+    for verb in ("ls", "stat", "status", "watch", "put", "rm", "get", "take"):
+        assert "--json" in ok(cli(None, verb, "--help")), verb

@@ -77,6 +77,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         epilog=f"{exitcodes.help_section()}\n\n{ENVIRONMENT}\n\nsee docs/cli.md for every verb",
     )
     _common(parser, top=True)
+    parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERBS:
         if verb is None:
@@ -89,6 +90,13 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
             _common(p, top=False, serve=name == "serve")
             v.add_arguments(p)
     return parser
+
+
+def version() -> str:
+    """``fdbroker --version``: ``fdbroker 0.1.0``."""
+    from fdbroker import __version__
+
+    return f"{PROG} {__version__}"
 
 
 def find_verb(argv: Sequence[str]) -> str | None:
@@ -127,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list, cmd = args_list[:i], args_list[i + 1 :]
     if name is not None and {"-h", "--help"} & set(args_list[: args_list.index(name)]):
         name = None  # `fdbroker --help VERB`: the top-level page, listing every verb
+    if "--version" in args_list[: args_list.index(name) if name is not None else len(args_list)]:
+        print(version())  # without building the list of verbs (which loads every verb)
+        return exitcodes.OK.code
     args = build_parser(name).parse_args(args_list)
     verb = load(args.verb)
     from fdbroker.cli import connect

@@ -184,8 +184,29 @@ def describe_received(name: str, fd: int) -> str:
     return f"{name}: {describe(fd).summary}"
 
 
+def received_json(name: str, fd: int) -> dict[str, object]:
+    """``get`` or ``take`` without CMD, ``--json``: the entry name and the kernel's view of ``fd`` (``kind``,
+    ``summary``, and every field of the ``DescriptorInfo`` under ``descriptor``)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from fdbroker.fdinfo import describe, kind_name
+
+    info = describe(fd)
+    return {
+        "name": name,
+        "kind": kind_name(info.kind),
+        "summary": info.summary,
+        "descriptor": MessageToDict(info, preserving_proto_field_name=True),
+    }
+
+
 def print_json(obj: object) -> None:
-    """``--json`` of ``ls``, ``stat`` and ``status``: indented, keys in their order."""
+    """``--json`` of every verb that prints: indented, keys in their order, flushed (CMD may print next)."""
     import json
 
-    print(json.dumps(obj, indent=2, sort_keys=False))
+    print(json.dumps(obj, indent=2, sort_keys=False), flush=True)
+
+
+def add_json_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """``--json``: print ``what`` as JSON instead of text."""
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fdbroker.cli import child, connect, exitcodes
-from fdbroker.cli.format import describe_received
+from fdbroker.cli.format import add_json_argument, describe_received, print_json, received_json
 from fdbroker.cli.page import Verb
 
 _EXITS = (exitcodes.BROKER, exitcodes.CMD)
@@ -15,12 +15,16 @@ _EXITS = (exitcodes.BROKER, exitcodes.CMD)
 def add_get_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the entry to fetch")
     child.add_listen_env_argument(p)
+    add_json_argument(p, "without CMD: what was received")
 
 
 def run_get(args: argparse.Namespace, cmd: list[str]) -> int:
     if not cmd:
         with connect.client(args) as client, client.get_fd(args.name) as owned:
-            print(describe_received(args.name, owned.fileno()))
+            if args.json:
+                print_json(received_json(args.name, owned.fileno()))
+            else:
+                print(describe_received(args.name, owned.fileno()))
         return 0
     return child.fetch_and_exec(args, [args.name], cmd, lambda c: [c.get_fd(args.name).detach()])
 

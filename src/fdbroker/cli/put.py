@@ -6,7 +6,7 @@ import argparse
 
 from fdbroker.cli import child, connect, exitcodes
 from fdbroker.cli.exitcodes import USAGE, CliError
-from fdbroker.cli.format import duration, parse_label, span_range
+from fdbroker.cli.format import add_json_argument, duration, parse_label, print_json, span_range
 from fdbroker.cli.page import Verb
 from fdbroker.cli.source import FILE_MODES, open_source
 
@@ -65,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with --replace: only if the existing entry is at revision N",
     )
     p.add_argument("--backlog", metavar="N", type=int, default=128, help="listen backlog (default 128)")
+    add_json_argument(p, "the stored entry (as `stat --json`)")
 
 
 def _check(args: argparse.Namespace, cmd: list[str]) -> None:
@@ -111,7 +112,10 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
                 raise
             # The broker holds its own duplicate now; ours goes before CMD runs (CMD does not inherit it).
             src.accepted(entry.name)
-            print(f"{entry.name}: {entry.summary} (revision {entry.revision})", flush=True)
+            if args.json:
+                print_json(entry.to_json())
+            else:
+                print(f"{entry.name}: {entry.summary} (revision {entry.revision})", flush=True)
             if cmd:
                 return child.run(cmd)
             return 0
