@@ -99,8 +99,8 @@ def version() -> str:
     return f"{PROG} {__version__}"
 
 
-def find_verb(argv: Sequence[str]) -> str | None:
-    """The verb in ``argv`` (skipping top-level options and their values), or None."""
+def _verb_index(argv: Sequence[str]) -> int:
+    """Where the first operand of ``argv`` is (skipping top-level options and their values), or its length."""
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -110,8 +110,14 @@ def find_verb(argv: Sequence[str]) -> str | None:
         if a.startswith("-"):
             i += 1
             continue
-        return a if a in VERBS else None
-    return None
+        return i
+    return len(argv)
+
+
+def find_verb(argv: Sequence[str]) -> str | None:
+    """The verb in ``argv`` (skipping top-level options and their values), or None."""
+    i = _verb_index(argv)
+    return argv[i] if i < len(argv) and argv[i] in VERBS else None
 
 
 def _explain(err: BaseException, args: argparse.Namespace) -> str:
@@ -128,6 +134,9 @@ def _explain(err: BaseException, args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``fdbroker`` console script; returns the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if "--version" in args_list[: _verb_index(args_list)]:
+        print(version())  # without building the list of verbs (which loads every verb)
+        return exitcodes.OK.code
     name = find_verb(args_list)
     cmd: list[str] = []
     if name is not None and load(name).takes_cmd and "--" in args_list:
@@ -135,9 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list, cmd = args_list[:i], args_list[i + 1 :]
     if name is not None and {"-h", "--help"} & set(args_list[: args_list.index(name)]):
         name = None  # `fdbroker --help VERB`: the top-level page, listing every verb
-    if "--version" in args_list[: args_list.index(name) if name is not None else len(args_list)]:
-        print(version())  # without building the list of verbs (which loads every verb)
-        return exitcodes.OK.code
     args = build_parser(name).parse_args(args_list)
     verb = load(args.verb)
     from fdbroker.cli import connect
