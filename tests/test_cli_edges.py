@@ -381,3 +381,107 @@ def test_json_on_every_verb_that_prints(fdbroker_broker: BrokerProcess, tmp_path
     # ls, stat, status and watch had --json already; exec and lease print nothing of their own on stdout.
     for verb in ("ls", "stat", "status", "watch", "put", "rm", "get", "take"):
         assert "--json" in ok(cli(None, verb, "--help")), verb
+
+
+# -- shell completion, generated from the parser ---------------------------------------------------------------
+
+BASH_DRIVER = r"""
+source "$1"
+shift
+COMP_WORDS=("$@")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+COMPREPLY=()
+_fdbroker fdbroker "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\n' "${COMPREPLY[@]}"
+"""
+
+
+def _completion_env(broker: BrokerProcess | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "FDBROKER_RUN_DIR"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"  # `fdbroker` itself
+    if broker is not None:
+        env["FDBROKER_RUN_DIR"] = str(broker.run_dir)
+    return env
+
+
+def test_bash_completes_verbs_options_values_entries_and_cmd(
+    fdbroker_broker: BrokerProcess, tmp_path: Path
+) -> None:
+    import shutil
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = tmp_path / "fdbroker.bash"
+    script.write_text(ok(cli(None, "completion", "bash")))
+    ok(cli(fdbroker_broker, "put", "web/https", "--listen", "tcp://127.0.0.1:0"))
+    ok(cli(fdbroker_broker, "put", "db/main", "--file", "/dev/null"))
+    (tmp_path / "dir-one").mkdir()
+
+    def complete(*words: str) -> list[str]:
+        r = subprocess.run(
+            ["bash", "--norc", "--noprofile", "-c", BASH_DRIVER, "driver", str(script), "fdbroker", *words],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=_completion_env(fdbroker_broker),
+            cwd=tmp_path,
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert complete("l") == ["ls", "lease"]
+    assert set(complete("s")) == {"serve", "stat", "status"}
+    assert "completion" in complete("")
+    assert complete("put", "x", "--mo") == ["--mode"]
+    assert complete("put", "x", "--mode", "") == ["a", "r", "rw", "w"]
+    assert {"--listen", "--file", "--ttl", "--json", "--timeout"} <= set(complete("put", "x", "--"))
+    assert complete("exec", "web/https", "--no") == ["--no-listen-env"]
+    assert complete("--ti") == ["--timeout"]
+    assert complete("completion", "") == ["bash", "zsh"]
+    assert complete("--run-dir", "dir-") == ["dir-one"]
+    # Entry names come from the broker.
+    assert sorted(complete("get", "")) == ["db/main", "web/https"]
+    assert complete("rm", "we") == ["web/https"]
+    # After --, a command.
+    assert "bash" in complete("exec", "web/https", "--", "bas")
+
+
+def test_zsh_completes_verbs_and_options(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("zsh") is None:
+        pytest.skip("no zsh")
+    fpath = tmp_path / "functions"
+    fpath.mkdir()
+    (fpath / "_fdbroker").write_text(ok(cli(None, "completion", "zsh")))
+    # A real interactive zsh on a pseudo-terminal (zsh/zpty): type the words and TAB twice, read the listing.
+    driver = r"""
+    zmodload zsh/zpty
+    zpty z 'zsh -f -i'
+    zpty -w z "fpath=($1 \$fpath); autoload -U compinit; compinit -u -D; PROMPT='%% '; echo READY"
+    out=''
+    SECONDS=0
+    while (( SECONDS < 20 )) && [[ $out != *READY*READY* ]]; do zpty -r -t z line && out+=$line; done
+    zpty -n -w z "$2"$'\t\t'
+    res=''
+    SECONDS=0
+    while (( SECONDS < 20 )) && [[ $res != *$3* ]]; do zpty -r -t z line && res+=$line || sleep 0.05; done
+    zpty -d z
+    print -r -- "$res"
+    """
+    import textwrap
+
+    def listing(typed: str, until: str) -> str:
+        r = subprocess.run(
+            ["zsh", "-f", "-c", textwrap.dedent(driver), "driver", str(fpath), typed, until],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            env=_completion_env(None),
+        )
+        return r.stdout
+
+    out = listing("fdbroker l", "list entries")
+    assert "lease" in out and "ls" in out and "list entries" in out, out
+    out = listing("fdbroker put x --mo", "--mode")
+    assert "--mode" in out, out

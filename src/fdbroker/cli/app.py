@@ -33,6 +33,7 @@ VERBS: dict[str, str] = {
     "status": "status",
     "lease": "lease",
     "watch": "watch",
+    "completion": "completion",
 }
 """Every verb, in the order ``fdbroker --help`` lists them → its module under ``fdbroker.cli``, which defines
 it as the :class:`~fdbroker.cli.page.Verb` named like the verb in capitals (``get.EXEC``)."""
@@ -67,8 +68,9 @@ def _common(p: argparse.ArgumentParser, *, top: bool, serve: bool = False) -> No
     )
 
 
-def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser, with ``verb``'s options and manual page; without a verb, the list of verbs."""
+def build_parser(verb: str | None = None, *, every: bool = False) -> argparse.ArgumentParser:
+    """The argument parser, with ``verb``'s options and manual page; without a verb, the list of verbs; with
+    ``every``, every verb's options (the whole tree, for ``fdbroker completion``: it loads every verb)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,9 +82,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERBS:
-        if verb is None:
+        if verb is None and not every:
             sub.add_parser(name, help=load(name).summary)
-        elif name != verb:
+        elif name != verb and not every:
             sub.add_parser(name)  # a valid choice, never shown: `verb` was named, so no list is printed
         else:
             v = load(name)
