@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -293,7 +294,7 @@ def test_gunicorn_serves_a_brokered_listener_both_ways(
 ) -> None:
     # On main, only the first way worked: `exec` always set LISTEN_*, so gunicorn told --bind fd://3 as well
     # adopted fd 3 twice and died with EBADF (and deploy/kubernetes/sidecar-pod.yaml recommended exactly that).
-    import re
+
     import urllib.request
 
     gunicorn = _gunicorn()
@@ -485,3 +486,74 @@ def test_zsh_completes_verbs_and_options(tmp_path: Path) -> None:
     assert "lease" in out and "ls" in out and "list entries" in out, out
     out = listing("fdbroker put x --mo", "--mode")
     assert "--mode" in out, out
+
+
+# -- the pytest plugin ---------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LEFT_OPEN = """
+from fdbroker import Client
+
+
+def test_leaves_its_client_open(fdbroker_broker):
+    c = Client(fdbroker_broker.run_dir)
+    c.connect()
+    test_leaves_its_client_open.kept = c  # still referenced at teardown
+"""
+
+
+def _pytest_in(tmp_path: Path, name: str, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a user's test module ``name`` in a directory of its own (the plugin from the entry point,
+    none of this repository's conftest)."""
+    (tmp_path / name).write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "FDBROKER_RUN_DIR"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_docs_testing_example_runs_as_a_users_suite(tmp_path: Path) -> None:
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "testing.md").read_text(), re.S)
+    assert len(blocks) == 1
+    r = _pytest_in(tmp_path, "test_example.py", blocks[0])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 passed" in r.stdout
+
+
+def test_a_client_left_open_is_reported_as_such(tmp_path: Path) -> None:
+    # On main: "broker descriptor leak: 18 open, expected ..." and a list of the broker's descriptors.
+    r = _pytest_in(tmp_path, "test_left_open.py", LEFT_OPEN)
+    assert r.returncode != 0, r.stdout
+    out = r.stdout
+    assert "a client is still open" in out and "1 session(s) open at the broker" in out, out
+    assert re.search(r"this test process \(pid \d+\) is still connected to it on fd\(s\) \d+", out), out
+    assert "broker descriptor leak" not in out, out
+
+
+def test_broker_process_env(fdbroker_broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = fdbroker_broker.env
+    assert env["FDBROKER_RUN_DIR"] == str(fdbroker_broker.run_dir)
+    assert fdbroker_broker.uid == os.getuid() and "FDBROKER_TRUST_UID" not in env
+    assert env is not fdbroker_broker.env  # a new dict each time
+    # A broker run as another uid (through a preexec such as setpriv): the client is told to trust it.
+    monkeypatch.setenv("FDBROKER_TRUST_UID", "4321")
+    monkeypatch.setattr(fdbroker_broker, "uid", 1234)
+    assert fdbroker_broker.env["FDBROKER_TRUST_UID"] == "4321,1234"
+    out = ok(
+        subprocess.run(
+            [sys.executable, "-m", "fdbroker", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    )
+    assert json.loads(out)["broker_pid"] == fdbroker_broker.pid
