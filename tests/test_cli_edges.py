@@ -557,3 +557,50 @@ def test_broker_process_env(fdbroker_broker: BrokerProcess, monkeypatch: pytest.
         )
     )
     assert json.loads(out)["broker_pid"] == fdbroker_broker.pid
+
+
+# -- non-UTF-8 on the command line ----------------------------------------------------------------------------
+
+
+def _fdb_bytes(broker: BrokerProcess, *args: bytes | str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "FDBROKER_RUN_DIR"}
+    env["FDBROKER_RUN_DIR"] = str(broker.run_dir)
+    argv = [os.fsencode(a) for a in (sys.executable, "-m", "fdbroker", *args)]
+    r = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+    return subprocess.CompletedProcess(
+        r.args, r.returncode, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    )
+
+
+def test_a_file_whose_path_is_not_utf8_can_be_deposited(
+    fdbroker_broker: BrokerProcess, tmp_path: Path
+) -> None:
+    # On main: the broker failed describing the descriptor (a protobuf string must be UTF-8), never answered the
+    # deposit, and the CLI said "no answer on the conduit" after --timeout (exit 9).
+    path = os.fsencode(tmp_path) + b"/data-\xff.txt"
+    with open(path, "wb") as f:
+        f.write(b"bytes")
+    ok(_fdb_bytes(fdbroker_broker, "put", "odd/path", "--file", path, "--timeout", "20s"))
+    st = json.loads(ok(cli(fdbroker_broker, "stat", "odd/path", "--json")))
+    assert st["path"] == f"{tmp_path}/data-\\xff.txt"
+    assert "data-\\xff.txt" in ok(cli(fdbroker_broker, "ls"))
+
+
+def test_names_that_are_not_utf8_are_invalid_arguments(fdbroker_broker: BrokerProcess) -> None:
+    # On main: UnicodeEncodeError tracebacks (exit 1) from every verb given such a name, prefix or selector.
+    for args in (
+        ["stat", b"\xff"],
+        ["put", b"\xff", "--file", "/dev/null"],
+        ["get", b"na\xffme", "--", "true"],
+        ["exec", "ok", b"\xfe", "--", "true"],
+        ["rm", b"\xff"],
+        ["take", b"\xff"],
+        ["ls", b"\xff"],
+        ["watch", b"\xff"],
+        ["ls", "--selector", b"a=\xff"],
+        ["put", "x", "--file", "/dev/null", "--label", b"k=\xff"],
+        ["lease", b"\xff", "--ttl", "1s", "--", "true"],
+    ):
+        r = _fdb_bytes(fdbroker_broker, *args)
+        refused(r, 3, "not UTF-8", "\\x")
+    assert json.loads(ok(cli(fdbroker_broker, "ls", "--json"))) == []

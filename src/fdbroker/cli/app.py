@@ -122,6 +122,30 @@ def find_verb(argv: Sequence[str]) -> str | None:
     return argv[i] if i < len(argv) and argv[i] in VERBS else None
 
 
+# Operands that travel as protobuf strings (UTF-8 only), by destination → what to call them in an error.
+_TEXT = {"name": "name", "names": "name", "prefix": "prefix", "selector": "selector", "label": "label"}
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Refuse (invalid argument, 3) a name, prefix, selector or label that is not UTF-8 text: the shell passes
+    bytes, the broker's names are ASCII. Paths (``--file``, ``--listen unix:``, ``--run-dir``) may be any bytes."""
+    for dest, what in _TEXT.items():
+        value = getattr(args, dest, None)
+        for item in value if isinstance(value, list) else [value]:
+            for text in item if isinstance(item, tuple) else (item,):
+                if not isinstance(text, str):
+                    continue
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                    raise CliError(
+                        f"invalid {what} '{shown}': not UTF-8 text (entry names are 1-255 bytes of "
+                        "[A-Za-z0-9._/-], '/'-separated)",
+                        exitcodes.INVALID_ARGUMENT,
+                    ) from None
+
+
 def _explain(err: BaseException, args: argparse.Namespace) -> str:
     """The message for a broker error: its own, except where gRPC's bare status text says nothing."""
     text = str(err)
@@ -152,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fdbroker.errors import BrokerError, Code
 
     try:
+        _check_text(args)
         return verb.run(args, cmd)
     except BrokerError as err:
         if err.code == Code.UNAVAILABLE:
