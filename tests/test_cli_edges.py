@@ -604,3 +604,19 @@ def test_names_that_are_not_utf8_are_invalid_arguments(fdbroker_broker: BrokerPr
         r = _fdb_bytes(fdbroker_broker, *args)
         refused(r, 3, "not UTF-8", "\\x")
     assert json.loads(ok(cli(fdbroker_broker, "ls", "--json"))) == []
+
+
+def test_whole_numbers_out_of_range_are_usage_errors(fdbroker_broker: BrokerProcess) -> None:
+    # On main: ValueError/OverflowError tracebacks (exit 1) once the value reached protobuf or listen(2).
+    for args in (
+        ["rm", "x", "--if-revision=-1"],
+        ["take", "x", "--if-revision", "99999999999999999999999"],
+        ["put", "x", "--file", "/dev/null", "--replace", "--if-revision=-2"],
+        ["watch", "--start-revision=-5"],
+        ["watch", "--start-revision", "999999999999999999999999"],
+        ["put", "x", "--listen", "tcp://127.0.0.1:0", "--backlog", "99999999999"],
+        ["put", "x", "--listen", "tcp://127.0.0.1:0", "--backlog", "0"],
+        ["rm", "x", "--if-revision", "seven"],
+    ):
+        refused(cli(fdbroker_broker, *args), 2, args[-1].split("=")[-1])
+    assert json.loads(ok(cli(fdbroker_broker, "ls", "--json"))) == []

@@ -54,6 +54,27 @@ def parse_duration(text: str) -> float:
     return duration(0.0, None)(text)
 
 
+REVISION_MAX = (1 << 63) - 1
+"""Revisions (``--if-revision``, ``--start-revision``) are protobuf ``uint64``; the broker's are far below this."""
+
+
+def integer(minimum: int, maximum: int) -> Callable[[str], int]:
+    """An argparse type: a decimal integer in [``minimum``, ``maximum``] (out of range is a usage error, not a
+    traceback when the value reaches a protobuf field or a system call)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is outside {minimum}..{maximum}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 def parse_label(text: str) -> tuple[str, str]:
     """``KEY=VALUE`` → ``(KEY, VALUE)``."""
     key, sep, value = text.partition("=")

@@ -6,7 +6,15 @@ import argparse
 
 from fdbroker.cli import child, connect, exitcodes
 from fdbroker.cli.exitcodes import USAGE, CliError
-from fdbroker.cli.format import add_json_argument, duration, parse_label, print_json, span_range
+from fdbroker.cli.format import (
+    REVISION_MAX,
+    add_json_argument,
+    duration,
+    integer,
+    parse_label,
+    print_json,
+    span_range,
+)
 from fdbroker.cli.page import Verb
 from fdbroker.cli.source import FILE_MODES, open_source
 
@@ -60,11 +68,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--if-revision",
         metavar="N",
-        type=int,
+        type=integer(0, REVISION_MAX),
         default=0,
         help="with --replace: only if the existing entry is at revision N",
     )
-    p.add_argument("--backlog", metavar="N", type=int, default=128, help="listen backlog (default 128)")
+    p.add_argument(
+        "--backlog",
+        metavar="N",
+        type=integer(1, 65535),
+        default=128,
+        help="listen backlog, 1..65535 (default 128)",
+    )
     add_json_argument(p, "the stored entry (as `stat --json`)")
 
 

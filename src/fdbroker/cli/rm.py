@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 
 from fdbroker.cli import connect
-from fdbroker.cli.format import add_json_argument, print_json
+from fdbroker.cli.format import REVISION_MAX, add_json_argument, integer, print_json
 from fdbroker.cli.page import Verb
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the entry to delete")
     p.add_argument(
-        "--if-revision", metavar="N", type=int, default=0, help="only if the entry is at revision N"
+        "--if-revision",
+        metavar="N",
+        type=integer(0, REVISION_MAX),
+        default=0,
+        help="only if the entry is at revision N",
     )
     add_json_argument(p, '{"name": NAME, "deleted": true, "revision": R} (the delete\'s revision)')
 

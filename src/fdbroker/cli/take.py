@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 
 from fdbroker.cli import child, connect, exitcodes
-from fdbroker.cli.format import add_json_argument, describe_received, print_json, received_json
+from fdbroker.cli.format import (
+    REVISION_MAX,
+    add_json_argument,
+    describe_received,
+    integer,
+    print_json,
+    received_json,
+)
 from fdbroker.cli.page import Verb
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the entry to take")
     p.add_argument(
-        "--if-revision", metavar="N", type=int, default=0, help="only if the entry is at revision N"
+        "--if-revision",
+        metavar="N",
+        type=integer(0, REVISION_MAX),
+        default=0,
+        help="only if the entry is at revision N",
     )
     child.add_listen_env_argument(p)
     add_json_argument(p, "without CMD: what was received (and taken)")
