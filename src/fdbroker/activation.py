@@ -7,10 +7,14 @@ go-systemd's ``activation.Listeners`` in Go) can use them unmodified.
 
 Receiving side, :func:`listen_fds`: what ``sd_listen_fds_with_names`` does, for Python servers.
 
-``python -m fdbroker.activation --fd N [--fd N ...] --name NAME ... -- CMD [ARGS]`` is the same exec as a
-separate, single-threaded step: a multi-threaded parent (one holding a gRPC channel and a lease keep-alive
-thread) starts it with ``subprocess`` and ``pass_fds``, and the helper — whose pid CMD keeps across the exec —
-sets ``LISTEN_PID`` to its own pid, which is exactly what the protocol asks for.
+``python -m fdbroker.activation [--no-listen-env] --fd N [--fd N ...] --name NAME ... -- CMD [ARGS]`` is the
+same exec as a separate, single-threaded step: a multi-threaded parent (one holding a gRPC channel and a lease
+keep-alive thread) starts it with ``subprocess`` and ``pass_fds``, and the helper — whose pid CMD keeps across
+the exec — sets ``LISTEN_PID`` to its own pid, which is exactly what the protocol asks for.
+
+Both take ``listen_env`` / ``--no-listen-env``: the descriptors at 3, 4, … without any ``LISTEN_*`` variable,
+for a command told their numbers on its own command line (``gunicorn --bind fd://3``): given both, gunicorn
+adopts fd 3 twice and fails with ``EBADF``.
 
 This module imports nothing beyond the standard library's ``os``, ``fcntl`` and ``shutil``; the CLI uses it
 after fetching descriptors and before any third-party code would run.
@@ -48,15 +52,21 @@ def activation_env(
     *,
     base: Mapping[str, str] | None = None,
     extra_env: Mapping[str, str] | None = None,
+    listen_env: bool = True,
 ) -> dict[str, str]:
     """The environment for a command receiving ``n`` descriptors: ``base`` (default ``os.environ``) with any
     stale ``LISTEN_*`` removed, then ``extra_env``, then ``LISTEN_FDS=n``, ``LISTEN_PID=pid`` and
-    ``LISTEN_FDNAMES`` (the sanitized ``names`` joined by ``:``)."""
+    ``LISTEN_FDNAMES`` (the sanitized ``names`` joined by ``:``).
+
+    ``listen_env`` False: no ``LISTEN_*`` at all (plain descriptors, for a command told their numbers itself,
+    such as ``gunicorn --bind fd://3``, which would otherwise adopt the descriptor a second time)."""
     if len(names) != n:
         raise ValueError(f"{n} descriptors but {len(names)} names")
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _ENV_KEYS}
     if extra_env:
         env.update(extra_env)
+    if not listen_env:
+        return env
     env["LISTEN_FDS"] = str(n)
     env["LISTEN_PID"] = str(pid)
     env["LISTEN_FDNAMES"] = ":".join(sanitize_name(x) for x in names)
@@ -114,8 +124,10 @@ def exec_with_fds(
     argv: Sequence[str],
     *,
     extra_env: Mapping[str, str] | None = None,
+    listen_env: bool = True,
 ) -> NoReturn:
-    """Replace this process with ``argv`` holding ``fds`` as 3, 4, … under the socket-activation protocol.
+    """Replace this process with ``argv`` holding ``fds`` as 3, 4, … under the socket-activation protocol
+    (``listen_env`` False: as plain descriptors, every ``LISTEN_*`` variable removed).
 
     ``LISTEN_PID`` is this process's pid, which ``exec`` keeps. ``argv[0]`` is looked up on ``PATH`` first,
     so a missing or non-executable command raises :class:`FileNotFoundError` / :class:`PermissionError`
@@ -125,7 +137,7 @@ def exec_with_fds(
     if not argv:
         raise ValueError("no command to run")
     path = resolve_command(argv[0])
-    env = activation_env(len(fds), names, os.getpid(), extra_env=extra_env)
+    env = activation_env(len(fds), names, os.getpid(), extra_env=extra_env, listen_env=listen_env)
     arrange_fds(fds)
     os.execve(path, list(argv), env)
 
@@ -172,14 +184,18 @@ def listen_fds(unset_env: bool = True) -> list[tuple[int, str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fdbroker.activation --fd N --name NAME [...] -- CMD [ARGS]``: exec CMD with the fds."""
+    """``python -m fdbroker.activation [--no-listen-env] --fd N --name NAME [...] -- CMD [ARGS]``: exec CMD with
+    the fds (``--no-listen-env``: as plain descriptors, without ``LISTEN_*``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     fds: list[int] = []
     names: list[str] = []
+    listen_env = True
     try:
         while args and args[0] != "--":
             opt = args.pop(0)
-            if opt == "--fd":
+            if opt == "--no-listen-env":
+                listen_env = False
+            elif opt == "--fd":
                 fds.append(int(args.pop(0)))
             elif opt == "--name":
                 names.append(args.pop(0))
@@ -196,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     try:
-        exec_with_fds(fds, names, cmd)
+        exec_with_fds(fds, names, cmd, listen_env=listen_env)
     except FileNotFoundError as err:
         print(f"fdbroker: {cmd[0] if cmd else ''}: {err.strerror}", file=sys.stderr)
         return 127

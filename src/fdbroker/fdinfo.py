@@ -113,7 +113,7 @@ def describe(fd: int) -> pb.DescriptorInfo:
         info.kind = pb.KIND_PIPE
         info.summary = "pipe (read end)" if access == pb.ACCESS_MODE_READ else f"pipe ({_pipe_end(access)})"
         return info
-    link = os.readlink(f"/proc/self/fd/{fd}")
+    link = _text(os.readlink(f"/proc/self/fd/{fd}"))
     fmt = stat.S_IFMT(mode)
     if fmt == stat.S_IFREG:
         if link.startswith("/memfd:") and link.endswith(_DELETED):
@@ -261,6 +261,12 @@ def _describe_socket(fd: int, fl: int, info: pb.DescriptorInfo) -> None:
         info.summary = f"{word} (unbound)"
 
 
+def _text(name: str) -> str:
+    """A path as the kernel gave it (bytes decoded with ``surrogateescape``), as valid UTF-8 text: bytes that are
+    not UTF-8 become ``\\xNN`` (a protobuf string must be UTF-8; ``/tmp/f\\xff`` still says which file)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _sockname(sock: _socket.socket) -> object:
     try:
         return sock.getsockname()
@@ -291,7 +297,7 @@ def _format_address(family: int, addr: object) -> str:
             if addr.startswith(b"\0"):
                 return "@" + addr[1:].decode("utf-8", "backslashreplace")
             return addr.decode("utf-8", "backslashreplace")
-        return str(addr)
+        return _text(str(addr))
     if isinstance(addr, tuple):
         # e.g. netlink (port id, groups); all zero means unbound.
         return ":".join(str(a) for a in addr) if any(addr) else ""

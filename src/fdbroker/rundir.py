@@ -1,7 +1,8 @@
 """The run directory, as both sides see it: where it is, and reaching it so no untrusted uid chose what it is.
 
 The run directory holds ``control.sock`` (gRPC) and ``conduit.sock`` (SCM_RIGHTS). :func:`resolve_run_dir` says
-which one to use (``--run-dir``, ``$FDBROKER_RUN_DIR``, or the default for this user).
+which one to use (``--run-dir``, ``$FDBROKER_RUN_DIR``, or the default for this user); :func:`find_run_dir` is
+the same for a client, which also finds the system broker when the user has none of its own.
 
 Whoever can write the run directory, or any directory above it, can replace the broker's sockets with their
 own. :func:`open_dir` therefore reaches the directory one component at a time from ``/`` (``openat`` with
@@ -27,6 +28,9 @@ from fdbroker.errors import InvalidArgument
 CONTROL_SOCKET = "control.sock"
 CONDUIT_SOCKET = "conduit.sock"
 RUN_DIR_ENV = "FDBROKER_RUN_DIR"
+SYSTEM_RUN_DIR = Path("/run/fdbroker")
+"""The system broker's run directory: root's default, and where a client of another user looks when it has no
+broker of its own (:func:`find_run_dir`). A module constant, so tests can point it at a stand-in."""
 
 MAX_SYMLINKS = 40  # as the kernel's own limit (ELOOP)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -72,7 +76,7 @@ def default_run_dir(*, uid: int | None = None, environ: Mapping[str, str] | None
     if environ is None:
         environ = os.environ
     if uid == 0:
-        return Path("/run/fdbroker")
+        return SYSTEM_RUN_DIR
     xdg = environ.get("XDG_RUNTIME_DIR", "")
     if xdg:
         return Path(xdg) / "fdbroker"
@@ -91,6 +95,37 @@ def resolve_run_dir(arg: str | None, *, environ: Mapping[str, str] | None = None
     if env:
         return Path(env)
     return default_run_dir(environ=environ)
+
+
+def find_run_dir(
+    arg: str | None, *, uid: int | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The run directory a *client* uses: :func:`resolve_run_dir`, except that with neither ``arg`` nor
+    ``$FDBROKER_RUN_DIR`` a caller whose own default holds no broker (no ``conduit.sock``) uses the system
+    broker's :data:`SYSTEM_RUN_DIR` if that holds one (or cannot be looked into: the client then says why).
+
+    Only clients look elsewhere: ``fdbroker serve`` uses :func:`resolve_run_dir`, so a broker is never started
+    in another broker's directory. Two ``lstat`` calls, and only when nothing names the directory. ``uid`` and
+    ``environ`` as for :func:`default_run_dir`.
+    """
+    if environ is None:
+        environ = os.environ
+    if arg or environ.get(RUN_DIR_ENV, ""):
+        return resolve_run_dir(arg, environ=environ)
+    own = default_run_dir(uid=uid, environ=environ)
+    if own != SYSTEM_RUN_DIR and not _may_hold_broker(own) and _may_hold_broker(SYSTEM_RUN_DIR):
+        return SYSTEM_RUN_DIR
+    return own
+
+
+def _may_hold_broker(path: Path) -> bool:
+    try:
+        os.lstat(path / CONDUIT_SOCKET)
+    except PermissionError:
+        return True  # there, but not for us to see: whoever connects is told
+    except OSError:
+        return False
+    return True
 
 
 # -- reaching a directory safely ---------------------------------------------------------------------------------

@@ -1,12 +1,18 @@
 """fdbroker.testing: a real broker for your tests (a pytest plugin, registered through the ``pytest11`` entry
-point, so installing fdbroker is enough).
+point, so installing fdbroker is enough). docs/testing.md is its manual.
 
 The ``fdbroker_broker`` fixture starts ``fdbroker serve`` as a separate process in a fresh temporary run
 directory, waits for its ``READY=1`` (sd_notify), and yields a :class:`BrokerProcess`. At teardown it checks that
 the broker leaked nothing: once every client is gone, its open-descriptor count must come back to its baseline
-plus the descriptors it holds. Then it stops the broker with SIGTERM and checks it exits cleanly.
+plus the descriptors it holds. Then it stops the broker with SIGTERM and checks it exits cleanly. A client the
+test left open is reported as that (which sessions are still open, and which of this process's descriptors are
+connected to the broker), not as a leak of the broker's.
 
-Use it outside pytest with ``with BrokerProcess.start(tmpdir) as broker: ...``.
+``fdbroker_broker_module`` and ``fdbroker_broker_session`` are the same broker shared by every test of a module
+or of the whole run (started once, checked once at the end): for suites with many tests. Entries persist from
+one test to the next; :meth:`BrokerProcess.clear` removes them.
+
+Use it outside pytest with ``with BrokerProcess.start(tmpdir) as broker: ...`` or :func:`checked_broker`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -27,14 +34,32 @@ import pytest
 
 
 class BrokerProcess:
-    """A broker running as a child process. ``run_dir``, ``pid``, ``env`` (for subprocesses that should find it)."""
+    """A broker running as a child process: ``run_dir``, ``pid``, ``uid``, and :attr:`env` (the environment for
+    subprocesses that should use it)."""
 
     def __init__(self, proc: subprocess.Popen[bytes], run_dir: Path, log_path: Path) -> None:
         self.proc = proc
         self.run_dir = run_dir
         self.log_path = log_path
         self.pid = proc.pid
+        self.uid = _uid_of(proc.pid)
         self.baseline: int | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for a subprocess that should use this broker (``fdbroker`` CLI, a program using
+        ``fdbroker.Client()`` without arguments): this process's environment now, with ``FDBROKER_RUN_DIR`` set to
+        :attr:`run_dir` and, if the broker runs as a uid other than root and this process's (started through a
+        ``preexec`` such as ``setpriv``), that uid added to ``FDBROKER_TRUST_UID`` so the client accepts it.
+        A new dict on every access: change it freely.
+
+        ``subprocess.run(["fdbroker", "ls"], env=broker.env)``"""
+        env = dict(os.environ)
+        env["FDBROKER_RUN_DIR"] = str(self.run_dir)
+        if self.uid not in (0, os.geteuid()):
+            trusted = [u for u in env.get("FDBROKER_TRUST_UID", "").split(",") if u.strip()]
+            env["FDBROKER_TRUST_UID"] = ",".join([*trusted, str(self.uid)])
+        return env
 
     @classmethod
     def start(
@@ -128,8 +153,44 @@ class BrokerProcess:
                 return n
             time.sleep(0.05)
 
+    def sessions(self) -> int:
+        """Sessions open at the broker now (anonymous GetInfo: asking opens none)."""
+        with self.client() as c:
+            return int(c.info().sessions)
+
+    def connections_here(self) -> list[int]:
+        """This process's descriptors connected to the broker (``SO_PEERCRED`` names its pid): a client's
+        conduit or gRPC channel that is still open."""
+        found = []
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            try:
+                if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                    continue
+                with socket.socket(fileno=os.dup(fd)) as s:
+                    if s.family != socket.AF_UNIX:
+                        continue
+                    cred = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            except OSError:
+                continue
+            if struct.unpack("3i", cred)[0] == self.pid:
+                found.append(fd)
+        return found
+
+    def clear(self) -> int:
+        """Remove every entry (between tests sharing one broker); returns how many were removed."""
+        with self.client() as c:
+            names = [e.name for e in c.list()]
+            for name in names:
+                with contextlib.suppress(Exception):
+                    c.delete(name)
+        return len(names)
+
     def assert_no_leak(self, timeout: float = 5.0) -> None:
-        """Fail unless the broker's descriptors come back to baseline + held entries (clients must be closed)."""
+        """Fail unless the broker's descriptors come back to baseline + held entries (clients must be closed).
+
+        When they do not, the message says whether a client is still open (sessions at the broker, and this
+        process's descriptors connected to it) before it lists the broker's descriptors."""
         assert self.baseline is not None, "call settle_baseline() first"
         held = self.held()
         expected = self.baseline + held
@@ -139,9 +200,28 @@ class BrokerProcess:
             for fd in os.listdir(f"/proc/{self.pid}/fd"):
                 with contextlib.suppress(OSError):
                     fds[int(fd)] = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            sessions = self.sessions()
+            ours = self.connections_here()
+            if sessions or ours:
+                what = (
+                    f"a client is still open, so the broker still holds its connection(s): {sessions} session(s) "
+                    f"open at the broker (GetInfo)"
+                )
+                if ours:
+                    what += (
+                        f"; this test process (pid {os.getpid()}) is still connected to it on fd(s) "
+                        f"{', '.join(map(str, ours))} — close the client (client.close(), or `with Client(...)`)"
+                    )
+                else:
+                    what += "; none from this process: a subprocess or thread the test started still runs"
+                raise AssertionError(
+                    f"{what}. Not (necessarily) a broker leak: {n} descriptors open, expected baseline "
+                    f"{self.baseline} + {held} held = {expected}\n"
+                    + "\n".join(f"  {k}: {v}" for k, v in sorted(fds.items()))
+                )
             raise AssertionError(
-                f"broker descriptor leak: {n} open, expected baseline {self.baseline} + {held} held = {expected}\n"
-                + "\n".join(f"  {k}: {v}" for k, v in sorted(fds.items()))
+                f"broker descriptor leak: {n} open, expected baseline {self.baseline} + {held} held = {expected}, "
+                "and no session is open\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(fds.items()))
             )
 
     def log(self) -> str:
@@ -193,9 +273,37 @@ def checked_broker(
             broker.log_path.unlink()
 
 
-@pytest.fixture
-def fdbroker_broker() -> Iterator[BrokerProcess]:
-    """A real broker in a temp run directory; checks for descriptor leaks and a clean exit at teardown."""
+def _uid_of(pid: int) -> int:
+    """The real uid of process ``pid`` (``/proc/PID/status``); this process's if it cannot be read."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    return os.getuid()
+
+
+def _broker() -> Iterator[BrokerProcess]:
     with checked_broker() as broker:
         yield broker
     assert not (broker.run_dir / "control.sock").exists(), "broker left control.sock behind"
+
+
+@pytest.fixture
+def fdbroker_broker() -> Iterator[BrokerProcess]:
+    """A real broker in a temp run directory, for one test; checks for descriptor leaks and a clean exit at
+    teardown."""
+    yield from _broker()
+
+
+@pytest.fixture(scope="module")
+def fdbroker_broker_module() -> Iterator[BrokerProcess]:
+    """One real broker shared by every test of a module (entries persist between them: see
+    :meth:`BrokerProcess.clear`); checked for leaks and a clean exit after the module's last test."""
+    yield from _broker()
+
+
+@pytest.fixture(scope="session")
+def fdbroker_broker_session() -> Iterator[BrokerProcess]:
+    """One real broker shared by every test of the run (entries persist between them: see
+    :meth:`BrokerProcess.clear`); checked for leaks and a clean exit at the end of the run."""
+    yield from _broker()

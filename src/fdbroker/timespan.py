@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
-__all__ = ["TimespanError", "format_span", "parse"]
+__all__ = ["TimespanError", "arg_type", "format_span", "parse"]
 
 _UNITS: dict[str, float] = {}
 for _names, _seconds in (
@@ -98,7 +99,9 @@ def parse(text: str, *, what: str = "duration", maximum: float | None = None, mi
 
 
 def format_span(seconds: float) -> str:
-    """A short human form: ``250ms``, ``30s``, ``5min``, ``1h30min``, ``366d``."""
+    """A short human form: ``0``, ``250ms``, ``30s``, ``5min``, ``1h30min``, ``366d``."""
+    if seconds == 0:
+        return "0"
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
     out = []
@@ -111,3 +114,18 @@ def format_span(seconds: float) -> str:
     if rest or not out:
         out.append(f"{rest:g}s")
     return "".join(out)
+
+
+def arg_type(*, minimum: float = 0.0, maximum: float | None = None) -> Callable[[str], float]:
+    """An ``argparse`` ``type=``: :func:`parse` within [``minimum``, ``maximum``], its error as a usage error."""
+
+    def parse_arg(text: str) -> float:
+        try:
+            return parse(text, minimum=minimum, maximum=maximum)
+        except TimespanError as err:
+            import argparse
+
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse_arg.__name__ = "duration"  # what argparse calls the type in its own messages
+    return parse_arg

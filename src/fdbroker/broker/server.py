@@ -364,6 +364,8 @@ async def serve(opts: ServeOptions) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``fdbroker serve`` (shared by the CLI and ``python -m fdbroker.broker.server``)."""
+    from fdbroker import timespan  # durations as the rest of the CLI reads them (systemd time spans)
+
     parser.add_argument(
         "--policy",
         metavar="FILE",
@@ -381,10 +383,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket-group", metavar="GROUP", help="group owning the sockets (name or gid)")
     parser.add_argument(
         "--token-ttl",
-        metavar="SECONDS",
-        type=_bounded(float, 0.01, 3600),
+        metavar="DURATION",
+        type=timespan.arg_type(minimum=0.01, maximum=3600),
         default=5.0,
-        help="lifetime of a handoff token, 0.01..3600 (default 5)",
+        help="lifetime of a handoff token, 10ms..1h (default 5s; docs/cli.md: durations)",
     )
     parser.add_argument(
         "--reserve-fds",
@@ -417,10 +419,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--handover-timeout",
-        metavar="SECONDS",
-        type=_bounded(float, 0.1, 3600),
+        metavar="DURATION",
+        type=timespan.arg_type(minimum=0.1, maximum=3600),
         default=30.0,
-        help="how long either side of a handover waits for the other (default 30)",
+        help="how long either side of a handover waits for the other, 100ms..1h (default 30s)",
     )
     parser.add_argument(
         "--fdstore",

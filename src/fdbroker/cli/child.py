@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from fdbroker.client import Client
 
 
+def add_listen_env_argument(p: argparse.ArgumentParser) -> None:
+    """``--no-listen-env``, for the verbs that hand descriptors to CMD."""
+    p.add_argument(
+        "--no-listen-env",
+        action="store_true",
+        help="hand CMD the descriptors as plain fd 3, 4, ... without LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES "
+        "(removed if inherited), for a CMD told the numbers itself, e.g. gunicorn --bind fd://3",
+    )
+
+
 def require(cmd: list[str], why: str) -> None:
     """Refuse (usage error) a missing CMD; ``why`` says what it is for."""
     if not cmd:
@@ -51,7 +61,8 @@ def check(cmd: list[str]) -> None:
 def fetch_and_exec(
     args: argparse.Namespace, names: list[str], cmd: list[str], fetch: Callable[[Client], list[int]]
 ) -> NoReturn:
-    """Fetch the descriptors of ``names`` with ``fetch`` and exec CMD on them as 3, 4, … (socket activation).
+    """Fetch the descriptors of ``names`` with ``fetch`` and exec CMD on them as 3, 4, … (socket activation, or
+    plain descriptors with ``--no-listen-env``).
 
     Returns only on failure (by raising): CMD replaces this process. The fetched descriptors are CMD's; if the
     exec fails they are lost with this process (for ``take``, the entry was already moved out).
@@ -66,7 +77,7 @@ def fetch_and_exec(
         with connect.client(args) as client:
             fds = fetch(client)
         try:
-            activation.exec_with_fds(fds, names, cmd)
+            activation.exec_with_fds(fds, names, cmd, listen_env=not args.no_listen_env)
         except OSError as err:
             raise cannot_run(cmd[0], err) from None
     finally:

@@ -86,7 +86,8 @@ PERMISSION_DENIED = ExitCode(
     7,
     "permission denied / unauthenticated",
     ("PERMISSION_DENIED", "UNAUTHENTICATED"),
-    detail="also `EACCES` opening a source for `put`",
+    detail="also `EACCES` opening a source for `put`, and a run directory or socket this user may not reach "
+    "(the message names its owner, group and mode)",
 )
 RESOURCE_EXHAUSTED = ExitCode(
     8,

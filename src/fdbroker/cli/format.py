@@ -7,7 +7,7 @@ Nothing here talks to the broker; the result types come from :mod:`fdbroker.clie
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,42 +15,64 @@ if TYPE_CHECKING:
 
 # -- typed in --------------------------------------------------------------------------------------------------
 
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+DAY = 86400.0
+
+TIMEOUT_RANGE = (0.001, DAY)
+"""``--timeout``: 1 ms .. 24 h (0 would give up before the broker could answer)."""
+
+
+def duration(minimum: float, maximum: float | None) -> Callable[[str], float]:
+    """An argparse type: a duration in systemd's time-span syntax (:mod:`fdbroker.timespan`: ``500ms``, ``30s``,
+    ``5min``, ``1h30min``, plain seconds; ``M`` is a month) within [``minimum``, ``maximum``] → seconds.
+
+    ``inf``, ``nan``, signs and exponents are refused, so no later step (a deadline, a protobuf ``Duration``)
+    can fail on the value. :mod:`fdbroker.timespan` is imported only when a duration is actually given.
+    """
+
+    def parse(text: str) -> float:
+        from fdbroker.timespan import TimespanError
+        from fdbroker.timespan import parse as parse_span
+
+        try:
+            return parse_span(text, minimum=minimum, maximum=maximum)
+        except TimespanError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = "duration"  # what argparse calls the type in its own messages
+    return parse
+
+
+def span_range(minimum: float, maximum: float) -> str:
+    """``1ms..24h`` (for option help): the range a :func:`duration` accepts, in its own syntax."""
+    from fdbroker.timespan import format_span
+
+    return f"{format_span(minimum)}..{format_span(maximum)}"
 
 
 def parse_duration(text: str) -> float:
-    """``500ms``, ``10s``, ``5m``, ``1h``, ``2d``, ``1m30s`` or plain seconds (``2.5``) → seconds."""
-    s = text.strip().lower()
-    try:
-        value = float(s)
-    except ValueError:
-        pass
-    else:
-        if value < 0 or value != value:
-            raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be >= 0")
-        return value
-    total = 0.0
-    i = 0
-    if not s:
-        raise argparse.ArgumentTypeError("empty duration")
-    while i < len(s):
-        j = i
-        while j < len(s) and (s[j].isdigit() or s[j] == "."):
-            j += 1
-        k = j
-        while k < len(s) and s[k].isalpha():
-            k += 1
-        num, unit = s[i:j], s[j:k]
-        if not num or unit not in _UNITS:
-            raise argparse.ArgumentTypeError(
-                f"invalid duration {text!r}: use e.g. 500ms, 10s, 5m, 1h, 2d or plain seconds"
-            )
+    """Any non-negative duration (:func:`duration` without a maximum) → seconds."""
+    return duration(0.0, None)(text)
+
+
+REVISION_MAX = (1 << 63) - 1
+"""Revisions (``--if-revision``, ``--start-revision``) are protobuf ``uint64``; the broker's are far below this."""
+
+
+def integer(minimum: int, maximum: int) -> Callable[[str], int]:
+    """An argparse type: a decimal integer in [``minimum``, ``maximum``] (out of range is a usage error, not a
+    traceback when the value reaches a protobuf field or a system call)."""
+
+    def parse(text: str) -> int:
         try:
-            total += float(num) * _UNITS[unit]
+            value = int(text, 10)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid duration {text!r}") from None
-        i = k
-    return total
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is outside {minimum}..{maximum}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 def parse_label(text: str) -> tuple[str, str]:
@@ -183,8 +205,29 @@ def describe_received(name: str, fd: int) -> str:
     return f"{name}: {describe(fd).summary}"
 
 
+def received_json(name: str, fd: int) -> dict[str, object]:
+    """``get`` or ``take`` without CMD, ``--json``: the entry name and the kernel's view of ``fd`` (``kind``,
+    ``summary``, and every field of the ``DescriptorInfo`` under ``descriptor``)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from fdbroker.fdinfo import describe, kind_name
+
+    info = describe(fd)
+    return {
+        "name": name,
+        "kind": kind_name(info.kind),
+        "summary": info.summary,
+        "descriptor": MessageToDict(info, preserving_proto_field_name=True),
+    }
+
+
 def print_json(obj: object) -> None:
-    """``--json`` of ``ls``, ``stat`` and ``status``: indented, keys in their order."""
+    """``--json`` of every verb that prints: indented, keys in their order, flushed (CMD may print next)."""
     import json
 
-    print(json.dumps(obj, indent=2, sort_keys=False))
+    print(json.dumps(obj, indent=2, sort_keys=False), flush=True)
+
+
+def add_json_argument(p: argparse.ArgumentParser, what: str) -> None:
+    """``--json``: print ``what`` as JSON instead of text."""
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from fdbroker.cli import child, connect, exitcodes
-from fdbroker.cli.format import describe_received
+from fdbroker.cli.format import add_json_argument, describe_received, print_json, received_json
 from fdbroker.cli.page import Verb
 
 _EXITS = (exitcodes.BROKER, exitcodes.CMD)
@@ -14,18 +14,24 @@ _EXITS = (exitcodes.BROKER, exitcodes.CMD)
 
 def add_get_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the entry to fetch")
+    child.add_listen_env_argument(p)
+    add_json_argument(p, "without CMD: what was received")
 
 
 def run_get(args: argparse.Namespace, cmd: list[str]) -> int:
     if not cmd:
         with connect.client(args) as client, client.get_fd(args.name) as owned:
-            print(describe_received(args.name, owned.fileno()))
+            if args.json:
+                print_json(received_json(args.name, owned.fileno()))
+            else:
+                print(describe_received(args.name, owned.fileno()))
         return 0
     return child.fetch_and_exec(args, [args.name], cmd, lambda c: [c.get_fd(args.name).detach()])
 
 
 def add_exec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", metavar="NAME", nargs="+", help="entries to fetch, in fd order (3, 4, ...)")
+    child.add_listen_env_argument(p)
 
 
 def run_exec(args: argparse.Namespace, cmd: list[str]) -> int:
@@ -46,7 +52,8 @@ GET = Verb(
     notes="  Without CMD, get fetches the descriptor (checking the policy and leases allow it), prints\n"
     "  what it received, closes it, and exits 0.\n"
     "  The entry stays in the broker; see `take` to move it out.",
-    example="  fdbroker get web -- gunicorn app:app      (gunicorn finds LISTEN_FDS itself: no --bind)",
+    example="  fdbroker get web -- gunicorn app:app      (gunicorn finds LISTEN_FDS itself: no --bind)\n"
+    "  fdbroker get web --no-listen-env -- gunicorn --bind fd://3 app:app      (or: plain fd 3)",
     takes_cmd=True,
     exits=_EXITS,
 )
@@ -61,7 +68,10 @@ EXEC = Verb(
     run=run_exec,
     usage="fdbroker exec [options] NAME... -- CMD [ARGS...]",
     notes="  CMD replaces this process (same pid), so a supervisor that started fdbroker supervises CMD.\n"
-    "  If any entry cannot be fetched, nothing runs.",
+    "  If any entry cannot be fetched, nothing runs.\n"
+    "  A server that reads LISTEN_FDS itself (gunicorn, sd_listen_fds) must not also be told the\n"
+    "  number (gunicorn --bind fd://3 adopts fd 3 twice: EBADF); to pass the number on the command line\n"
+    "  instead, add --no-listen-env, which leaves every LISTEN_* variable out.",
     example="  fdbroker exec web/http web/https -- uvicorn --fd 3 app:app",
     takes_cmd=True,
     exits=_EXITS,

@@ -7,26 +7,34 @@ import os
 import sys
 
 from fdbroker.cli import child, connect, exitcodes
-from fdbroker.cli.format import parse_duration
+from fdbroker.cli.format import DAY, duration, span_range
 from fdbroker.cli.page import Verb
+
+WAIT_RANGE = (0.0, DAY)
+"""``--wait``: 0 (one try in the queue) .. 24 h."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from fdbroker.limits import MAX_LEASE_TTL, MIN_LEASE_TTL
+
     p.add_argument("name", metavar="NAME", help="the entry to lease")
     p.add_argument(
         "--ttl",
         metavar="DURATION",
-        type=parse_duration,
+        type=duration(MIN_LEASE_TTL, MAX_LEASE_TTL),
         required=True,
-        help="lease time to live; renewed every ttl/3 while CMD runs",
+        help=f"lease time to live, {span_range(MIN_LEASE_TTL, MAX_LEASE_TTL)}; renewed every ttl/3 while "
+        "CMD runs",
     )
     p.add_argument("--shared", action="store_true", help="a shared lease (default: exclusive)")
     p.add_argument(
         "--wait",
         metavar="DURATION",
-        type=parse_duration,
-        help="queue up to DURATION for the lease (default: fail at once if it is held)",
+        type=duration(*WAIT_RANGE),
+        help=f"queue up to DURATION for the lease, {span_range(*WAIT_RANGE)} (default: fail at once if it is "
+        "held)",
     )
+    child.add_listen_env_argument(p)
 
 
 def run(args: argparse.Namespace, cmd: list[str]) -> int:
@@ -43,7 +51,10 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
         env["FDBROKER_LEASE_NAME"] = args.name
         # CMD runs as our child (we keep the session, hence the lease); a fresh single-threaded helper process
         # arranges fd 3 and sets LISTEN_PID to its own pid, which CMD keeps across its exec.
-        trampoline = [sys.executable, "-m", "fdbroker.activation", "--fd", str(fd), "--name", args.name, "--"]
+        trampoline = [sys.executable, "-m", "fdbroker.activation", "--fd", str(fd), "--name", args.name]
+        if args.no_listen_env:
+            trampoline.append("--no-listen-env")
+        trampoline.append("--")
         rc = child.run(trampoline + cmd, pass_fds=[fd], env=env)
         if held.lost.is_set():
             print(

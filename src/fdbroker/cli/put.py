@@ -6,7 +6,15 @@ import argparse
 
 from fdbroker.cli import child, connect, exitcodes
 from fdbroker.cli.exitcodes import USAGE, CliError
-from fdbroker.cli.format import parse_duration, parse_label
+from fdbroker.cli.format import (
+    REVISION_MAX,
+    add_json_argument,
+    duration,
+    integer,
+    parse_label,
+    print_json,
+    span_range,
+)
 from fdbroker.cli.page import Verb
 from fdbroker.cli.source import FILE_MODES, open_source
 
@@ -42,7 +50,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--label", metavar="KEY=VALUE", type=parse_label, action="append", help="attach a label (repeatable)"
     )
-    p.add_argument("--ttl", metavar="DURATION", type=parse_duration, help="remove the entry after DURATION")
+    from fdbroker.limits import MAX_ENTRY_TTL, MIN_ENTRY_TTL
+
+    p.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        type=duration(MIN_ENTRY_TTL, MAX_ENTRY_TTL),
+        help=f"remove the entry after DURATION, {span_range(MIN_ENTRY_TTL, MAX_ENTRY_TTL)} "
+        "(default: it never expires)",
+    )
     p.add_argument(
         "--ephemeral",
         action="store_true",
@@ -52,11 +68,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--if-revision",
         metavar="N",
-        type=int,
+        type=integer(0, REVISION_MAX),
         default=0,
         help="with --replace: only if the existing entry is at revision N",
     )
-    p.add_argument("--backlog", metavar="N", type=int, default=128, help="listen backlog (default 128)")
+    p.add_argument(
+        "--backlog",
+        metavar="N",
+        type=integer(1, 65535),
+        default=128,
+        help="listen backlog, 1..65535 (default 128)",
+    )
+    add_json_argument(p, "the stored entry (as `stat --json`)")
 
 
 def _check(args: argparse.Namespace, cmd: list[str]) -> None:
@@ -103,7 +126,10 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
                 raise
             # The broker holds its own duplicate now; ours goes before CMD runs (CMD does not inherit it).
             src.accepted(entry.name)
-            print(f"{entry.name}: {entry.summary} (revision {entry.revision})", flush=True)
+            if args.json:
+                print_json(entry.to_json())
+            else:
+                print(f"{entry.name}: {entry.summary} (revision {entry.revision})", flush=True)
             if cmd:
                 return child.run(cmd)
             return 0

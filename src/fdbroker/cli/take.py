@@ -5,15 +5,28 @@ from __future__ import annotations
 import argparse
 
 from fdbroker.cli import child, connect, exitcodes
-from fdbroker.cli.format import describe_received
+from fdbroker.cli.format import (
+    REVISION_MAX,
+    add_json_argument,
+    describe_received,
+    integer,
+    print_json,
+    received_json,
+)
 from fdbroker.cli.page import Verb
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the entry to take")
     p.add_argument(
-        "--if-revision", metavar="N", type=int, default=0, help="only if the entry is at revision N"
+        "--if-revision",
+        metavar="N",
+        type=integer(0, REVISION_MAX),
+        default=0,
+        help="only if the entry is at revision N",
     )
+    child.add_listen_env_argument(p)
+    add_json_argument(p, "without CMD: what was received (and taken)")
 
 
 def run(args: argparse.Namespace, cmd: list[str]) -> int:
@@ -22,7 +35,10 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
             connect.client(args) as client,
             client.take(args.name, if_revision=args.if_revision, raw=True) as owned,
         ):
-            print(describe_received(args.name, owned.fileno()) + " (taken, closed)")
+            if args.json:
+                print_json({**received_json(args.name, owned.fileno()), "taken": True})
+            else:
+                print(describe_received(args.name, owned.fileno()) + " (taken, closed)")
         return 0
     return child.fetch_and_exec(
         args, [args.name], cmd, lambda c: [c.take(args.name, if_revision=args.if_revision, raw=True).detach()]

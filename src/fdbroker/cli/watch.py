@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fdbroker.cli import connect
-from fdbroker.cli.format import format_event
+from fdbroker.cli.format import REVISION_MAX, format_event, integer
 from fdbroker.cli.page import Verb
 
 
@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--start-revision",
         metavar="N",
-        type=int,
+        type=integer(0, REVISION_MAX),
         default=0,
         help="replay from revision N (0, the default: only changes from now on)",
     )

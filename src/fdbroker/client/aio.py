@@ -38,7 +38,7 @@ from fdbroker.client.models import Entry, Event, FdLike, Info, Lease, Listing, O
 from fdbroker.client.raw import Raw
 from fdbroker.client.verbs import AsyncVerbs
 from fdbroker.conduit.aio import AsyncFramedConduit
-from fdbroker.conduit.errors import ConduitError
+from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import Frame
 from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
@@ -335,7 +335,12 @@ class Client(AsyncVerbs):
         return await AsyncFramedConduit.open(self._conduit_address(), timeout=self.timeout)
 
     async def _read_frame(self, step: steps.ReadFrame, run: steps.Run[Any]) -> Frame:
-        return await step.conduit.recv(timeout=self.timeout)  # type: ignore[no-any-return]
+        try:
+            return await step.conduit.recv(timeout=self.timeout)  # type: ignore[no-any-return]
+        except ConduitError as err:
+            if err.type is ErrType.TIMEOUT:
+                raise steps.silent_for(self.timeout) from None
+            raise
 
 
 class PendingLease:

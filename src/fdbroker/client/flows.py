@@ -67,9 +67,9 @@ from fdbroker.client.steps import (
     SendFrame,
 )
 from fdbroker.client.trust import Paths, Trust, connect_failure
-from fdbroker.conduit.errors import ConduitError
+from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import SCM_MAX_FD
-from fdbroker.errors import Aborted, BrokerError, NotFound, Unavailable
+from fdbroker.errors import Aborted, BrokerError, DeadlineExceeded, NotFound, Unavailable
 from fdbroker.protocol import LEASE_WAIT_MARGIN
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -170,6 +170,8 @@ def handshake(paths: Paths, trust: Trust) -> Flow[tuple[Any, Welcome]]:
         welcome = welcome_of((yield ReadFrame(conduit)), paths)
     except ConduitError as err:
         conduit.close()
+        if err.type is ErrType.TIMEOUT:  # it is there, and silent: not "start one"
+            raise DeadlineExceeded(f"the broker at {paths.run_dir} did not answer {err.message}") from None
         raise Unavailable(f"the broker at {paths.run_dir} closed the conduit: {err}") from None
     except BaseException:
         conduit.close()

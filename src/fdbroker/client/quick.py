@@ -16,11 +16,11 @@ from typing import Any
 from fdbroker.client import flows
 from fdbroker.client.models import Entry, Info, Listing
 from fdbroker.client.session import error_from_frame
-from fdbroker.client.steps import Dial, Run, Step, drive
+from fdbroker.client.steps import Dial, Run, Step, drive, silent_for
 from fdbroker.client.trust import Paths, Trust, TrustUids, socket_address
-from fdbroker.conduit.errors import ConduitError
+from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import FramedConduit
-from fdbroker.errors import Aborted
+from fdbroker.errors import Aborted, DeadlineExceeded
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -55,7 +55,12 @@ class QuickClient:
     def _step(self, step: Step, run: Run[Any]) -> Any:
         if isinstance(step, Dial):
             return FramedConduit.connect(self._address, timeout=self.timeout)
-        return step.conduit.recv(timeout=self.timeout)  # type: ignore[union-attr]
+        try:
+            return step.conduit.recv(timeout=self.timeout)  # type: ignore[union-attr]
+        except ConduitError as err:
+            if err.type is ErrType.TIMEOUT:
+                raise silent_for(self.timeout) from None
+            raise
 
     def close(self) -> None:
         self._conduit.close()
@@ -83,6 +88,10 @@ class QuickClient:
                 if kind == "error":
                     raise error_from_frame(m.error)
         except ConduitError as err:
+            if err.type is ErrType.TIMEOUT:
+                raise DeadlineExceeded(
+                    f"the broker at {self.paths.run_dir} did not answer within {self.timeout:g}s"
+                ) from None
             raise Aborted(f"the conduit to the broker at {self.paths.run_dir} broke: {err}") from None
 
     def list(self, prefix: str = "", *, selector: str = "") -> Listing:

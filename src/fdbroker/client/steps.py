@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
 
+from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.v1 import conduit_pb2 as cpb
 
 if TYPE_CHECKING:
@@ -265,3 +266,8 @@ async def drive_async(run: Run[T], do: Callable[[Step, Run[T]], Awaitable[Any]])
         except BaseException as err:
             run.failed(err)
     return run.value
+
+
+def silent_for(timeout: float | None) -> ConduitError:
+    """What a driver raises when a :class:`ReadFrame` got nothing within its timeout (the flow words it)."""
+    return ConduitError(ErrType.TIMEOUT, "within the timeout" if timeout is None else f"within {timeout:g}s")

@@ -310,7 +310,12 @@ class Client(BlockingVerbs):
         return FramedConduit.connect(address, timeout=self.timeout)
 
     def _read_frame(self, step: steps.ReadFrame, run: steps.Run[Any]) -> Frame:
-        return step.conduit.recv(timeout=self.timeout)  # type: ignore[no-any-return]
+        try:
+            return step.conduit.recv(timeout=self.timeout)  # type: ignore[no-any-return]
+        except ConduitError as err:
+            if err.type is ErrType.TIMEOUT:
+                raise steps.silent_for(self.timeout) from None
+            raise
 
 
 class LeaseHandle(HeldLease):
