@@ -13,6 +13,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Shared 2-core machines: example generation and each example's run can stall for seconds when the other core is
+# busy. No deadline and no too-slow health check (they judge the machine, not the code); the number of examples,
+# and so the properties' strength, is unchanged.
+settings.register_profile("shared-machine", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared-machine")
 
 
 def open_fds() -> dict[int, str]:

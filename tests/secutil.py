@@ -14,7 +14,7 @@ import sysconfig
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,6 @@ from fdbroker.v1 import conduit_pb2 as cpb
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 NOBODY = 65534
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy (bounded wait, not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def holds(pid: int, fd: int) -> bool:

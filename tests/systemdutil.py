@@ -21,26 +21,19 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from fdbroker import testing
 
 SYSTEMD = Path("/usr/lib/systemd/systemd")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def wait_until(cond: Callable[[], Any], what: str, timeout: float = 90.0, interval: float = 0.1) -> Any:
-    """Poll until ``cond()`` is truthy and return it; fail naming ``what`` after ``timeout`` seconds (a bound
-    on a busy machine, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """fdbroker.testing.wait_until with room for a container to boot."""
+    return testing.wait_until(cond, what, timeout, interval)
 
 
 def cannot_boot_reason() -> str | None:

@@ -25,7 +25,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import pytest
 
 from fdbroker import cli
 from fdbroker.broker.policy import Identity, Policy
+from fdbroker.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -65,18 +66,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 needs_yaml = pytest.mark.skipif(
     yaml is None, reason="PyYAML is not installed (not a declared test dependency); manifests not parsed"
 )
-
-
-def wait_for(cond: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    """Poll until ``cond`` is truthy (a bounded wait, not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- systemd unit files ---------------------------------------------------------------------------------------
@@ -918,10 +907,10 @@ def test_unit_exec_start_runs_reloads_and_stops(short_tmp: Path) -> None:
         sig = one(unit, "Service", "ExecReload").split()[1]
         assert sig == "-HUP"
         broker.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "policy reloaded from" in broker.log(), "the reload log line")
+        wait_until(lambda: "policy reloaded from" in broker.log(), "the reload log line")
         policy.write_text("[[rule]]\nallow = ['gett']\n")
         broker.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "policy reload failed" in broker.log(), "the failed-reload log line")
+        wait_until(lambda: "policy reload failed" in broker.log(), "the failed-reload log line")
         assert broker.proc.poll() is None
         assert fdb(run_dir, "status").returncode == 0
     finally:
@@ -1005,7 +994,7 @@ def pod_network(sysctls: list[dict[str, str]]) -> Iterator[int]:
     Yields the pid of a process in it (for ``nsenter -n``)."""
     holder = subprocess.Popen(["unshare", "--net", "sleep", "600"])
     try:
-        wait_for(
+        wait_until(
             lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"), "netns"
         )
         net = ["nsenter", "-t", str(holder.pid), "-n"]
@@ -1143,7 +1132,9 @@ def rehearse_sidecar_pod(short_tmp: Path, netns: int) -> None:
         )
         # This probe runs as root: like the Pod's clients, it trusts the broker's uid to serve the run dir.
         trust = {"FDBROKER_TRUST_UID": str(broker_c["securityContext"]["runAsUser"])}
-        wait_for(lambda: fdb(run_dir, "stat", "web/https", env=trust).returncode == 0, "the binder's deposit")
+        wait_until(
+            lambda: fdb(run_dir, "stat", "web/https", env=trust).returncode == 0, "the binder's deposit"
+        )
 
         app_argv = [py if a == "python3" else a for a in app_c["command"]]
         app = subprocess.Popen(
@@ -1163,7 +1154,7 @@ def rehearse_sidecar_pod(short_tmp: Path, netns: int) -> None:
             )
             return r.stdout if r.returncode == 0 else None
 
-        assert wait_for(fetch, "the app to serve") == "served on a brokered listener\n"
+        assert wait_until(fetch, "the app to serve") == "served on a brokered listener\n"
         # The app's uid may not take the listener away (the ConfigMap's policy).
         r = subprocess.run(
             [*as_user(app_c), "fdbroker", "rm", "web/https"],
@@ -1208,7 +1199,7 @@ class Pod:
                 stderr=subprocess.STDOUT,
                 cwd="/",
             )
-        self.pid1 = wait_for(self._child, f"{name}'s PID 1")
+        self.pid1 = wait_until(self._child, f"{name}'s PID 1")
 
     def _child(self) -> int:
         assert self.proc.poll() is None, self.log()
@@ -1285,7 +1276,7 @@ def test_daemonset_rollout_hands_entries_over(short_tmp: Path) -> None:
     try:
         a = Pod("pod-a", script, env, groups, short_tmp)
         pods.append(a)
-        wait_for(lambda: a.probe(ready), "pod A to be ready on an empty node")
+        wait_until(lambda: a.probe(ready), "pod A to be ready on an empty node")
         # The probe tells pods apart: run from any other PID namespace (a pod whose broker is not the one
         # serving, such as a surge pod still taking over), it fails although a broker serves.
         other_pod = subprocess.run(["unshare", "--pid", "--fork", *a.identity, *ready], env=env, cwd="/")
@@ -1298,8 +1289,8 @@ def test_daemonset_rollout_hands_entries_over(short_tmp: Path) -> None:
 
         b = Pod("pod-b", script, env, groups, short_tmp)  # maxSurge: the new pod beside the old one
         pods.append(b)
-        wait_for(lambda: b.probe(ready), "pod B to be ready (its own broker serving)", timeout=60)
-        wait_for(lambda: "handed over" in a.log(), "pod A's broker to hand over")
+        wait_until(lambda: b.probe(ready), "pod B to be ready (its own broker serving)", timeout=60)
+        wait_until(lambda: "handed over" in a.log(), "pod A's broker to hand over")
         assert "took over 2 entries" in b.log(), b.log()
         assert not a.probe(ready), "pod A still ready after handing over"
         assert a.proc.poll() is None, "pod A's container exited (the kubelet would restart it)"

@@ -32,11 +32,11 @@ from typing import Any
 
 import pytest
 from fuzzutil import Stopwatch
-from secutil import Control, custom_broker, unprivileged_python, wait_for
+from secutil import Control, custom_broker, unprivileged_python
 
 from fdbroker.client import Client
 from fdbroker.errors import BrokerError
-from fdbroker.testing import BrokerProcess
+from fdbroker.testing import BrokerProcess, wait_until
 from fdbroker.v1 import broker_pb2 as pb
 
 FRAMES = int(os.environ.get("FDBROKER_FUZZ_FRAMES", "5000"))
@@ -187,7 +187,7 @@ def test_conduit_fuzz_from_an_unprivileged_uid() -> None:
         try:
             sampler.start()
             good.start()
-            wait_for(lambda: good.watch.count >= 5 or good.errors, what="the good client's first calls")
+            wait_until(lambda: good.watch.count >= 5 or good.errors, what="the good client's first calls")
             proc = subprocess.Popen(
                 [*prefix, str(HELPER), str(b.run_dir), str(seed), str(FRAMES), str(TOKEN_TTL), PRECLOSE],
                 stdout=subprocess.PIPE,

@@ -52,10 +52,10 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
-from secutil import Control, RawConduit, new_run_dir, wait_for
+from secutil import Control, RawConduit, new_run_dir
 
 from fdbroker.conduit.frames import encode_frame
-from fdbroker.testing import BrokerProcess
+from fdbroker.testing import BrokerProcess, wait_until
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -267,7 +267,7 @@ class Target:
         self.conduit = RawConduit(run_dir)
         with RawConduit(run_dir) as gone:
             self.ended_session = gone.session_id
-        wait_for(lambda: self.info().sessions == 1, what="the ended session to end")
+        wait_until(lambda: self.info().sessions == 1, what="the ended session to end")
         for name in FIXTURE_NAMES:
             self._put(name)
         lease = self.ctl.call(

@@ -33,7 +33,6 @@ from secutil import (
     new_run_dir,
     run_as,
     unprivileged_python,
-    wait_for,
 )
 
 from fdbroker import limits
@@ -41,6 +40,7 @@ from fdbroker.broker.core import Broker, BrokerConfig
 from fdbroker.broker.policy import Identity, Policy
 from fdbroker.conduit.frames import encode_frame
 from fdbroker.errors import BrokerError, Code, InvalidArgument
+from fdbroker.testing import wait_until
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -333,7 +333,7 @@ def _served_while_lingering(b, other, route, spare: int) -> None:  # type: ignor
     try:
         route(ling)
         ling.drop()
-        wait_for(
+        wait_until(
             lambda: _lingering_closes(b.pid) >= 1, timeout=20, what="the broker's lingering close to start"
         )
         for _ in range(20):
@@ -344,7 +344,7 @@ def _served_while_lingering(b, other, route, spare: int) -> None:  # type: ignor
         assert _lingering_closes(b.pid) >= 1, "the lingering close was over before other calls were served"
     finally:
         ling.release()
-    wait_for(lambda: _lingering_closes(b.pid) == 0, timeout=20, what="the lingering close to end")
+    wait_until(lambda: _lingering_closes(b.pid) == 0, timeout=20, what="the lingering close to end")
 
 
 def test_no_close_of_a_client_descriptor_blocks_the_event_loop() -> None:
@@ -422,7 +422,7 @@ def test_sessions_equal_live_connections_after_1000_connect_close_cycles() -> No
             if i % 3 == 0:
                 s.recv(1)  # part of the Welcome, then gone mid-frame
             s.close()  # i % 3 != 0: gone before the broker even accepted it
-        wait_for(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).sessions == 0, what="sessions back to 0")
+        wait_until(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).sessions == 0, what="sessions back to 0")
         with RawConduit(b.run_dir) as rc:  # a new one opens
             assert rc.session_id
             assert ctl.call("GetInfo", pb.GetInfoRequest()).sessions == 1
@@ -463,7 +463,7 @@ def test_watchers_are_capped_per_uid_and_in_total_for_anonymous_callers(tmp_path
         for c in calls:
             c.cancel()  # type: ignore[attr-defined]
         # The quota comes back when streams end.
-        wait_for(lambda: _try_watch(ctl), what="a watch slot to free up")
+        wait_until(lambda: _try_watch(ctl), what="a watch slot to free up")
 
 
 def _try_watch(ctl: Control) -> bool:

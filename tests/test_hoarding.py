@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from secutil import custom_broker, new_run_dir, unprivileged_python, wait_for
+from secutil import custom_broker, new_run_dir, unprivileged_python
 
 from fdbroker.conduit import SCM_MAX_FD, ConduitError, ErrType, Frame, FrameDecoder, encode_frame
-from fdbroker.testing import BrokerProcess
+from fdbroker.testing import BrokerProcess, wait_until
 from fdbroker.v1 import conduit_pb2 as cpb
 
 # -- the decoder's rule, as properties ---------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def test_hoarding_attack_is_cut_off_and_others_are_served(nobody_python: list[st
         assert code == 3 and "unsolicited" in message and "drop the connection" in message, errors
         # At most one frame's descriptors were ever held (plus what the broker opens of its own).
         assert peak <= base + 2 * SCM_MAX_FD + CAP_SLACK, (peak, base)
-        wait_for(lambda: b.fd_count() == base, what="the broker back at its baseline")
+        wait_until(lambda: b.fd_count() == base, what="the broker back at its baseline")
         assert "unsolicited" in b.log()
 
 
@@ -436,8 +436,8 @@ def test_per_uid_cap_pauses_a_uids_connections(
         try:
             assert attacker.line() == {"held": conns}
             # Reads go on while the uid is below its cap: the first two frames in progress are taken in ...
-            wait_for(lambda: b.fd_count() >= base + 2 * SCM_MAX_FD, what="two frames held")
-            wait_for(lambda: "pausing reads" in b.log(), what="the uid's connections paused")
+            wait_until(lambda: b.fd_count() >= base + 2 * SCM_MAX_FD, what="two frames held")
+            wait_until(lambda: "pausing reads" in b.log(), what="the uid's connections paused")
             # ... another uid is served meanwhile ...
             put_get_delete(b, "cap/other")
             # ... and the rest waits in the kernel, not in the broker's table.
@@ -451,7 +451,7 @@ def test_per_uid_cap_pauses_a_uids_connections(
                 assert rep["answers"] == ["deposited"] * conns, rep  # every made-up token refused
         finally:
             attacker.finish()
-        wait_for(lambda: b.fd_count() == base, what="the broker back at its baseline")
+        wait_until(lambda: b.fd_count() == base, what="the broker back at its baseline")
 
 
 def test_policy_limit_is_loaded_and_range_checked(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from brokerutil import child_env, run_client
-from secutil import Control, Probe, RawConduit, custom_broker, new_run_dir, wait_for
+from secutil import Control, Probe, RawConduit, custom_broker, new_run_dir
 
 from fdbroker.errors import InvalidArgument, NotFound, ResourceExhausted
-from fdbroker.testing import BrokerProcess
+from fdbroker.testing import BrokerProcess, wait_until
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -43,7 +43,7 @@ def test_200_conduit_connections_opened_and_dropped(fdbroker_broker):
                 s.sendall(b"\x00\x00\x01\x00partial")  # a frame that never completes
             conns.append(s)
         # every one of them got a session (the broker keeps up)
-        wait_for(lambda: info(run_dir).sessions == 200, what="200 sessions")
+        wait_until(lambda: info(run_dir).sessions == 200, what="200 sessions")
         for i, s in enumerate(conns):
             if i % 2:
                 s.shutdown(socket.SHUT_RDWR)
@@ -53,7 +53,7 @@ def test_200_conduit_connections_opened_and_dropped(fdbroker_broker):
         for _ in range(50):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.connect(str(run_dir / "control.sock"))
-        wait_for(lambda: info(run_dir).sessions == 0, what="sessions ended")
+        wait_until(lambda: info(run_dir).sessions == 0, what="sessions ended")
         r, w = os.pipe()
         try:
             with fdbroker_broker.client() as c:

@@ -24,10 +24,10 @@ from secutil import (
     prefix_only,
     run_as,
     unprivileged_python,
-    wait_for,
 )
 
 from fdbroker.errors import Code
+from fdbroker.testing import wait_until
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -77,7 +77,7 @@ def test_expired_token_is_refused(probe):
     with custom_broker(["--token-ttl", "0.3"]) as b, Control(b.run_dir) as ctl, RawConduit(b.run_dir) as rc:
         tok = ctl.put_token(rc.session_id, "sec/late")
         before = ctl.snapshot()
-        wait_for(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).pending_tokens == 0, what="token expiry")
+        wait_until(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).pending_tokens == 0, what="token expiry")
         deposit(rc, [tok], [probe.send_fd])
         (done, _) = rc.recv_kind("deposited")
         err = done.results[0].error
@@ -219,11 +219,11 @@ def test_truncated_frame_then_hang_up_closes_the_held_descriptor(fdbroker_broker
         rc.send_raw(data[:10], [probe.send_fd])  # the descriptor arrives with a frame that never completes
         probe.drop_ours()
         # the broker holds it while the frame is incomplete ...
-        wait_for(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).sessions >= 1)
+        wait_until(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).sessions >= 1)
     # ... and closes it when the peer hangs up mid-frame
     assert probe.closed_everywhere()
     assert ctl.snapshot() == []
-    wait_for(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).pending_tokens == 0, what="token voided")
+    wait_until(lambda: ctl.call("GetInfo", pb.GetInfoRequest()).pending_tokens == 0, what="token voided")
 
 
 # -- take atomicity, session death -----------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_killed_session_drops_entries_and_voids_tokens(fdbroker_broker, ctl, pro
         for f in (child.stdout, child.stderr):
             if f:
                 f.close()
-    wait_for(lambda: [n for n, _ in ctl.snapshot()] == ["dead/kept"], what="ephemeral entries removed")
+    wait_until(lambda: [n for n, _ in ctl.snapshot()] == ["dead/kept"], what="ephemeral entries removed")
     assert ctl.call("GetInfo", pb.GetInfoRequest()).pending_tokens == 0
     with RawConduit(fdbroker_broker.run_dir) as rc:
         rc.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=get_toks[:1])))
@@ -428,12 +428,12 @@ def test_policy_with_real_uids_and_reload(nobody_python, tmp_path):
             # reload: a good file takes effect for new calls ...
             policy.write_text(POLICY_DB_TOO)
             os.kill(b.pid, signal.SIGHUP)
-            wait_for(lambda: "policy reloaded" in b.log(), what="policy reload")
+            wait_until(lambda: "policy reloaded" in b.log(), what="policy reload")
             assert _nobody(nobody_python, b.run_dir)["get_db"] == "ok"
             # ... a bad one is logged with its line and the old policy stays
             policy.write_text(POLICY + '\n[[rule]]\nuids = [65534]\nallow = ["gett"]\n')
             os.kill(b.pid, signal.SIGHUP)
-            wait_for(lambda: "policy reload failed" in b.log(), what="failed reload logged")
+            wait_until(lambda: "policy reload failed" in b.log(), what="failed reload logged")
             assert "gett" in b.log()
             assert _nobody(nobody_python, b.run_dir)["get_db"] == "ok"
             with b.client() as c:

@@ -26,11 +26,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+def wait_until(
+    cond: Callable[[], Any], what: str = "condition", timeout: float = 10.0, interval: float = 0.02
+) -> Any:
+    """Poll until ``cond()`` returns something truthy and return it; fail naming ``what`` after ``timeout`` seconds.
+
+    A bounded wait for something another process does (a broker closing a descriptor, a session ending), never a
+    timing assertion: on a busy machine give it room.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 class BrokerProcess:
