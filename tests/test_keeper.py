@@ -309,7 +309,9 @@ def test_a_broker_that_crashes_at_start_is_restarted_with_back_off(run_dir: Path
         code = k.proc.wait(60)
         log = k.log()
         delays = [float(x) for x in re.findall(r"restart \d+ in ([0-9.]+)s", log)]
-        assert 2 <= len(delays) <= 6, log[-4000:]  # restarted, but no spin (a spinning keeper: ~1 per 0.3 s)
+        # Restarted, but no spin: a keeper without back-off restarts once per broker start (~0.3 s), 10+ times.
+        assert 1 <= len(delays) <= 6, log[-4000:]
+        # And the delays it chose are the schedule, whatever the machine's speed.
         assert delays == [0.0, *(min(30.0, 0.1 * 2**i) for i in range(len(delays) - 1))], delays
         assert log.count("broker started") == len(delays) + (0 if "while no broker ran" in log else 1)
         assert code in (0, 1, 128 + signal.SIGTERM), log[-4000:]
