@@ -277,7 +277,8 @@ class Keeper:
 
     def _back_off(self, reason: str) -> None:
         self._failures += 1
-        delay = 0.0 if self._failures == 1 else min(MAX_DELAY, FIRST_DELAY * 2 ** (self._failures - 2))
+        doublings = min(self._failures - 2, 30)  # 0.1 s * 2**30 is far past MAX_DELAY already
+        delay = 0.0 if self._failures == 1 else min(MAX_DELAY, FIRST_DELAY * 2**doublings)
         self._start_at = time.monotonic() + delay
         log.warning(
             "broker %s; restart %d in %.1fs with %d kept descriptor(s)",
