@@ -164,7 +164,7 @@ class FdStore:
         """Tell the keeper an entry's metadata changed (no new descriptor); an empty value makes it forget what it
         had, and fdstore.json keeps the entry instead."""
         meta = _meta_line(e)
-        if self._send(f"FDNAME={e.name}{meta or chr(10) + keeper.META_KEY + '='}"):
+        if self._send(f"FDNAME={e.name}" + (meta or f"\n{keeper.META_KEY}=")):
             self._kept_meta(e.name, meta)
 
     def _kept_meta(self, name: str, meta: str) -> None:
