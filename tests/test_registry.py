@@ -7,8 +7,8 @@ import os
 import pytest
 
 from fdbroker import fdinfo
-from fdbroker.broker.registry import Owner, PutOptions, Registry
-from fdbroker.errors import OutOfRange, ResourceExhausted
+from fdbroker.broker.registry import Entry, Owner, PutOptions, Registry
+from fdbroker.errors import AlreadyExists, OutOfRange, ResourceExhausted
 from fdbroker.v1 import broker_pb2 as pb
 
 OWNER = Owner(os.getpid(), os.getuid(), os.getgid())
@@ -84,5 +84,67 @@ def test_history_replays_from_a_revision_and_refuses_below_its_floor(pipe):
         with pytest.raises(OutOfRange):
             succ.history.since(999)
         assert succ.history.since(1001) == []
+    finally:
+        reg.close_all()
+
+
+def carried(name: str, fd: int, revision: int = 5) -> Entry:
+    return Entry(
+        id=0,
+        name=name,
+        fd=fd,
+        info_bytes=fdinfo.describe(fd).SerializeToString(),
+        owner=OWNER,
+        session_id="",
+        labels={},
+        create_time=1.0,
+        create_revision=revision,
+        revision=revision,
+    )
+
+
+def test_install_takes_a_batch_all_or_none(pipe):
+    gone: list[int] = []
+    reg = Registry(capacity=5, discard=lambda fd, uid: (gone.append(fd), os.close(fd)))
+    try:
+        put(reg, "b", pipe)
+        put(reg, "d", pipe)
+        fds = [os.dup(pipe) for _ in range(3)]
+        for bad in (
+            [carried("a", fds[0]), carried("d", fds[1])],  # already held
+            [carried("a", fds[0]), carried("a", fds[1])],  # twice in the batch
+            [carried(n, fd) for n, fd in zip("aceg", [*fds, fds[0]], strict=True)],  # 2 + 4 > 5
+        ):
+            with pytest.raises((AlreadyExists, ResourceExhausted)):
+                reg.install(bad)
+            # nothing changed and no descriptor was taken
+            assert [e.name for e in reg.in_order()] == ["b", "d"] and reg.count_for_uid(OWNER.uid) == 2
+            assert gone == [] and all(os.fstat(fd) for fd in fds)
+        batch = [carried("e", fds[0], 90), carried("a", fds[1], 7), carried("c", fds[2], 8)]
+        batch[1].expires_at = reg.clock()
+        reg.install(batch)
+        # names merged into their order, ids fresh, counters raised to the highest revision, expiry tracked
+        assert [e.name for e in reg.in_order()] == ["a", "b", "c", "d", "e"]
+        assert reg.page("", after="b", limit=2)[0] == [reg.get("c"), reg.get("d")]
+        assert len({e.id for e in reg}) == 5 and reg.count_for_uid(OWNER.uid) == 5
+        assert reg.revision == 90 and reg.get("a").revision == 7
+        assert reg.due(reg.clock() + 1) == [reg.get("a")]
+        assert reg.get("c").to_pb().revision == 8  # its serialized forms were built
+        reg.install([])
+        assert len(reg) == 5
+    finally:
+        reg.close_all()
+
+
+def test_install_keeps_a_carried_form(pipe):
+    reg = Registry(capacity=4)
+    try:
+        e = carried("x", os.dup(pipe))
+        form = pb.Entry(name="x", revision=5, create_revision=5, labels={"as": "sent"}).SerializeToString()
+        e.keep_form(form)
+        reg.install([e])
+        assert reg.get("x").pb_bytes() == form  # not encoded again
+        reg.touch(reg.get("x"), pb.Event.TYPE_LEASE_RELEASED)
+        assert reg.get("x").to_pb().labels == {}  # a change builds it from the entry again
     finally:
         reg.close_all()

@@ -142,20 +142,20 @@ def test_per_uid_quotas_are_resource_exhausted(tmp_path):
 
             # pending tokens: 8 PUT tokens whose descriptors never come are the limit; the 9th is refused
             for _ in range(8):
-                c._rpc(c._stub.Put, pb.PutRequest(name="q/e1", replace=True), session=True)
+                c.raw.call("Put", pb.PutRequest(name="q/e1", replace=True))
             with pytest.raises(ResourceExhausted) as ei:
-                c._rpc(c._stub.Put, pb.PutRequest(name="q/e0", replace=True), session=True, name="q/e0")
+                c.raw.call("Put", pb.PutRequest(name="q/e0", replace=True), name="q/e0")
             assert "handoff tokens pending" in str(ei.value) and "q/e0" in str(ei.value), ei.value
             # a get still works (its delivery token is spent at once), and prefetching has a pool of its own
             # (max_prefetch_tokens_per_uid = 5): a full explicit quota does not starve it, and it never fails
-            g = c._rpc(c._stub.Get, pb.GetRequest(name="q/e0", prefetch=7), session=True)
+            g = c.raw.call("Get", pb.GetRequest(name="q/e0", prefetch=7))
             assert len(g.prefetch_tokens) == 5
-            kind, _, fd = c._wait([g.handoffs[0].token])[0]
+            kind, _, fd = c.raw.await_answers([g.handoffs[0].token])[0]
             assert kind == "deliver"
             os.close(fd)
-            g = c._rpc(c._stub.Get, pb.GetRequest(name="q/e0", prefetch=7), session=True)
+            g = c.raw.call("Get", pb.GetRequest(name="q/e0", prefetch=7))
             assert list(g.prefetch_tokens) == []  # pool full: fewer tokens, no error
-            kind, _, fd = c._wait([g.handoffs[0].token])[0]
+            kind, _, fd = c.raw.await_answers([g.handoffs[0].token])[0]
             os.close(fd)
 
             # sessions: this client is one; three more fit, the fifth is refused

@@ -233,8 +233,8 @@ import fdbroker, os, sys, time
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 c = fdbroker.Client()
-resp = c._rpc(c._stub.Take, pb.TakeRequest(name="atom/x"), session=True, name="atom/x")
-kind, item, fd = c._wait([resp.handoff.token])[0]
+resp = c.raw.call("Take", pb.TakeRequest(name="atom/x"), name="atom/x")
+kind, item, fd = c.raw.await_answers([resp.handoff.token])[0]
 assert kind == "deliver", kind
 print("DELIVERED", fd, flush=True)
 time.sleep(120)   # never acks
@@ -287,9 +287,10 @@ c = fdbroker.Client(prefetch=4)
 c.put("dead/eph1", r, ephemeral=True)
 c.put("dead/eph2", w, ephemeral=True)
 c.put("dead/kept", r)
-c.get("dead/eph1").close()  # leaves 4 prefetched GET tokens pending
-put = c._rpc(c._stub.Put, pb.PutRequest(name="dead/never"), session=True).handoff.token
-gets = [t for t, _ in c._prefetched._by_name["dead/eph1"]]
+g = c.raw.call("Get", pb.GetRequest(name="dead/eph1", prefetch=4))  # 4 prefetched GET tokens pending
+os.close(c.raw.await_answers([g.handoffs[0].token])[0].fd)
+gets = list(g.prefetch_tokens)
+put = c.raw.call("Put", pb.PutRequest(name="dead/never")).handoff.token
 print("TOKENS", put.hex(), " ".join(t.hex() for t in gets), flush=True)
 time.sleep(120)
 """
@@ -354,7 +355,7 @@ def attempt(key, fn):
 with fdbroker.Client() as c:
     # anonymous first: listing works, moving a descriptor does not
     out["anon_list"] = [e.name for e in c.list()]
-    attempt("anon_get", lambda: c._rpc(c._stub.Get, pb.GetRequest(name="web/https"), session=False))
+    attempt("anon_get", lambda: c.raw.call("Get", pb.GetRequest(name="web/https"), session=False))
     s = attempt("get_web", lambda: c.get("web/https"))
     if s is not None:
         out["web_is_listener"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
@@ -366,9 +367,9 @@ with fdbroker.Client() as c:
     e = attempt("put_own", lambda: c.put("nobody/mine", r))
     os.close(r); os.close(w)
     # GetInfo with the session, after claiming to be root in metadata: the kernel's identity wins
-    raw = c._stub.GetInfo(pb.GetInfoRequest(), metadata=[("fdbroker-session", c.connect()), ("uid", "0")])
+    raw = c.stub.GetInfo(pb.GetInfoRequest(), metadata=[("fdbroker-session", c.connect()), ("uid", "0")])
     out["caller"] = [raw.caller.uid, raw.caller.gid, raw.caller.pid == os.getpid()]
-    out["owner"] = [x.owner.uid for x in c._rpc(c._stub.List, pb.ListRequest(prefix="nobody/"), session=True).entries]
+    out["owner"] = [x.owner.uid for x in c.raw.call("List", pb.ListRequest(prefix="nobody/")).entries]
     attempt("delete_own", lambda: c.delete("nobody/mine"))
 print(json.dumps(out))
 """

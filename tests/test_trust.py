@@ -24,8 +24,8 @@ from secutil import NOBODY, new_run_dir, run_as, unprivileged_python
 import fdbroker.aio
 from fdbroker.cli.exitcodes import exit_code_for
 from fdbroker.client import Client
-from fdbroker.client.core import TRUST_UID_ENV, Trust
 from fdbroker.client.quick import QuickClient
+from fdbroker.client.trust import TRUST_UID_ENV, Trust
 from fdbroker.conduit.frames import encode_frame
 from fdbroker.errors import Code, InvalidArgument, UntrustedBroker
 from fdbroker.testing import BrokerProcess, checked_broker

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import collections
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -82,6 +82,12 @@ class Entry:
         """Drop the cached serialized forms (after any change that shows in them)."""
         self._bytes = None
         self._tail = None
+
+    def keep_form(self, data: bytes) -> None:
+        """Take ``data``, this entry's ``pb.Entry`` as a previous broker process serialized it, as its cached form
+        (a handover: not encoded again). Before the entry is installed only. Its ``DeliverItem`` tail is then
+        built at the first delivery, not at install: from a ``str``, a revision and bytes, that cannot fail."""
+        self._bytes = data
 
     def deliver_tail(self) -> bytes:
         """The entry's part of a serialized ``DeliverItem`` (see :mod:`fdbroker.broker.delivery`), cached."""
@@ -221,6 +227,10 @@ class Registry:
                         i += 1
                     return out, ""
         return out, ""
+
+    def in_order(self) -> list[Entry]:
+        """Every entry, in name order."""
+        return list(map(self._entries.__getitem__, self._names))
 
     # -- changing ------------------------------------------------------------------------------------------------
 
@@ -379,27 +389,31 @@ class Registry:
 
     # -- survival ------------------------------------------------------------------------------------------------
 
-    def install(self, entry: Entry) -> Entry:
-        """Take in an entry carried over from a previous broker process (built by
-        :func:`fdbroker.broker.survival.carry.restore`), as it was: no event and no new revision (the counter is raised
-        to the entry's). Assigns ``entry.id``. Ownership as :meth:`put`: on success the registry owns
-        ``entry.fd``; on any :class:`BrokerError` (:class:`AlreadyExists`, :class:`ResourceExhausted`,
-        :class:`InvalidArgument` for metadata that cannot be encoded) it is still the caller's.
+    def install(self, entries: Sequence[Entry]) -> None:
+        """Take in entries carried over from a previous broker process (:func:`.survival.carry.restore`, a
+        handover), as they were, all or none: no event, no new revision (the counter is raised to theirs), ids
+        assigned. In bulk: a form kept (:meth:`Entry.keep_form`) is not encoded again, names merge in at once.
+        Ownership as :meth:`put`: on success the registry owns every ``fd``; on any :class:`BrokerError`
+        (:class:`AlreadyExists`, :class:`ResourceExhausted`, :class:`InvalidArgument`) nothing changed.
         """
-        name = entry.name
-        if name in self._entries:
-            raise AlreadyExists(f"entry {name!r} is restored twice", name=name)
-        if len(self._entries) >= self.capacity:
-            raise ResourceExhausted(
-                f"cannot restore {name!r}: the broker holds {len(self._entries)} descriptors, its limit "
-                f"({self.capacity}); raise RLIMIT_NOFILE or lower --reserve-fds",
-                name=name,
-            )
-        entry.id = self._next_id
-        _prepare(entry)  # may raise: nothing has changed yet and ``fd`` is still the caller's
-        self.raise_revision(max(entry.revision, entry.create_revision))
-        self._hold(entry, None)
-        return entry
+        table = self._entries
+        names = [e.name for e in entries]
+        if not names:
+            return
+        _check_room(table, names, self.capacity)
+        for e in entries:
+            if e._bytes is None:
+                _prepare(e)  # may raise: nothing has changed yet and every ``fd`` is still the caller's
+        # From here on nothing raises: the registry owns every ``fd``.
+        for i, e in enumerate(entries, self._next_id):
+            e.id = i
+            if e.expires_at is not None:
+                self._expiring[e.name] = e.expires_at
+        self._next_id += len(names)
+        table.update(zip(names, entries, strict=True))
+        self._per_uid.update(e.owner.uid for e in entries)
+        _merge(self._names, names)
+        self.raise_revision(max(max(e.revision, e.create_revision) for e in entries))
 
     def _hold(self, entry: Entry, old: Entry | None) -> None:
         """Take ``entry`` into the tables, in place of ``old`` (whose descriptor is given up). Never raises."""
@@ -423,6 +437,27 @@ class Registry:
             del self._per_uid[e.owner.uid]
         self._discard(e.fd, e.owner.uid)
         e.fd = -1
+
+
+def _check_room(held: dict[str, Entry], names: list[str], capacity: int) -> None:
+    """Raise the error an install of ``names`` meets: a name held or given twice, or no room for them all."""
+    if len(set(names)) < len(names) or not held.keys().isdisjoint(names):
+        twice = sorted({n for n in names if n in held or names.count(n) > 1})
+        raise AlreadyExists(f"entries restored twice: {', '.join(twice[:5])}", name=twice[0])
+    if len(held) + len(names) > capacity:
+        raise ResourceExhausted(
+            f"cannot restore {len(names)} entries: the broker holds {len(held)} descriptors, its limit is "
+            f"{capacity}; raise RLIMIT_NOFILE or lower --reserve-fds",
+            name=names[0],
+        )
+
+
+def _merge(names: list[str], new: list[str]) -> None:
+    """Add ``new`` to the sorted ``names`` at once (bisect.insort per name moves the tail each time)."""
+    k = len(names)
+    names.extend(sorted(new))
+    if k and new and names[k - 1] > names[k]:
+        names.sort()  # timsort merges the two sorted runs
 
 
 def _prepare(entry: Entry) -> None:

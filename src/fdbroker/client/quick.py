@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import Any
 
-from fdbroker.client.core import (
-    Entry,
-    Info,
-    Paths,
-    Trust,
-    TrustUids,
-    connect_failure,
-    error_from_frame,
-    socket_address,
-)
+from fdbroker.client import flows
+from fdbroker.client.models import Entry, Info, Listing
+from fdbroker.client.session import error_from_frame
+from fdbroker.client.steps import Dial, Run, Step, drive
+from fdbroker.client.trust import Paths, Trust, TrustUids, socket_address
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import FramedConduit
-from fdbroker.errors import Aborted, Unavailable
+from fdbroker.errors import Aborted
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
-
-class Listing(list[Entry]):
-    """Entries and the registry ``revision`` of the listing's first page."""
-
-    revision: int = 0
+__all__ = ["Listing", "QuickClient"]
 
 
 class QuickClient:
@@ -53,25 +45,17 @@ class QuickClient:
         self.timeout = timeout
         self._ids = itertools.count(1)
         dir_fd = self.trust.open_run_dir(self.paths)
+        self._address = socket_address(dir_fd, self.paths.conduit)
         try:
-            self._conduit = FramedConduit.connect(socket_address(dir_fd, self.paths.conduit), timeout=timeout)
-        except ConduitError as err:
-            raise self.paths.not_running(connect_failure(self.paths, err)) from None
+            # the same handshake as the full clients: the peer is checked before anything is sent
+            self._conduit: FramedConduit = drive(Run(flows.handshake(self.paths, self.trust)), self._step)[0]
         finally:
             os.close(dir_fd)  # only the connection matters from here on
-        try:
-            self.trust.check_peer(self.paths, self._conduit.peer_credentials())
-            first = self._conduit.recv(timeout=timeout)
-        except ConduitError as err:
-            self._conduit.close()
-            raise Unavailable(f"the broker at {self.paths.run_dir} closed the conduit: {err}") from None
-        except BaseException:
-            self._conduit.close()
-            raise
-        first.close_fds()
-        if first.message.WhichOneof("body") == "error":
-            self._conduit.close()
-            raise error_from_frame(first.message.error)
+
+    def _step(self, step: Step, run: Run[Any]) -> Any:
+        if isinstance(step, Dial):
+            return FramedConduit.connect(self._address, timeout=self.timeout)
+        return step.conduit.recv(timeout=self.timeout)  # type: ignore[union-attr]
 
     def close(self) -> None:
         self._conduit.close()

@@ -449,7 +449,13 @@ class FramedConduit:
         error
         after its first bytes went out) the stream is unusable: later sends raise the same error.
         """
-        data = encode_frame(message, len(fds), self.max_frame_bytes)
+        self.send_raw(encode_frame(message, len(fds), self.max_frame_bytes), fds, timeout)
+
+    def send_raw(self, data: bytes, fds: Sequence[int] = (), timeout: float | None = None) -> None:
+        """Sends one frame already encoded (length prefix + ``ConduitFrame`` whose ``fd_count`` is ``len(fds)``,
+        at most 253), as :meth:`send` does: for frames spliced from cached bytes. Nothing checks ``data``.
+
+        Ownership and errors as :meth:`send`."""
         with self._send_lock:
             if self._send_broken is not None:
                 raise self._send_broken

@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "HANDOVER_SOCKET",
     "MAX_FRAME_BYTES",
+    "MAX_RESTORED_TTL",
     "HandoverError",
     "Progress",
     "allowed",
@@ -41,7 +42,7 @@ def allowed(uid: int) -> bool:
 
 
 # A restored expiry is clamped like a requested one (a corrupt fd-store record must not make an entry unencodable).
-_MAX_RESTORED_TTL = 366 * 24 * 3600.0
+MAX_RESTORED_TTL = 366 * 24 * 3600.0
 
 
 def restore(
@@ -88,10 +89,12 @@ def restore(
         ephemeral=ephemeral,
     )
     if expires_in is not None:
-        left = min(max(0.0, expires_in), _MAX_RESTORED_TTL)
+        left = min(max(0.0, expires_in), MAX_RESTORED_TTL)
         entry.expires_at = registry.clock() + left
         entry.expire_time = now_wall + left if expire_time is None else expire_time
     if lease_epoch:
         entry.lease = LeaseTable(epoch=lease_epoch)
-    entry._bytes = entry_bytes
-    return registry.install(entry)
+    if entry_bytes is not None:
+        entry.keep_form(entry_bytes)
+    registry.install([entry])
+    return entry

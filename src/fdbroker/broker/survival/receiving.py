@@ -17,19 +17,21 @@ import logging
 import os
 import select
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fdbroker.broker.registry import Owner, Registry
+from fdbroker.broker.leasing import LeaseTable
+from fdbroker.broker.registry import Entry, Owner, Registry
 from fdbroker.broker.survival.carry import (
     DEFAULT_TIMEOUT,
     HANDOVER_SOCKET,
     MAX_FRAME_BYTES,
+    MAX_RESTORED_TTL,
     HandoverError,
     Progress,
     allowed,
-    restore,
 )
 from fdbroker.conduit import close_fds
 from fdbroker.conduit.errors import ConduitError, ErrType
@@ -57,6 +59,9 @@ class Takeover:
     revision: int
     epoch: int
     seconds: float
+    #: From HandoverBegin to the ack sent (receiving and installing every entry), wall clock and this thread's CPU.
+    install_seconds: float = 0.0
+    install_cpu_seconds: float = 0.0
 
 
 def take_over(
@@ -94,6 +99,8 @@ def take_over(
         except OSError:
             pidfd = -1
         begin = _expect(conn, "handover_begin").handover_begin
+        t1 = time.monotonic()
+        c1 = time.thread_time()
         total = begin.entries
         free = registry.capacity - len(registry)
         if total > free:
@@ -102,12 +109,21 @@ def take_over(
                 "raise RLIMIT_NOFILE or lower --reserve-fds"
             )
         leases: list[HandedLease] = []
-        lock_fd = _receive_entries(conn, registry, total, on_progress, leases)
+        lock_fd = _receive_entries(conn, registry, begin, on_progress, leases)
         got = len(registry)
         registry.raise_revision(begin.revision)
         broker.continue_epochs(begin.epoch)
         broker.end_handed_over_sessions(leases)
         conn.send(cpb.ConduitFrame(handover_ack=hpb.HandoverAck(entries=got)))
+        install_s = time.monotonic() - t1
+        install_cpu = time.thread_time() - c1
+        log.info(
+            "handover: installed %d entries from pid %d in %.4f s (cpu %.4f s); waiting for its release",
+            got,
+            begin.pid,
+            install_s,
+            install_cpu,
+        )
         _wait_released(conn, pidfd, begin.pid, timeout)
     except BaseException as exc:
         registry.close_all()
@@ -131,6 +147,8 @@ def take_over(
         revision=registry.revision,
         epoch=begin.epoch,
         seconds=time.monotonic() - t0,
+        install_seconds=install_s,
+        install_cpu_seconds=install_cpu,
     )
 
 
@@ -149,13 +167,14 @@ def _expect(conn: FramedConduit, kind: str) -> cpb.ConduitFrame:
 def _receive_entries(
     conn: FramedConduit,
     registry: Registry,
-    total: int,
+    begin: hpb.HandoverBegin,
     on_progress: Progress | None,
     leases: list[HandedLease],
 ) -> int:
-    """Install entries until HandoverDone; return the lock descriptor it carries. Appends the lease holders
-    seen to ``leases``."""
+    """Install entries until HandoverDone, a frame at a time, while the old broker sends the next ones; return
+    the lock descriptor it carries. Appends the lease holders seen to ``leases``."""
     n = 0
+    total = begin.entries
     while True:
         frame: Frame = conn.recv()
         kind = frame.message.WhichOneof("body")
@@ -177,40 +196,72 @@ def _receive_entries(
             raise HandoverError(
                 f"handover protocol: {len(items)} entries with {len(fds)} descriptors ({n} of {total} so far)"
             )
-        for i, (item, fd) in enumerate(zip(items, fds, strict=True)):
-            try:
-                _install(registry, item, fd)
-                leases.extend((item.entry.name, h) for h in item.entry.lease.holders)
-            except BaseException:
-                close_fds(fds[i:])
-                raise
+        try:
+            registry.install(decode_entries(items, fds, registry, begin.revision, leases))
+        except BaseException:
+            close_fds(fds)  # none of them was installed
+            raise
         n += len(items)
         if on_progress is not None:
             on_progress(n, total)
 
 
-def _install(registry: Registry, item: hpb.HandoverEntry, fd: int) -> None:
-    e = item.entry
-    expires_in = expire_time = None
-    if item.HasField("ttl_remaining"):
-        expires_in = item.ttl_remaining.ToNanoseconds() / 1e9
-        expire_time = e.expire_time.ToNanoseconds() / 1e9 if e.HasField("expire_time") else None
-    restore(
-        registry,
-        e.name,
-        fd,
-        e.info,
-        Owner(e.owner.pid, e.owner.uid, e.owner.gid),
-        labels=dict(e.labels),
-        create_time=e.create_time.ToNanoseconds() / 1e9,
-        create_revision=e.create_revision,
-        revision=e.revision,
-        expires_in=expires_in,
-        expire_time=expire_time,
-        ephemeral=e.ephemeral,
-        session_id="handover" if e.ephemeral else "",
-        lease_epoch=e.lease.epoch,
-    )
+def decode_entries(
+    items: Sequence[hpb.HandoverEntry],
+    fds: Sequence[int],
+    registry: Registry,
+    floor: int,
+    leases: list[HandedLease],
+) -> list[Entry]:
+    """The entries of one ``HandoverEntries`` frame (``items[i]`` with ``fds[i]``) as :func:`.carry.restore` builds
+    them, with no message built per entry: the description is the old broker's (it passed the uid check: it is
+    this broker, in an earlier version), and so is the serialized form (it sets ``expire_time`` exactly when it
+    sends ``ttl_remaining``), kept unless it differs from the entry installed (lease state came along: holders
+    and waiters stay behind; or a revision 0, which means ``floor``). Appends the lease holders to ``leases``."""
+    clock = registry.clock()
+    wall = registry.wall()
+    owners: dict[tuple[int, int, int], Owner] = {}
+    out: list[Entry] = []
+    for item, fd in zip(items, fds, strict=True):
+        e = item.entry
+        o = e.owner
+        key = (o.pid, o.uid, o.gid)
+        owner = owners.get(key)
+        if owner is None:
+            owner = owners[key] = Owner(*key)
+        created = e.create_time
+        labels = e.labels
+        revision = e.revision or floor
+        entry = Entry(
+            id=0,
+            name=e.name,
+            fd=fd,
+            info_bytes=e.info.SerializeToString(),
+            owner=owner,
+            session_id="handover" if e.ephemeral else "",
+            labels=dict(labels) if labels else {},
+            create_time=(created.seconds * 1_000_000_000 + created.nanos) / 1e9,
+            create_revision=e.create_revision or revision,
+            revision=revision,
+            ephemeral=e.ephemeral,
+        )
+        if item.HasField("ttl_remaining"):
+            ttl = item.ttl_remaining
+            left = min(max(0.0, (ttl.seconds * 1_000_000_000 + ttl.nanos) / 1e9), MAX_RESTORED_TTL)
+            entry.expires_at = clock + left
+            if e.HasField("expire_time"):
+                at = e.expire_time
+                entry.expire_time = (at.seconds * 1_000_000_000 + at.nanos) / 1e9
+            else:
+                entry.expire_time = wall + left
+        if e.HasField("lease"):
+            if e.lease.epoch:
+                entry.lease = LeaseTable(epoch=e.lease.epoch)
+            leases.extend((entry.name, h) for h in e.lease.holders)
+        elif e.revision and e.create_revision:
+            entry.keep_form(e.SerializeToString())
+        out.append(entry)
+    return out
 
 
 def _wait_released(conn: FramedConduit, pidfd: int, pid: int, timeout: float) -> None:
