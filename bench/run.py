@@ -17,6 +17,7 @@ BENCHES = [
     "broker_bench.py",
     "lease_bench.py",
     "takeover_bench.py",
+    "survival_bench.py",
 ]
 
 

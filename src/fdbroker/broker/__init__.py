@@ -20,7 +20,8 @@ The map (data flows down: RPCs and frames in at the top, the tables at the botto
     closer.py        closing client descriptors off the event loop
     rundir.py        claiming the run directory (the lock, stale sockets)
     notify.py        sd_notify
-    survival/        outliving the process: restore(), handover (giving.py, receiving.py), the systemd fd store
+    survival/        outliving the process: restore(), handover (giving.py, receiving.py), the fd store (fdstore.py,
+                     restoring.py) and the keeper that plays systemd's part anywhere else (keeper.py)
 
 Descriptor ownership: a descriptor a client deposits belongs to the broker from the moment it is received; it
 becomes an entry's (the registry owns it) or goes to the closer. Deliveries send copies (the kernel duplicates

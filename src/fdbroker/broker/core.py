@@ -51,6 +51,7 @@ class BrokerConfig:
     history: int = 10_000
     max_frame_bytes: int = MAX_FRAME_BYTES
     watch_queue: int = 4096  # events buffered per watcher before it is cut off
+    keeper: pb.KeeperInfo | None = None  # the keeper that runs this broker (serve --keeper), for GetInfo
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -210,11 +211,11 @@ class Broker:
             broker_pid=os.getpid(),
             oldest_watch_revision=self._registry.history.oldest_revision,
             max_frame_bytes=self.config.max_frame_bytes,
+            caller=pb.Identity(**identity._asdict()) if identity is not None else None,
+            keeper=self.config.keeper,
         )
         r.token_ttl.FromNanoseconds(int(self._tokens.ttl * 1e9))
         r.start_time.FromNanoseconds(int(self.start_time * 1e9))
-        if identity is not None:
-            r.caller.pid, r.caller.uid, r.caller.gid = identity.pid, identity.uid, identity.gid
         return r
 
     def put_begin(self, s: Session | None, req: pb.PutRequest) -> pb.PutResponse:

@@ -30,11 +30,12 @@ from fdbroker import __version__
 from fdbroker.broker import closer
 from fdbroker.broker.core import Broker, BrokerConfig
 from fdbroker.broker.listener import Connection, Listener
-from fdbroker.broker.notify import sd_notify
+from fdbroker.broker.notify import keeper_channel, sd_notify
 from fdbroker.broker.policy import Identity, Policy
 from fdbroker.broker.rundir import HANDOVER_SOCKET, RunDir
 from fdbroker.broker.servicer import FdBrokerServicer, add_to_server
 from fdbroker.broker.sessions import Session
+from fdbroker.broker.survival import keeper
 from fdbroker.broker.survival.fdstore import FdStore
 from fdbroker.broker.survival.giving import HandoverServer, released
 from fdbroker.broker.survival.receiving import take_over
@@ -94,6 +95,14 @@ def _bounded(kind: type[int] | type[float], low: float, high: float) -> Callable
     return parse
 
 
+def _keeper_info() -> pb.KeeperInfo | None:
+    """What ``GetInfo`` says of the keeper that started this process, if one did (``serve --keeper``)."""
+    facts = keeper.facts() if keeper_channel() is not None else None
+    if facts is None:
+        return None
+    return pb.KeeperInfo(pid=facts.pid, restarts=facts.restarts, last_exit=facts.last_exit)
+
+
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -143,6 +152,7 @@ class BrokerServer:
                 history=opts.history,
                 watch_queue=opts.watch_queue,
                 max_frame_bytes=opts.max_frame_bytes,
+                keeper=_keeper_info(),
             ),
             policy,
             wakeup=self._wake.set,
@@ -153,7 +163,10 @@ class BrokerServer:
         assert self.rundir is not None
         if opts.fdstore:
             self.fdstore = FdStore.open(
-                self.broker.registry, self.rundir.path, continue_epochs=self.broker.continue_epochs
+                self.broker.registry,
+                self.rundir.path,
+                continue_epochs=self.broker.continue_epochs,
+                end_sessions=self.broker.end_handed_over_sessions,
             )
 
         old_umask = os.umask(0o177)  # no window in which a socket is more open than asked for
@@ -433,6 +446,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and FileDescriptorStoreMax=; see docs/survival.md)",
     )
     parser.add_argument(
+        "--keeper",
+        action="store_true",
+        help="run under a keeper: this process stays small (no gRPC), runs the broker as its child with "
+        "--fdstore and keeps a copy of every entry, so a broker that crashes, is OOM-killed or kill -9ed "
+        "comes back with every entry; reaps, forwards signals, restarts with back-off (SIGUSR2: restart now); "
+        "fit to be a container's PID 1 (see docs/survival.md)",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("FDBROKER_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
@@ -477,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.keeper:
+        parser.error("--keeper is `fdbroker serve --keeper` (the keeper must not load this module)")
     return run(options_from_args(args, resolve_run_dir(args.run_dir)), args.log_level)
 
 

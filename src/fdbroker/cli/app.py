@@ -170,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list, cmd = args_list[:i], args_list[i + 1 :]
     if name is not None and {"-h", "--help"} & set(args_list[: args_list.index(name)]):
         name = None  # `fdbroker --help VERB`: the top-level page, listing every verb
+    if name is not None and not {"-h", "--help"} & set(args_list):
+        early = load(name).early
+        code = early(args_list) if early is not None else None
+        if code is not None:
+            return code
     args = build_parser(name).parse_args(args_list)
     verb = load(args.verb)
     from fdbroker.cli import connect

@@ -40,6 +40,9 @@ class Verb(NamedTuple):
     """Whether ``-- CMD [ARGS]`` follows the options (split off before parsing)."""
     exits: tuple[str, ...] = (exitcodes.BROKER,)
     """The scopes of :mod:`fdbroker.cli.exitcodes` whose codes this verb can return."""
+    early: Callable[[list[str]], int | None] | None = None
+    """Looks at the whole command line before any parser is built (``serve --keeper`` must not load what the
+    parser would): an exit code ends the program there, None goes on as usual."""
 
     def parser_kwargs(self) -> dict[str, Any]:
         """The manual page, as :meth:`argparse.ArgumentParser.add_parser` arguments."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from fdbroker.cli import connect
 from fdbroker.cli.format import format_fields, human_duration, print_json
 from fdbroker.cli.page import Verb
+
+if TYPE_CHECKING:
+    from fdbroker.client import Info
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +48,7 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
             f"valid {info.token_ttl:g}s",
         ),
         ("watch", f"history from revision {info.oldest_watch_revision}"),
+        ("keeper", _keeper(info)),
         (
             "caller",
             f"pid {caller[0]} uid {caller[1]} gid {caller[2]}" if caller else "anonymous (no session)",
@@ -53,11 +58,19 @@ def run(args: argparse.Namespace, cmd: list[str]) -> int:
     return 0
 
 
+def _keeper(info: Info) -> str:
+    if info.keeper_pid is None:
+        return "none (a crash loses the entries unless systemd's fd store keeps them)"
+    restarts = info.keeper_restarts
+    text = f"pid {info.keeper_pid}, {restarts} restart{'' if restarts == 1 else 's'}"
+    return f"{text}, last: {info.keeper_last_exit}" if info.keeper_last_exit else text
+
+
 STATUS = Verb(
     name="status",
     summary="broker health, version, counts and limits",
     description="Show whether the broker serves, its pid, version, uptime, run directory, revision, counts "
-    "and\nlimits, and who the broker takes the caller to be.",
+    "and\nlimits, its keeper (restarts, why the last broker ended), and who the broker takes the caller to be.",
     add_arguments=add_arguments,
     run=run,
     notes="  Exit 10 (with how to start one) when no broker serves the run directory.",

@@ -347,6 +347,12 @@ class Info:
     start_time: float
     oldest_watch_revision: int
     caller: tuple[int, int, int] | None
+    keeper_pid: int | None = None
+    """The pid of the keeper that runs the broker (``serve --keeper``); None without one."""
+    keeper_restarts: int = 0
+    """How many times the keeper started the broker again (crash, kill, OOM, restart on request)."""
+    keeper_last_exit: str = ""
+    """Why the previous broker process ended ("killed by SIGKILL"); empty for the first one."""
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -365,6 +371,9 @@ class Info:
             start_time=m.start_time.ToNanoseconds() / 1e9,
             oldest_watch_revision=m.oldest_watch_revision,
             caller=(m.caller.pid, m.caller.uid, m.caller.gid) if m.HasField("caller") else None,
+            keeper_pid=m.keeper.pid if m.HasField("keeper") else None,
+            keeper_restarts=m.keeper.restarts,
+            keeper_last_exit=m.keeper.last_exit,
         )
 
 

@@ -213,7 +213,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "entries", "sessions", "pending_tokens", "max_entries", "max_entries_per_uid", "max_sessions_per_uid", "max_pending_tokens_per_uid", "token_ttl", "caller", "broker_pid", "start_time", "oldest_watch_revision", "max_frame_bytes", "header")
+    __slots__ = ("version", "entries", "sessions", "pending_tokens", "max_entries", "max_entries_per_uid", "max_sessions_per_uid", "max_pending_tokens_per_uid", "token_ttl", "caller", "broker_pid", "start_time", "oldest_watch_revision", "max_frame_bytes", "keeper", "header")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class GetInfoResponse(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     OLDEST_WATCH_REVISION_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEEPER_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     version: str
     entries: int
@@ -243,8 +244,19 @@ class GetInfoResponse(_message.Message):
     start_time: _timestamp_pb2.Timestamp
     oldest_watch_revision: int
     max_frame_bytes: int
+    keeper: KeeperInfo
     header: ResponseHeader
-    def __init__(self, version: _Optional[str] = ..., entries: _Optional[int] = ..., sessions: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_entries_per_uid: _Optional[int] = ..., max_sessions_per_uid: _Optional[int] = ..., max_pending_tokens_per_uid: _Optional[int] = ..., token_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., broker_pid: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oldest_watch_revision: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
+    def __init__(self, version: _Optional[str] = ..., entries: _Optional[int] = ..., sessions: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., max_entries: _Optional[int] = ..., max_entries_per_uid: _Optional[int] = ..., max_sessions_per_uid: _Optional[int] = ..., max_pending_tokens_per_uid: _Optional[int] = ..., token_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., caller: _Optional[_Union[Identity, _Mapping]] = ..., broker_pid: _Optional[int] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., oldest_watch_revision: _Optional[int] = ..., max_frame_bytes: _Optional[int] = ..., keeper: _Optional[_Union[KeeperInfo, _Mapping]] = ..., header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
+
+class KeeperInfo(_message.Message):
+    __slots__ = ("pid", "restarts", "last_exit")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    restarts: int
+    last_exit: str
+    def __init__(self, pid: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit: _Optional[str] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("name", "options", "replace", "if_revision")

@@ -5,13 +5,15 @@ Two ways, one module each:
 * live handover (``fdbroker serve --takeover``): :mod:`.giving` is the running broker's side (it listens on
   ``handover.sock`` and gives every entry away), :mod:`.receiving` the successor's (it connects, installs the
   entries, and inherits the run directory's lock);
-* the systemd file-descriptor store (``serve --fdstore``): :mod:`.fdstore`.
+* the systemd file-descriptor store (``serve --fdstore``): :mod:`.fdstore` mirrors every entry to the service
+  manager and, at start, :mod:`.restoring` turns what it passes back into entries;
+* the keeper (``serve --keeper``): :mod:`.keeper` is a small parent process that plays systemd's part for a
+  broker run anywhere else (a container's PID 1 included), through the same :mod:`.fdstore` code, and keeps each
+  entry's metadata beside its descriptor. It imports nothing from this package but itself (and the closer), so
+  this ``__init__`` stays empty of code: the keeper must not load gRPC, protobuf or the registry.
 
-What both ways share lives in :mod:`.carry`: :func:`~.carry.restore`, which rebuilds an entry as a previous
-process held it, and for a handover the protocol below, its limits and its error. A third way, the keeper
-(:mod:`.keeper`, ``serve --keeper``), plays systemd's part for a broker run anywhere else; it imports nothing
-from this package but the closer, so this ``__init__`` stays empty of code (the keeper must not load gRPC or the
-registry).
+What all ways share lives in :mod:`.carry`: :func:`~.carry.restore`, which rebuilds an entry as a previous
+process held it, and for a handover the protocol below, its limits and its error.
 
 The handover protocol. The running broker listens on ``handover.sock`` in its run directory (mode 0600; a peer is admitted only if its
 ``SO_PEERCRED`` uid is the broker's own uid or 0). The successor connects and the two speak the conduit's framing

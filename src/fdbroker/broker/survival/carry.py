@@ -61,14 +61,17 @@ def restore(
     ephemeral: bool = False,
     session_id: str = "",
     lease_epoch: int = 0,
+    entry_bytes: bytes | None = None,
 ) -> Entry:
     """Install an entry carried over from a previous broker process (handover or fd store), as it was.
 
     No event and no new revision: the entry keeps ``revision``/``create_revision`` (0: the current revision),
     and the registry's counter is raised to at least ``revision``. ``expires_in``: seconds left (None: never);
     ``expire_time``: its wall-clock form (default now + ``expires_in``). ``lease_epoch``: the last fencing
-    epoch granted on the name (holders do not survive). Ownership as :meth:`Registry.install`: on success the
-    registry owns ``fd``; on any :class:`BrokerError` it is still the caller's.
+    epoch granted on the name (holders do not survive). ``entry_bytes``: the entry's serialized ``pb.Entry`` as
+    the previous process had it, when the restore changes nothing in it (saves building it again). Ownership as
+    :meth:`Registry.install`: on success the registry owns ``fd``; on any :class:`BrokerError` it is still the
+    caller's.
     """
     now_wall = registry.wall()
     floor = max(registry.revision, revision, create_revision)
@@ -91,5 +94,7 @@ def restore(
         entry.expire_time = now_wall + left if expire_time is None else expire_time
     if lease_epoch:
         entry.lease = LeaseTable(epoch=lease_epoch)
+    if entry_bytes is not None:
+        entry.keep_form(entry_bytes)
     registry.install([entry])
     return entry
