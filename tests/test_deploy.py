@@ -361,7 +361,7 @@ def test_containerfile() -> None:
     # Numeric (hadolint DL3066; Kubernetes' runAsNonRoot can check only a numeric image user) and not root.
     assert users and re.fullmatch(r"\d+:\d+", users[-1]), users
     assert users[-1].split(":")[0] != "0", "runs as a non-root user by default"
-    assert json.loads(dict(ins)["ENTRYPOINT"]) == ["fdbroker", "serve"]
+    assert json.loads(dict(ins)["ENTRYPOINT"]) == ["fdbroker", "serve", "--keeper"]
     assert json.loads(dict(ins)["VOLUME"]) == ["/run/fdbroker"]
     assert "FDBROKER_RUN_DIR=/run/fdbroker" in dict(ins)["ENV"]
     health = dict(ins)["HEALTHCHECK"]

@@ -455,6 +455,28 @@ class Keeper:
                 self._once = set()
         if "STATUS" in fields:
             self.state.status = fields["STATUS"]
+        self._relay(fields)
+
+    def _relay(self, fields: dict[str, str]) -> None:
+        """Pass the broker's state changes on to the keeper's own service manager, if it has one (podman
+        --sdnotify, a supervisor, a test): the keeper is the service's main process, so READY=1 is its to say.
+        The fd-store messages stay here: keeping descriptors is what the keeper is for."""
+        target = self.environ.get("NOTIFY_SOCKET", "")
+        if not target:
+            return
+        lines = [f"{k}={fields[k]}" for k in _RELAYED if k in fields]
+        if not lines:
+            return
+        address: str | bytes = b"\0" + target[1:].encode() if target.startswith("@") else target
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(lines).encode(), address)
+        except OSError as err:
+            log.debug("relaying %s to NOTIFY_SOCKET failed: %s", lines, err)
+
+
+# What a broker tells its service manager that the keeper's own manager should hear too.
+_RELAYED = ("READY", "RELOADING", "MONOTONIC_USEC", "STOPPING", "STATUS", "ERRNO")
 
 
 def _noop(*_: object) -> None:
