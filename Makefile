@@ -60,8 +60,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 
+## typecheck: mypy --strict on src/ (pyproject.toml), then on tests/ (mypy-tests.ini: test functions and fixtures
+## may go unannotated, their bodies are still checked)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --config-file mypy-tests.ini
 
 pytest: $(STAMP) $(DEPLOY_TOOLS)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -340,9 +340,17 @@ _SCALAR_BOUNDS = {
 }
 
 
+def descriptor_of(msg: Message | type[Message]) -> Descriptor:
+    """``msg.DESCRIPTOR``, typed as the public descriptor class. The stubs type it as that or upb's C class; at
+    run time it is the C class, which ``isinstance()`` counts as the public one."""
+    desc = msg.DESCRIPTOR
+    assert isinstance(desc, Descriptor)
+    return desc
+
+
 def is_repeated(f: FieldDescriptor) -> bool:
-    rep = getattr(f, "is_repeated", None)  # protobuf >= 6; older ones only have ``label``
-    return bool(rep) if rep is not None else bool(f.label == FieldDescriptor.LABEL_REPEATED)
+    # ``is_repeated`` since protobuf 6.31 (our floor); 7 dropped the ``label`` it replaced.
+    return f.is_repeated
 
 
 def _scalar(ch: Chooser, ctx: FuzzContext, f: FieldDescriptor, hostile: bool) -> Any:
@@ -363,6 +371,7 @@ def _scalar(ch: Chooser, ctx: FuzzContext, f: FieldDescriptor, hostile: bool) ->
     if t == FieldDescriptor.TYPE_BYTES:
         return gen_token(ch, ctx, hostile) if "token" in f.name else ch.binary(64 if hostile else 8)
     if t == FieldDescriptor.TYPE_ENUM:
+        assert f.enum_type is not None  # an enum field
         known = [v.number for v in f.enum_type.values]
         return ch.choice(known) if not hostile else gen_int(ch, INT32)  # open enums take any int32
     raise TypeError(f"no generator for field type {t} ({f.full_name})")
@@ -395,7 +404,7 @@ def fill_message(
     """Sets a random subset of ``msg``'s fields (recursing ``depth`` levels into message fields), each one a
     plausible value or, with probability ``hostility``, a hostile one. At most one field of each oneof is set.
     Returns ``msg``."""
-    desc: Descriptor = msg.DESCRIPTOR
+    desc = descriptor_of(msg)
     if desc.full_name in _WELL_KNOWN_TIMES:  # times are prime suspects (overflow): hostile more often
         fill_time(ch, msg, ch.chance(max(hostility, 0.5)))
         return msg
@@ -417,6 +426,7 @@ def _fill_field(
     holder = getattr(msg, f.name)
     if f.type == FieldDescriptor.TYPE_MESSAGE:
         sub = f.message_type
+        assert sub is not None  # a message field
         if sub.GetOptions().map_entry:
             kf, vf = sub.fields_by_name["key"], sub.fields_by_name["value"]
             hostile = ch.chance(hostility)
@@ -470,8 +480,10 @@ def malformed_times(msg: Message, path: str = "") -> list[str]:
         if f.type != FieldDescriptor.TYPE_MESSAGE:
             continue
         p = f"{path}.{f.name}" if path else f.name
-        if f.message_type.GetOptions().map_entry:
-            values = value.values() if f.message_type.fields_by_name["value"].message_type else []
+        sub = f.message_type
+        assert sub is not None  # a message field
+        if sub.GetOptions().map_entry:
+            values = value.values() if sub.fields_by_name["value"].message_type else []
         else:
             values = value if is_repeated(f) else [value]
         for i, v in enumerate(values):
@@ -521,8 +533,9 @@ def gen_wire(ch: Chooser, desc: Descriptor, depth: int = 2) -> bytes:
             out += ch.binary(8) if ch.chance(0.3) else ch.binary(0) + bytes(8)
         elif wt == 2:
             f = desc.fields_by_number.get(num)
-            if f is not None and f.type == FieldDescriptor.TYPE_MESSAGE and depth > 0 and ch.chance(0.5):
-                payload = gen_wire(ch, f.message_type, depth - 1)
+            sub = f.message_type if f is not None and f.type == FieldDescriptor.TYPE_MESSAGE else None
+            if sub is not None and depth > 0 and ch.chance(0.5):
+                payload = gen_wire(ch, sub, depth - 1)
             elif ch.chance(0.4):
                 payload = ch.choice((b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"a\xfe", b"\xf4\x90\x80\x80"))
             else:

@@ -5,6 +5,7 @@ on the receiving side, in other processes where it matters; the sync and asyncio
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import socket
@@ -151,6 +152,7 @@ def test_file_shares_offset_and_memfd_content(fdbroker_broker, tmp_path):
             assert ef.kind == "file" and ef.path == str(p) and "O_APPEND" in ef.flags
             assert em.kind == "memfd"
             got = await c.get("log/audit")
+            assert isinstance(got, io.FileIO), got  # a regular file: an unbuffered file object
             got.write(b"via broker\n")
             got.close()
             raw = await c.get_fd("log/audit")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pytest
@@ -108,9 +108,10 @@ class Harness:
         )
         result = sink.last("deposited").results[-1]
         assert not result.HasField("error"), result.error
-        return result.entry
+        entry: pb.Entry = result.entry
+        return entry
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Awaitable[T]) -> T:
         return self.loop.run_until_complete(coro)
 
     def start(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

@@ -588,7 +588,7 @@ def test_a_file_whose_path_is_not_utf8_can_be_deposited(
 
 def test_names_that_are_not_utf8_are_invalid_arguments(fdbroker_broker: BrokerProcess) -> None:
     # On main: UnicodeEncodeError tracebacks (exit 1) from every verb given such a name, prefix or selector.
-    for args in (
+    argvs: list[list[bytes | str]] = [
         ["stat", b"\xff"],
         ["put", b"\xff", "--file", "/dev/null"],
         ["get", b"na\xffme", "--", "true"],
@@ -600,7 +600,8 @@ def test_names_that_are_not_utf8_are_invalid_arguments(fdbroker_broker: BrokerPr
         ["ls", "--selector", b"a=\xff"],
         ["put", "x", "--file", "/dev/null", "--label", b"k=\xff"],
         ["lease", b"\xff", "--ttl", "1s", "--", "true"],
-    ):
+    ]
+    for args in argvs:
         r = _fdb_bytes(fdbroker_broker, *args)
         refused(r, 3, "not UTF-8", "\\x")
     assert json.loads(ok(cli(fdbroker_broker, "ls", "--json"))) == []

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fdbroker.broker.delivery import encode_deliver, item_tail, varint
-from fdbroker.conduit.frames import FrameDecoder
+from fdbroker.conduit.frames import Frame, FrameDecoder
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -62,4 +62,5 @@ def test_decoder_accepts_spliced_frame():
     )
     # fd_count 0 with no descriptors attached: the decoder yields the frame as is
     (frame,) = FrameDecoder().feed(data, [])
+    assert isinstance(frame, Frame), frame
     assert frame.message.deliver.items[0].name == "a/b"

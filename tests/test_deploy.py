@@ -61,7 +61,7 @@ IS_ROOT = os.geteuid() == 0
 try:
     import yaml
 except ImportError:  # pragma: no cover - depends on the environment
-    yaml = None
+    yaml = None  # type: ignore[assignment]  # the optional-import idiom: mypy types the name as the module
 
 needs_yaml = pytest.mark.skipif(
     yaml is None, reason="PyYAML is not installed (not a declared test dependency); manifests not parsed"
@@ -402,7 +402,8 @@ def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def image_entrypoint() -> list[str]:
-    return json.loads(dict(containerfile_instructions())["ENTRYPOINT"])
+    argv: list[str] = json.loads(dict(containerfile_instructions())["ENTRYPOINT"])
+    return argv
 
 
 SHELL_SEPARATORS = {
@@ -1383,6 +1384,7 @@ def test_wheel_ships_license_protos_and_metadata(tmp_path: Path) -> None:
     assert meta["License-Expression"] == "Apache-2.0"
     assert meta.get_all("License-File") == ["LICENSE"]
     classifiers = meta.get_all("Classifier")
+    assert classifiers is not None, "no Classifier in the wheel's METADATA"
     assert "Operating System :: POSIX :: Linux" in classifiers and "Typing :: Typed" in classifiers
     assert not [c for c in classifiers if c.startswith("License ::")], (
         "PEP 639: the expression, not classifiers"

@@ -152,7 +152,8 @@ def _render_anomalies(summary: dict[str, Any]) -> list[str]:
 
 
 def _info(ctl: Control) -> pb.GetInfoResponse:
-    return ctl.call("GetInfo", pb.GetInfoRequest())
+    resp: pb.GetInfoResponse = ctl.call("GetInfo", pb.GetInfoRequest())
+    return resp
 
 
 def _settle(fn: Any, ok: Any, timeout: float) -> Any:

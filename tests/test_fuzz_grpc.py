@@ -142,11 +142,11 @@ class Case:
 
 
 def request_class(m: MethodDescriptor) -> type[Message]:
-    return message_factory.GetMessageClass(m.input_type)  # type: ignore[no-any-return]
+    return message_factory.GetMessageClass(m.input_type)
 
 
 def response_class(m: MethodDescriptor) -> type[Message]:
-    return message_factory.GetMessageClass(m.output_type)  # type: ignore[no-any-return]
+    return message_factory.GetMessageClass(m.output_type)
 
 
 # Hypothesis draws a seed; fuzzutil's generators build the request from the seed. Hypothesis'
@@ -207,8 +207,8 @@ def _reductions(case: Case) -> Iterator[Case]:
     if any(case.trailing):
         yield Case(case.method, case.session, case.seed, msgs)
     for i, m in enumerate(msgs):
-        for smaller in _smaller_messages(m):
-            yield case.replace(messages=[*msgs[:i], smaller, *msgs[i + 1 :]])
+        for smaller_msg in _smaller_messages(m):
+            yield case.replace(messages=[*msgs[:i], smaller_msg, *msgs[i + 1 :]])
 
 
 def _smaller_messages(msg: Message) -> Iterator[Message]:
@@ -307,7 +307,8 @@ class Target:
     # -- helpers ---------------------------------------------------------------------------------------------
 
     def info(self) -> pb.GetInfoResponse:
-        return self.ctl.call("GetInfo", pb.GetInfoRequest())
+        resp: pb.GetInfoResponse = self.ctl.call("GetInfo", pb.GetInfoRequest())
+        return resp
 
     def _put(self, name: str) -> None:
         tok = self.ctl.put_token(self.conduit.session_id, name, replace=True)

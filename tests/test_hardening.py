@@ -12,13 +12,14 @@ real descriptors, the broker's own descriptor table read from /proc.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -38,9 +39,10 @@ from secutil import (
 from fdbroker import limits
 from fdbroker.broker.core import Broker, BrokerConfig
 from fdbroker.broker.policy import Identity, Policy
+from fdbroker.client import Client
 from fdbroker.conduit.frames import encode_frame
 from fdbroker.errors import BrokerError, Code, InvalidArgument
-from fdbroker.testing import wait_until
+from fdbroker.testing import BrokerProcess, wait_until
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -159,7 +161,7 @@ def nobody() -> list[str]:
     return cmd
 
 
-def _open_broker(extra: list[str] | None = None):  # type: ignore[no-untyped-def]
+def _open_broker(extra: list[str] | None = None) -> contextlib.AbstractContextManager[BrokerProcess]:
     return custom_broker(["--socket-mode", "0666", "--token-ttl", "1", *(extra or [])], run_dir=new_run_dir())
 
 
@@ -325,7 +327,9 @@ def _lingering_closes(pid: int) -> int:
     return n
 
 
-def _served_while_lingering(b, other, route, spare: int) -> None:  # type: ignore[no-untyped-def]
+def _served_while_lingering(
+    b: BrokerProcess, other: Client, route: Callable[[Lingering], None], spare: int
+) -> None:
     """Run ``route(lingering)``; then another client's calls must all complete while the broker still has a
     thread blocked in that close — an ordering check, not a timing one: had the close run on the event loop, the
     calls would have waited LINGER seconds, by which time the close would be over."""
@@ -364,7 +368,7 @@ def test_no_close_of_a_client_descriptor_blocks_the_event_loop() -> None:
             def bad_token(ling: Lingering) -> None:
                 split_send(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=[os.urandom(32)])), ling)
 
-            def unsolicited(kind: str):  # type: ignore[no-untyped-def]
+            def unsolicited(kind: str) -> Callable[[Lingering], None]:
                 def route(ling: Lingering) -> None:
                     frame = {
                         "ping": cpb.ConduitFrame(ping=cpb.Ping(nonce=1)),
@@ -474,7 +478,7 @@ def _try_watch(ctl: Control) -> bool:
         return False
 
 
-def test_watch_from_the_future_or_from_a_garbage_revision_is_invalid_argument(fdbroker_broker) -> None:  # type: ignore[no-untyped-def]
+def test_watch_from_the_future_or_from_a_garbage_revision_is_invalid_argument(fdbroker_broker) -> None:
     with Control(fdbroker_broker.run_dir) as ctl:
         rev = ctl.revision()
         for start in (rev + 2, 2**63, 2**64 - 1):
@@ -529,7 +533,7 @@ def test_prefetch_never_makes_an_explicit_operation_fail(tmp_path: Path) -> None
     assert not errors, errors[:3]
 
 
-def test_malformed_requests_are_invalid_argument(fdbroker_broker) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_requests_are_invalid_argument(fdbroker_broker) -> None:
     channel = grpc.insecure_channel(f"unix://{fdbroker_broker.run_dir / 'control.sock'}")
     try:
         for method in (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ def _get(connect: tuple[str, int] | str, path: str = "/metrics", accept: str = "
     return head, body
 
 
-async def _scrape(address: str, connect_of) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+async def _scrape(
+    address: str, connect_of: Callable[[MetricsServer], tuple[str, int] | str]
+) -> list[tuple[str, str]]:
     m = Metrics()
     m.attach(View())
     m.rpcs.labels("Get", "OK").inc(3)

@@ -29,6 +29,6 @@ def test_readme_python_examples_run(fdbroker_broker, monkeypatch):
     assert isinstance(got, list) and len(got) == 300
     # close what the examples left open (they are examples, not leak tests)
     for fd in [ns["r"], ns["w2"], *got]:  # the sent "fds" were closed by the transfer (keep=False)
-        os.close(fd)  # type: ignore[arg-type]
+        os.close(fd)
     ns["a"].close()  # type: ignore[attr-defined]
     ns["b"].close()  # type: ignore[attr-defined]

@@ -105,7 +105,12 @@ def carried(name: str, fd: int, revision: int = 5) -> Entry:
 
 def test_install_takes_a_batch_all_or_none(pipe):
     gone: list[int] = []
-    reg = Registry(capacity=5, discard=lambda fd, uid: (gone.append(fd), os.close(fd)))
+
+    def discard(fd: int, uid: int) -> None:
+        gone.append(fd)
+        os.close(fd)
+
+    reg = Registry(capacity=5, discard=discard)
     try:
         put(reg, "b", pipe)
         put(reg, "d", pipe)

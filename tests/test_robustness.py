@@ -26,7 +26,8 @@ FDBROKER = [sys.executable, "-m", "fdbroker"]
 
 def info(run_dir: Path) -> pb.GetInfoResponse:
     with Control(run_dir) as ctl:
-        return ctl.call("GetInfo", pb.GetInfoRequest())
+        resp: pb.GetInfoResponse = ctl.call("GetInfo", pb.GetInfoRequest())
+        return resp
 
 
 # -- floods ----------------------------------------------------------------------------------------------------
@@ -171,8 +172,8 @@ def test_per_uid_quotas_are_resource_exhausted(tmp_path):
             finally:
                 for o in others:
                     o.close()
-            for n in ("q/e0", "q/e1", "q/e3"):
-                c.delete(n)
+            for name in ("q/e0", "q/e1", "q/e3"):
+                c.delete(name)
     finally:
         os.close(r)
         os.close(w)

@@ -68,7 +68,7 @@ def test_list_then_watch_under_concurrent_writers_misses_and_repeats_nothing(fdb
                     assert w.returncode == 0, err
                 final = c.info().revision
                 assert final > listing.revision, "the writers were done before the listing"
-                revs = []
+                revs: list[int] = []
                 while not revs or revs[-1] < final:
                     ev = col.wait_for(lambda e: True)
                     revs.append(ev.revision)

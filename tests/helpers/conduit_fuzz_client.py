@@ -43,6 +43,7 @@ from fuzzutil import (
     RandomChooser,
     Stopwatch,
     describe_frame,
+    descriptor_of,
     fill_message,
     gen_wire,
     prefix,
@@ -54,7 +55,7 @@ from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 from fdbroker.v1 import conduit_pb2 as cpb
 
 MAX_FRAME = 65536
-BODY_FIELDS = list(cpb.ConduitFrame.DESCRIPTOR.oneofs_by_name["body"].fields)
+BODY_FIELDS = list(descriptor_of(cpb.ConduitFrame).oneofs_by_name["body"].fields)
 BAD_CODES = {2: "UNKNOWN", 13: "INTERNAL"}
 ANSWER_TIMEOUT = 5.0
 ANSWERED = ("deposit", "redeem", "ack")  # and query (QueryResult), ping (Pong): checked by id and nonce
@@ -499,7 +500,7 @@ class Fuzzer:
                 os.close(fd)
 
     def act_wire_body(self, c: Conn) -> None:
-        body = gen_wire(self.ch, cpb.ConduitFrame.DESCRIPTOR) or b"\x00"
+        body = gen_wire(self.ch, descriptor_of(cpb.ConduitFrame)) or b"\x00"
         body = body[:MAX_FRAME]
         self.note(c, f"wire-level body {body[:60].hex()} ({len(body)} bytes)")
         c.in_sync = False  # may parse, may be fatal

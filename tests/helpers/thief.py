@@ -70,7 +70,7 @@ class Thief:
 
     def drain(self, rc: RawConduit, timeout: float = 0.05) -> list[cpb.ConduitFrame]:
         """Every frame waiting on ``rc``; each descriptor's identity is recorded, then it is closed."""
-        out = []
+        out: list[cpb.ConduitFrame] = []
         while True:
             try:
                 f = rc.recv(timeout)

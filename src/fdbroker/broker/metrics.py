@@ -221,7 +221,7 @@ def open_fd_count() -> int:
 class MetricsServer:
     """``GET /metrics`` on a TCP address or a Unix socket, on the running event loop."""
 
-    def __init__(self, metrics: Metrics, server: asyncio.AbstractServer, where: str) -> None:
+    def __init__(self, metrics: Metrics, server: asyncio.Server, where: str) -> None:
         self.metrics = metrics
         self.server = server
         self.where = where

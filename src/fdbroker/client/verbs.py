@@ -11,6 +11,7 @@ each, is written in each driver.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 from collections.abc import Callable, Coroutine
@@ -171,7 +172,7 @@ class Verbs:
         return s.identity if s is not None else None
 
     @property
-    def stats(self) -> Any:
+    def stats(self) -> collections.Counter[str]:
         """Counters (a ``collections.Counter``): ``get_rpcs``, ``batch_get_rpcs``, ``redeems`` (prefetched
         tokens used), for the curious and for tests."""
         return self._state.stats
