@@ -335,4 +335,7 @@ def test_app_serves_through_reload_restart_kill_and_stop_start(machine: Machine,
     print(f"client in the container's network: {counts}")
     assert counts["done"] and counts["refused"] == 0 and counts["n_errors"] == 0, counts
     failed = m.run("systemctl", "--failed", "--plain", "--no-legend").stdout.strip()
-    assert not failed, failed
+    if failed:
+        units = [line.split()[0] for line in failed.splitlines()]
+        why = m.run("systemctl", "status", "--no-pager", "--lines=30", *units, check=False).stdout
+        raise AssertionError(f"failed units:\n{failed}\n{why}")

@@ -16,6 +16,8 @@ assert os.environ.get("LISTEN_FDS") == "1", "expected one socket-activation desc
 
 
 class Hello(http.server.BaseHTTPRequestHandler):
+    timeout = 5  # a connection that never sends its request must not hold up the drain (server_close joins)
+
     def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
