@@ -4,7 +4,9 @@ prometheus_client's own parsers (the end-to-end scrape of a running broker is in
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from fdbroker.broker.metrics import Metrics, MetricsServer, State
+from fdbroker.broker.metrics import MAX_CONNECTIONS, Metrics, MetricsServer, State, check_address
 
 
 class View:
@@ -41,8 +43,8 @@ async def _scrape(
 ) -> list[tuple[str, str]]:
     m = Metrics()
     m.attach(View())
-    m.rpcs.labels("Get", "OK").inc(3)
-    m.rpc_seconds.labels("Get").observe(0.002)
+    for _ in range(3):
+        m.rpc("Get", "OK", 0.002)
     srv = await MetricsServer.start(m, address)
     try:
         target = connect_of(srv)
@@ -86,3 +88,101 @@ def test_scrape_over_a_unix_socket(tmp_path: Path) -> None:
 def test_malformed_addresses_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="metrics-listen"):
         asyncio.run(MetricsServer.start(Metrics(), bad))
+
+
+def test_a_unix_socket_has_the_mode_asked_for_and_replaces_only_a_stale_one(tmp_path: Path) -> None:
+    path = str(tmp_path / "metrics.sock")
+
+    async def run() -> None:
+        m = Metrics()
+        m.attach(View())
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()  # a socket file nobody listens on any more: replaced
+        srv = await MetricsServer.start(m, f"unix:{path}", mode=0o600)
+        try:
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+            with pytest.raises(OSError, match="another process serves"):
+                await MetricsServer.start(m, f"unix:{path}")  # a live one is not taken over
+            head, _ = await asyncio.to_thread(_get, path)
+            assert head.startswith("HTTP/1.1 200")
+        finally:
+            await srv.close()
+        assert not os.path.exists(path)  # removed: it was ours
+
+    asyncio.run(run())
+
+
+def test_idle_connections_beyond_the_cap_are_closed_at_once(tmp_path: Path) -> None:
+    """A local user cannot hold the broker's descriptors with idle scrapes: past MAX_CONNECTIONS a connection is
+    closed without an answer; once the idle ones go, scrapes work again."""
+    path = str(tmp_path / "metrics.sock")
+
+    async def run() -> None:
+        m = Metrics()
+        m.attach(View())
+        srv = await MetricsServer.start(m, f"unix:{path}")
+        idle = []
+        try:
+            for _ in range(MAX_CONNECTIONS):
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                idle.append(s)
+            await asyncio.sleep(0.1)  # let the server accept them
+
+            def refused() -> bytes:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(10)
+                    s.connect(path)
+                    try:
+                        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                        return s.recv(100)
+                    except (ConnectionResetError, BrokenPipeError):  # closed before our request arrived
+                        return b""
+
+            assert await asyncio.to_thread(refused) == b""
+            for s in idle:
+                s.close()
+            idle.clear()
+            await asyncio.sleep(0.1)
+            head, _ = await asyncio.to_thread(_get, path)
+            assert head.startswith("HTTP/1.1 200")
+        finally:
+            for s in idle:
+                s.close()
+            await srv.close()
+
+    asyncio.run(run())
+
+
+def test_a_collector_that_fails_is_answered_500_and_the_endpoint_keeps_serving(tmp_path: Path) -> None:
+    class Broken:
+        def metrics_state(self) -> State:
+            raise RuntimeError("bug")
+
+    path = str(tmp_path / "metrics.sock")
+
+    async def run() -> tuple[str, str]:
+        m = Metrics()
+        m.attach(Broken())
+        srv = await MetricsServer.start(m, f"unix:{path}")
+        try:
+            first = (await asyncio.to_thread(_get, path))[0]
+            second = (await asyncio.to_thread(_get, path))[0]
+            return first, second
+        finally:
+            await srv.close()
+
+    first, second = asyncio.run(run())
+    assert first.startswith("HTTP/1.1 500") and second.startswith("HTTP/1.1 500")
+
+
+@pytest.mark.parametrize("good", ["127.0.0.1:9464", "[::1]:9464", ":9464", "unix:/run/x.sock", "unix:m.sock"])
+def test_check_address_accepts(good: str) -> None:
+    check_address(good)
+
+
+@pytest.mark.parametrize("bad", ["nope", "::1:9464", "unix:", "host:", "127.0.0.1:65536"])
+def test_check_address_refuses(bad: str) -> None:
+    with pytest.raises(ValueError, match="metrics-listen"):
+        check_address(bad)
