@@ -86,8 +86,9 @@ def test_expired_token_is_refused(probe):
         assert probe.closed_everywhere()
         assert ctl.snapshot() == before == []
         log = b.log()
-        # refusals are logged, tokens never whole
-        assert "deposit refused" in log and tok.hex() not in log and tok.hex()[:16] not in log
+        # refusals are logged (the audit log), tokens never whole
+        assert "verb=put outcome=refused" in log and "reason=expired" in log
+        assert tok.hex() not in log and tok.hex()[:16] not in log
 
 
 def test_token_of_another_session_is_refused_and_not_consumed(fdbroker_broker, ctl, probe):

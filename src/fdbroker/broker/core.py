@@ -14,25 +14,29 @@ into the receiver); the registry keeps its copy, except after a completed take, 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fdbroker import __version__
+from fdbroker import __version__, fdinfo
 from fdbroker.broker import closer
+from fdbroker.broker.audit import Audit, Who, kind_of
 from fdbroker.broker.entries import Entries
 from fdbroker.broker.handoffs import Handoffs, error_frame, error_pb
 from fdbroker.broker.leasing import Leasing
+from fdbroker.broker.metrics import Metrics, State, open_fd_count
 from fdbroker.broker.policy import Identity, Limits, Policy
-from fdbroker.broker.registry import Entry, Registry
+from fdbroker.broker.registry import Entry, Registry, info_kind
 from fdbroker.broker.sessions import FrameSink, Session, SessionTable
 from fdbroker.broker.tokens import Token, TokenBook
 from fdbroker.broker.watch import Watcher, WatchHub
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame
-from fdbroker.errors import BrokerError, Code, InvalidArgument, Unauthenticated
+from fdbroker.errors import BrokerError, Code, InvalidArgument, ResourceExhausted, Unauthenticated
 from fdbroker.protocol import SESSION_METADATA_KEY
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -70,22 +74,24 @@ class Broker:
         *,
         clock: Callable[[], float] = time.monotonic,
         wakeup: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._audit = audit = Audit(self.metrics)
         self._policy = policy
-        self._registry = Registry(capacity=config.capacity, history=config.history, clock=clock)
+        policy.on_denied = audit.denied
+        self._registry = reg = Registry(capacity=config.capacity, history=config.history, clock=clock)
         self._tokens = TokenBook(config.token_ttl, clock=clock)
         self._sessions = SessionTable(max_per_uid=policy.limits.max_sessions_per_uid)
-        self._watches = WatchHub(self._registry, lambda: self._policy, queue_limit=config.watch_queue)
+        self._watches = WatchHub(reg, lambda: self._policy, audit, queue_limit=config.watch_queue)
         self._handoffs = Handoffs(
-            self._tokens, self._registry, lambda: self._policy.limits, self, clock=clock, wakeup=wakeup
+            self._tokens, reg, lambda: self._policy.limits, self, audit, clock=clock, wakeup=wakeup
         )
-        self._leasing = Leasing(
-            self._registry, self._handoffs, lambda: self._policy, clock=clock, wakeup=wakeup
-        )
+        self._leasing = Leasing(reg, self._handoffs, lambda: self._policy, audit, clock=clock, wakeup=wakeup)
         self._entries = Entries(
-            self._registry, self._sessions, self._handoffs, self._leasing, lambda: self._policy, wakeup=wakeup
+            reg, self._sessions, self._handoffs, self._leasing, lambda: self._policy, audit, wakeup=wakeup
         )
         self.start_time = time.time()
 
@@ -120,6 +126,7 @@ class Broker:
 
     def set_policy(self, policy: Policy) -> None:
         """Put a (re)loaded policy in force: every later decision and quota uses it."""
+        policy.on_denied = self._audit.denied
         self._policy = policy
         self._sessions.max_per_uid = policy.limits.max_sessions_per_uid
 
@@ -139,12 +146,16 @@ class Broker:
             self._leasing.end_handed_over(name, held)
         for e in sorted((e for e in self._registry if e.ephemeral), key=lambda e: e.name):
             self._entries.remove(e, EV.TYPE_DELETE, EV.REASON_SESSION_ENDED)
+            self._audit.ok("remove", Who(*e.owner, e.session_id), e.name, kind_of(e), reason="session_ended")
 
     # -- sessions ------------------------------------------------------------------------------------------------
 
     def open_session(self, identity: Identity, conn: FrameSink) -> Session:
         """A new conduit connection: create its session and send ``Welcome``."""
-        s = self._sessions.open(identity, conn)
+        try:
+            s = self._sessions.open(identity, conn)
+        except ResourceExhausted as err:
+            raise self._audit.exhausted(identity, "session", "max_sessions_per_uid", err) from None
         w = cpb.Welcome(
             session_id=s.id,
             identity=pb.Identity(pid=identity.pid, uid=identity.uid, gid=identity.gid),
@@ -153,7 +164,7 @@ class Broker:
         )
         w.token_ttl.FromNanoseconds(int(self._tokens.ttl * 1e9))
         conn.send(cpb.ConduitFrame(welcome=w))
-        log.info("session %s… opened for pid %d uid %d", s.id[:6], identity.pid, identity.uid)
+        log.debug("session %s… opened for pid %d uid %d", s.id[:6], identity.pid, identity.uid)
         return s
 
     def end_session(self, s: Session) -> None:
@@ -170,7 +181,8 @@ class Broker:
             e = self._registry.find(name)
             if e is not None and e.session_id == s.id and e.ephemeral:
                 self._entries.remove(e, EV.TYPE_DELETE, EV.REASON_SESSION_ENDED)
-        log.info("session %s… (pid %d) ended", s.id[:6], s.identity.pid)
+                self._audit.ok("remove", s, name, kind_of(e), reason="session_ended")
+        log.debug("session %s… (pid %d) ended", s.id[:6], s.identity.pid)
 
     def session_for(self, session_id: str | None) -> Session | None:
         """The session a call names (None for anonymous); :class:`Unauthenticated` for an unknown id."""
@@ -184,14 +196,14 @@ class Broker:
             )
         return s
 
-    @staticmethod
-    def _need_session(s: Session | None, what: str, name: str = "") -> Session:
+    def _need_session(self, s: Session | None, what: str, name: str = "") -> Session:
         if s is None:
-            raise Unauthenticated(
+            err = Unauthenticated(
                 f"{what} moves a descriptor and needs a session: connect to the conduit first and send the "
                 f"session id as metadata {SESSION_METADATA_KEY!r}",
                 name=name,
             )
+            raise self._audit.denied(None, what, name, err)
         return s
 
     # -- the RPCs ------------------------------------------------------------------------------------------------
@@ -269,7 +281,7 @@ class Broker:
         return self._leasing.checkin(tok, fd, info)
 
     def take_done(self, s: Session, tok: Token) -> None:
-        self._entries.take_done(tok)
+        self._entries.take_done(s, tok)
 
     def checkin_abandoned(self, tok: Token) -> None:
         self._leasing.checkin_abandoned(tok)
@@ -284,8 +296,8 @@ class Broker:
         now = self.clock()
         self._handoffs.expire(now)
         for e in self._registry.due(now):
-            log.info("entry %r expired", e.name)
             self._entries.remove(e, EV.TYPE_EXPIRE, 0)
+            self._audit.ok("expire", Who(*e.owner, e.session_id), e.name, kind_of(e))
         self._leasing.expire(now)
         nexts = [self._tokens.next_expiry(), self._registry.next_expiry(), self._leasing.next_expiry()]
         return min((t for t in nexts if t is not None), default=None)
@@ -296,14 +308,16 @@ class Broker:
 
     # -- conduit frames ------------------------------------------------------------------------------------------
 
-    def on_frame(self, s: Session, frame: Frame) -> None:
-        """Dispatch one frame from a session's conduit.
+    def on_frame(self, s: Session, frame: Frame) -> int:
+        """Dispatch one frame from a session's conduit; return its outcome, the code of the first error it was
+        answered with (0: none).
 
         Ownership: a handler takes the descriptors it keeps out of ``frame.fds`` (and gives the rest to the
         closer); whatever is still in ``frame.fds`` when this returns or raises was not taken, and the caller
         (the connection) discards it.
         """
         kind = frame.message.WhichOneof("body")
+        code = 0
         if kind != "deposit" and frame.fds:
             n = len(frame.fds)
             fds, frame.fds = frame.fds, []
@@ -316,43 +330,85 @@ class Broker:
                     "(descriptors travel only in deposit frames)",
                 )
             )
+            code = Code.INVALID_ARGUMENT
         if kind == "deposit":
-            self._handoffs.on_deposit(s, frame)
-        elif kind == "redeem":
-            self._handoffs.on_redeem(s, frame)
-        elif kind == "ack":
-            self._handoffs.on_ack(s, frame)
-        elif kind == "ping":
+            return self._handoffs.on_deposit(s, frame)
+        if kind == "redeem":
+            return self._handoffs.on_redeem(s, frame) or code
+        if kind == "ack":
+            return self._handoffs.on_ack(s, frame) or code
+        if kind == "ping":
             s.conn.send(cpb.ConduitFrame(pong=cpb.Pong(nonce=frame.message.ping.nonce)))
         elif kind == "query":
-            s.conn.send(cpb.ConduitFrame(query_result=self._query(s, frame.message.query)))
+            r = answer_query(self, s, frame.message.query)
+            s.conn.send(cpb.ConduitFrame(query_result=r))
+            return r.error.code or code
         else:
             s.conn.send(
                 error_frame(Code.INVALID_ARGUMENT, f"unexpected {kind or 'empty'} frame from a client")
             )
+            return Code.INVALID_ARGUMENT
+        return code
 
-    def _query(self, s: Session, q: cpb.Query) -> cpb.QueryResult:
-        """Answer a read-only conduit query as the RPC of the same name would, for the session's identity."""
-        r = cpb.QueryResult(id=q.id)
-        which = q.WhichOneof("request")
-        try:
-            if which == "list":
-                # Room for the frame's own fields and the page token; the rest holds entries.
-                r.list.CopyFrom(self.list(s.identity, q.list, max_bytes=self.config.max_frame_bytes - 1024))
-                self.stamp(r.list)
-            elif which == "stat":
-                r.stat.CopyFrom(self.stat(s.identity, q.stat.name))
-                self.stamp(r.stat)
-            elif which == "info":
-                r.info.CopyFrom(self.info(s, s.identity))
-                self.stamp(r.info)
-            else:
-                raise InvalidArgument(f"unknown query {which or '(empty)'}; see Query in the proto")
-        except BrokerError as err:
-            r.error.CopyFrom(error_pb(err))
-        except Exception:  # a bug: still answer the query (the RPC path answers INTERNAL the same way)
-            log.exception("internal error answering a conduit query")
-            r.error.CopyFrom(
-                cpb.Error(code=int(Code.INTERNAL), message="internal error in the broker; see its log")
-            )
-        return r
+    # -- metrics -------------------------------------------------------------------------------------------------
+
+    def metrics_state(self) -> State:
+        """What the broker holds now (:class:`~fdbroker.broker.metrics.StateView`, :func:`census`)."""
+        return census(self)
+
+
+def census(b: Broker) -> State:
+    """What ``b`` holds now, for a scrape: one pass over the entries (their kinds are in the first two bytes of
+    their info), the rest from the tables' counters."""
+    prefixes: collections.Counter[bytes] = collections.Counter()
+    waiters = 0
+    for e in b._registry:
+        prefixes[e.info_bytes[:2]] += 1
+        if e.lease is not None:
+            waiters += sum(1 for w in e.lease.waiters if not w.cancelled)
+    by_kind: collections.Counter[str] = collections.Counter()
+    for prefix, n in prefixes.items():
+        by_kind[fdinfo.kind_name(info_kind(prefix))] += n
+    pending, prefetch = b._tokens.counts()
+    return State(
+        entries_by_kind=by_kind,
+        capacity=b._registry.capacity,
+        descriptors_open=open_fd_count(),
+        descriptor_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        sessions_by_uid=b._sessions.per_uid(),
+        leases_held=len(b._leasing),
+        lease_waiters=waiters,
+        watchers=len(b._watches),
+        pending_tokens=pending,
+        prefetch_tokens=prefetch,
+        pending_closes=closer.pending(),
+        revision=b._registry.revision,
+    )
+
+
+def answer_query(broker: Broker, s: Session, q: cpb.Query) -> cpb.QueryResult:
+    """Answer a read-only conduit query as the RPC of the same name would, for the session's identity."""
+    r = cpb.QueryResult(id=q.id)
+    which = q.WhichOneof("request")
+    try:
+        if which == "list":
+            # Room for the frame's own fields and the page token; the rest holds entries.
+            max_bytes = broker.config.max_frame_bytes - 1024
+            r.list.CopyFrom(broker.list(s.identity, q.list, max_bytes=max_bytes))
+            broker.stamp(r.list)
+        elif which == "stat":
+            r.stat.CopyFrom(broker.stat(s.identity, q.stat.name))
+            broker.stamp(r.stat)
+        elif which == "info":
+            r.info.CopyFrom(broker.info(s, s.identity))
+            broker.stamp(r.info)
+        else:
+            raise InvalidArgument(f"unknown query {which or '(empty)'}; see Query in the proto")
+    except BrokerError as err:
+        r.error.CopyFrom(error_pb(err))
+    except Exception:  # a bug: still answer the query (the RPC path answers INTERNAL the same way)
+        log.exception("internal error answering a conduit query")
+        r.error.CopyFrom(
+            cpb.Error(code=int(Code.INTERNAL), message="internal error in the broker; see its log")
+        )
+    return r

@@ -15,10 +15,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import logging
 from collections.abc import Callable, Sequence
 
 from fdbroker import limits
+from fdbroker.broker.audit import Audit, Who, kind_of
 from fdbroker.broker.delivery import encode_repeated
 from fdbroker.broker.handoffs import BatchPlan, Handoffs
 from fdbroker.broker.leasing import Leasing, check_lease_free
@@ -30,9 +30,6 @@ from fdbroker.conduit.frames import SCM_MAX_FD
 from fdbroker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
 from fdbroker.names import parse_label_selector, validate_labels, validate_name
 from fdbroker.v1 import broker_pb2 as pb
-
-log = logging.getLogger("fdbroker.broker")
-
 
 OP = pb.Operation
 EV = pb.Event
@@ -50,9 +47,11 @@ class Entries:
         handoffs: Handoffs,
         leasing: Leasing,
         policy: Callable[[], Policy],
+        audit: Audit,
         *,
         wakeup: Callable[[], None],
     ) -> None:
+        self._audit = audit
         self._registry = registry
         self._sessions = sessions
         self._handoffs = handoffs
@@ -68,15 +67,19 @@ class Entries:
         self._policy().check(s.identity, "put", name, None if old is None else old.owner.uid)
         if old is not None and (opts.replace or opts.if_revision):  # without replace: ALREADY_EXISTS below
             check_lease_free(old, s, "replace")
-        self._registry.check_put(name, uid, opts, pending=self._handoffs.promised() + extra_pending)
+        try:
+            self._registry.check_put(name, uid, opts, pending=self._handoffs.promised() + extra_pending)
+        except ResourceExhausted as err:
+            raise self._audit.exhausted(s, "put", "capacity", err) from None
         limit = self._policy().limits.max_entries_per_uid
         held = self._registry.count_for_uid(uid)
         if old is None and held + self._handoffs.pending_puts_for(uid) + extra_pending >= limit:
-            raise ResourceExhausted(
+            full = ResourceExhausted(
                 f"uid {uid} holds {held} entries, its limit ({limit}); "
                 f"cannot store {name!r}: delete some, or raise max_entries_per_uid in the policy",
                 name=name,
             )
+            raise self._audit.exhausted(s, "put", "max_entries_per_uid", full)
 
     def put_begin(self, s: Session, req: pb.PutRequest) -> pb.PutResponse:
         """Check a put and issue its token; the descriptor follows in a ``Deposit`` frame."""
@@ -100,7 +103,8 @@ class Entries:
             planned.append((r.name, opts))
         limit = self._policy().limits.max_pending_tokens_per_uid
         if self._handoffs.pending_tokens_for(s.identity.uid) + len(planned) > limit:
-            raise ResourceExhausted(f"a batch of {len(planned)} would pass the pending-token limit ({limit})")
+            err = ResourceExhausted(f"a batch of {len(planned)} would pass the pending-token limit ({limit})")
+            raise self._audit.exhausted(s, "put", "max_pending_tokens_per_uid", err)
         toks = [self._handoffs.issue(s, OP.OPERATION_PUT, name, payload=opts) for name, opts in planned]
         return pb.BatchPutResponse(handoffs=[self._handoffs.handoff_pb(t) for t in toks])
 
@@ -141,6 +145,7 @@ class Entries:
         h, item = self._handoffs.push(OP.OPERATION_GET, e)
         resp.handoffs.append(h)
         self._handoffs.deliver(s, [item])
+        self._audit.ok("get", s, name, kind_of(e), prefetch=len(resp.prefetch_tokens) or "")
         return resp
 
     def batch_get(self, s: Session, names: Sequence[str], prefetch: int = 0) -> pb.BatchGetResponse:
@@ -159,6 +164,8 @@ class Entries:
         pushes = [self._handoffs.push(OP.OPERATION_GET, e) for e in entries]
         resp.handoffs.extend([p[0] for p in pushes])
         self._handoffs.deliver(s, [p[1] for p in pushes])
+        for e in entries:
+            self._audit.ok("get", s, e.name, kind_of(e), batch=len(entries))
         return resp
 
     def take(self, s: Session, name: str, if_revision: int = 0) -> pb.TakeResponse:
@@ -181,20 +188,22 @@ class Entries:
         self._handoffs.deliver(s, [(tok.token, OP.OPERATION_TAKE, e)])
         return resp
 
-    def take_done(self, tok: Token) -> None:
+    def take_done(self, s: Session, tok: Token) -> None:
         """The receiver acked a take: the entry leaves (DELETE, reason TAKEN). :class:`NotFound` if it is gone."""
         e = self._registry.find(tok.name)
         if e is None or e.id != tok.entry_id or e.taking != tok.token:
             raise NotFound(f"entry {tok.name!r} is gone; the take did not complete", name=tok.name)
         e.taking = None
         self.remove(e, EV.TYPE_DELETE, EV.REASON_TAKEN)
+        self._audit.ok("take", s, tok.name, kind_of(e))
 
     def take_abandoned(self, tok: Token) -> None:
-        """A take's token left unacked: the entry stays."""
+        """A take's token left unacked (the receiver got a copy but did not confirm): the entry stays."""
         e = self._registry.find(tok.name)
         if e is not None and e.taking == tok.token:
             e.taking = None
-            log.info("take of %r (token %s) abandoned; entry kept", tok.name, short(tok.token))
+            who = self._sessions.get(tok.session_id) or Who(None, tok.uid, None, tok.session_id)
+            self._audit.abandoned("take", who, tok.name, kind_of(e), token=short(tok.token))
 
     # -- delete / stat / list ------------------------------------------------------------------------------------
 
@@ -202,10 +211,11 @@ class Entries:
         validate_name(name)
         e = self._registry.get(name)
         if s is None:
-            raise Unauthenticated(
+            err = Unauthenticated(
                 f"deleting {name!r} needs a session (the policy decides by the caller's uid): connect the conduit",
                 name=name,
             )
+            raise self._audit.denied(None, "delete", name, err)
         self._policy().check(s.identity, "delete", name, e.owner.uid)
         check_lease_free(e, s, "delete")
         if if_revision and e.revision != if_revision:
@@ -216,6 +226,7 @@ class Entries:
         if e.taking is not None:
             raise FailedPrecondition(f"entry {name!r} is being taken; retry when the take is done", name=name)
         self.remove(e, EV.TYPE_DELETE, 0)
+        self._audit.ok("delete", s, name, kind_of(e))
         return pb.DeleteResponse()
 
     def stat(self, identity: Identity | None, name: str) -> pb.StatResponse:

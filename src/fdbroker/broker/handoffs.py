@@ -16,7 +16,6 @@ its copies.
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,18 +23,17 @@ from typing import Any, Protocol
 
 from fdbroker import fdinfo
 from fdbroker.broker import closer
+from fdbroker.broker.audit import Audit
 from fdbroker.broker.delivery import encode_deliver, encode_item, frame_from_items
 from fdbroker.broker.leasing import check_lease_free
 from fdbroker.broker.policy import Limits
 from fdbroker.broker.registry import Entry, Registry
 from fdbroker.broker.sessions import Session
-from fdbroker.broker.tokens import Token, TokenBook, TokenError
+from fdbroker.broker.tokens import Token, TokenBook, TokenError, operation_name, short
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame
-from fdbroker.errors import BrokerError, Code, NotFound, ResourceExhausted
+from fdbroker.errors import BrokerError, Code, Internal, NotFound, ResourceExhausted
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
-
-log = logging.getLogger("fdbroker.broker")
 
 OP = pb.Operation
 _RESERVES_A_DESCRIPTOR = (OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
@@ -87,6 +85,18 @@ class BatchPlan:
             rest=b"".join([encode_item(b"", OP.OPERATION_GET, e.deliver_tail()) for e in entries[1:]]),
         )
 
+    def frame(self, token: bytes, entries: Sequence[Entry]) -> bytes:
+        """The Deliver frame of ``entries`` (the plan's, found again), its first item tagged with ``token``."""
+        n = len(entries)
+        if tuple(e.revision for e in entries) == self.revisions:
+            return frame_from_items(
+                encode_item(token, OP.OPERATION_GET, entries[0].deliver_tail()) + self.rest, n
+            )
+        # A lease or metadata change since: same descriptors, fresh descriptions.
+        return encode_deliver(
+            [(token if i == 0 else b"", OP.OPERATION_GET, e.deliver_tail()) for i, e in enumerate(entries)], n
+        )
+
 
 def error_pb(err: BrokerError, token: bytes = b"") -> cpb.Error:
     """The conduit form of ``err``, naming ``token`` if given."""
@@ -106,10 +116,13 @@ class Handoffs:
         registry: Registry,
         limits: Callable[[], Limits],
         routes: Routes,
+        audit: Audit,
         *,
         clock: Callable[[], float],
         wakeup: Callable[[], None],
     ) -> None:
+        self._audit = audit
+        self._count = audit.metrics.handoff
         self._tokens = tokens
         self._registry = registry
         self._limits = limits
@@ -125,11 +138,12 @@ class Handoffs:
         uid = s.identity.uid
         limit = self._limits().max_pending_tokens_per_uid
         if self._tokens.pending_for_uid(uid) >= limit:
-            raise ResourceExhausted(
+            err = ResourceExhausted(
                 f"uid {uid} has {limit} handoff tokens pending, its limit; cannot hand off {name!r}: "
                 "complete or let expire the handoffs in flight",
                 name=name,
             )
+            raise self._audit.exhausted(s, operation_name(op), "max_pending_tokens_per_uid", err)
         tok = self._tokens.issue(
             operation=op, name=name, session_id=s.id, uid=uid, entry_id=entry_id, payload=payload
         )
@@ -181,7 +195,10 @@ class Handoffs:
         return h, (token, op, e)
 
     def deliver(self, s: Session, items: Sequence[Item]) -> None:
-        """Send the entries' descriptors in Deliver frames of at most 253, tagged with their tokens."""
+        """Send the entries' descriptors in Deliver frames of at most 253, tagged with their tokens (all of one
+        operation)."""
+        if items:
+            self._count(operation_name(items[0][1]), "ok", len(items))
         send = s.conn.send_raw
         for i in range(0, len(items), SCM_MAX_FD):
             chunk = items[i : i + SCM_MAX_FD]
@@ -216,6 +233,7 @@ class Handoffs:
     def forget(self, tok: Token) -> None:
         """A token left the book unredeemed (expired, voided): undo what it reserved."""
         if tok.operation in _RESERVES_A_DESCRIPTOR:
+            self._count(operation_name(tok.operation), "abandoned")
             self._unreserve_put(tok.uid)
         if tok.operation == OP.OPERATION_CHECKIN:
             self._routes.checkin_abandoned(tok)
@@ -240,8 +258,9 @@ class Handoffs:
 
     # -- Deposit -------------------------------------------------------------------------------------------------
 
-    def on_deposit(self, s: Session, frame: Frame) -> None:
-        """Store each descriptor of a ``Deposit`` under its token and answer ``Deposited``.
+    def on_deposit(self, s: Session, frame: Frame) -> int:
+        """Store each descriptor of a ``Deposit`` under its token and answer ``Deposited``; return the first
+        error's code (0: none).
 
         A frame whose descriptors do not match its tokens one to one is refused whole: every descriptor goes to
         the closer, every token is spent, and each token gets an ``Error`` frame naming it (one ``Error`` without
@@ -262,7 +281,7 @@ class Handoffs:
                 self._void(t, s)
             for t in tokens or [b""]:
                 s.conn.send(error_frame(Code.INVALID_ARGUMENT, message, token=t))
-            return
+            return Code.INVALID_ARGUMENT
         results: list[cpb.DepositResult] = []
         waiting = collections.deque(fds)
         try:
@@ -271,6 +290,7 @@ class Handoffs:
         finally:
             closer.discard(waiting, uid)  # left over only if a deposit raised: nobody took them
         s.conn.send(cpb.ConduitFrame(deposited=cpb.Deposited(results=results)))
+        return next((r.error.code for r in results if r.error.code), 0)
 
     def _deposit_one(self, s: Session, token: bytes, fd: int) -> cpb.DepositResult:
         """Redeem a PUT or CHECKIN token and hand ``fd`` to its operation.
@@ -285,7 +305,7 @@ class Handoffs:
             try:
                 tok = self._tokens.redeem(token, session_id=s.id, operations=_RESERVES_A_DESCRIPTOR)
             except TokenError as err:
-                log.warning("deposit refused for session %s…: %s", s.id[:6], err.message)
+                self._audit.refused("put", s, "", err, token=short(token))  # unrecognized: counted as a put
                 return cpb.DepositResult(token=token, error=error_pb(err))
             self._unreserve_put(tok.uid)
             name = tok.name
@@ -294,15 +314,11 @@ class Handoffs:
                 store = self._routes.checkin if tok.operation == OP.OPERATION_CHECKIN else self._routes.store
                 entry = store(s, tok, fd, info)
                 stored = True
-            except BrokerError as err:
-                return cpb.DepositResult(token=token, name=tok.name, error=error_pb(err))
-            except OSError as err:
-                return cpb.DepositResult(
-                    token=token,
-                    name=tok.name,
-                    error=cpb.Error(code=Code.INTERNAL, message=str(err), name=tok.name),
-                )
-            log.info("put %r (%s) by pid %d", entry.name, info.summary, s.identity.pid)
+            except (BrokerError, OSError) as exc:
+                refusal = exc if isinstance(exc, BrokerError) else Internal(str(exc), name=tok.name)
+                self._audit.refused(operation_name(tok.operation), s, tok.name, refusal)
+                return cpb.DepositResult(token=token, name=tok.name, error=error_pb(refusal))
+            self._audit.deposited(s, tok, entry, info)
             return cpb.DepositResult(
                 token=token,
                 name=entry.name,
@@ -316,19 +332,24 @@ class Handoffs:
 
     # -- Redeem --------------------------------------------------------------------------------------------------
 
-    def on_redeem(self, s: Session, frame: Frame) -> None:
-        """Deliver every prefetched GET token of a ``Redeem`` frame; an ``Error`` naming each bad one."""
+    def on_redeem(self, s: Session, frame: Frame) -> int:
+        """Deliver every prefetched GET token of a ``Redeem`` frame; an ``Error`` naming each bad one. Returns the
+        first error's code (0: none)."""
         ok: list[Item] = []
+        code = 0
         for t in frame.message.redeem.tokens:
             try:
                 item = self._redeem_one(s, t)
             except BrokerError as err:
+                self._audit.refused("get", s, "", err, token=short(t))
                 s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
+                code = code or err.code
                 continue
             if item is not None:
                 ok.append(item)
         if ok:
             self.deliver(s, ok)
+        return code
 
     def _redeem_one(self, s: Session, t: bytes) -> Item | None:
         """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned."""
@@ -359,33 +380,26 @@ class Handoffs:
             if e.lease is not None:
                 check_lease_free(e, s, "get")
             entries.append(e)
-        n = len(entries)
-        if tuple(e.revision for e in entries) == plan.revisions:
-            data = frame_from_items(
-                encode_item(token, OP.OPERATION_GET, entries[0].deliver_tail()) + plan.rest, n
-            )
-        else:  # a lease or metadata change since: same descriptors, fresh descriptions
-            data = encode_deliver(
-                [
-                    (token if i == 0 else b"", OP.OPERATION_GET, e.deliver_tail())
-                    for i, e in enumerate(entries)
-                ],
-                n,
-            )
-        s.conn.send_raw(data, [e.fd for e in entries])
+        s.conn.send_raw(plan.frame(token, entries), [e.fd for e in entries])
+        self._count("get", "ok", len(entries))
 
     # -- Ack -----------------------------------------------------------------------------------------------------
 
-    def on_ack(self, s: Session, frame: Frame) -> None:
-        """Complete each acked take; answer ``Acked`` for those done, an ``Error`` naming each that is not."""
+    def on_ack(self, s: Session, frame: Frame) -> int:
+        """Complete each acked take; answer ``Acked`` for those done, an ``Error`` naming each that is not.
+        Returns the first error's code (0: none)."""
         acked: list[bytes] = []
+        code = 0
         for t in frame.message.ack.tokens:
             try:
                 tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_TAKE,))
                 self._routes.take_done(s, tok)
             except BrokerError as err:
+                self._audit.refused("take", s, "", err, token=short(t))
                 s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
+                code = code or err.code
                 continue
             acked.append(t)
         if acked:
             s.conn.send(cpb.ConduitFrame(acked=cpb.Acked(tokens=acked, revision=self._registry.revision)))
+        return code

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -43,14 +42,13 @@ from fdbroker.protocol import lease_wait_reserve
 from fdbroker.v1 import broker_pb2 as pb
 
 if TYPE_CHECKING:
+    from fdbroker.broker.audit import Audit
     from fdbroker.broker.handoffs import Handoffs
 
 EXCLUSIVE = pb.LeaseState.MODE_EXCLUSIVE
 SHARED = pb.LeaseState.MODE_SHARED
 OP = pb.Operation
 EV = pb.Event
-
-log = logging.getLogger("fdbroker.broker")
 
 
 class EpochCounter:
@@ -251,10 +249,12 @@ class Leasing:
         registry: Registry,
         handoffs: Handoffs,
         policy: Callable[[], Policy],
+        audit: Audit,
         *,
         clock: Callable[[], float],
         wakeup: Callable[[], None],
     ) -> None:
+        self._audit = audit
         self._registry = registry
         self._handoffs = handoffs
         self._policy = policy
@@ -333,6 +333,7 @@ class Leasing:
         )
         self._record(h)
         self._registry.touch(e, EV.TYPE_LEASE_GRANTED, lease_id=h.lease_id, epoch=h.epoch)
+        self._audit.lease_granted(s, e, h)
         self._wakeup()
         return h
 
@@ -463,7 +464,7 @@ class Leasing:
                 tok.name, fd, info, old.owner, old.session_id, opts, pending=self._handoffs.promised()
             )
         finally:
-            self.end_lease(h, EV.REASON_RELEASED)
+            self.end_lease(h, EV.REASON_RELEASED, checked_in=True)
         return self._registry.get(tok.name)
 
     def checkin_abandoned(self, tok: Token) -> None:
@@ -474,14 +475,16 @@ class Leasing:
 
     # -- ending --------------------------------------------------------------------------------------------------
 
-    def end_lease(self, h: Holder, reason: int) -> None:
+    def end_lease(self, h: Holder, reason: int, *, checked_in: bool = False) -> None:
         """End one lease, for ``reason`` (a ``pb.Event.Reason``): the one place a lease ends.
 
         Forgets the holder everywhere, records LEASE_RELEASED with ``reason`` (when its entry still shows it),
-        and grants queued requests that now fit. Idempotent.
+        audits it (a check-in's own record covers ``checked_in`` ones), and grants queued requests that now fit.
+        Idempotent.
         """
         if self._holders.pop(h.lease_id, None) is None:
             return
+        self._audit.lease_ended(h, reason, self._registry.find(h.name), checked_in=checked_in)
         mine = self._by_session.get(h.session_id)
         if mine is not None:
             mine.pop(h.lease_id, None)
@@ -527,7 +530,6 @@ class Leasing:
     def expire(self, now: float) -> None:
         """End every lease whose TTL has passed (EXPIRED)."""
         for h in [h for h in self._holders.values() if h.expires_at <= now]:
-            log.info("lease %s on %r expired (pid %d)", h.lease_id[:6], h.name, h.identity.pid)
             self.end_lease(h, EV.REASON_EXPIRED)
 
     def next_expiry(self) -> float | None:

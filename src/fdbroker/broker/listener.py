@@ -98,15 +98,18 @@ class Connection:
         *,
         max_frame_bytes: int,
         max_fds_in_flight: Callable[[], int] | None = None,
+        on_pause: Callable[[], None] = lambda: None,
     ) -> None:
         """``max_fds_in_flight`` returns the uid's cap on descriptors in flight (read on every ``recvmsg``, so a
-        policy reload applies at once); default: :class:`~fdbroker.broker.policy.Limits`' default."""
+        policy reload applies at once); default: :class:`~fdbroker.broker.policy.Limits`' default. ``on_pause``
+        is called each time the connection's reads pause at that cap (a metric)."""
         self.loop = loop
         self.sock = sock
         self.identity = identity
         self._on_frame = on_frame
         self._on_close = on_close
         self._max_in_flight = max_fds_in_flight or (lambda: DEFAULT_MAX_FDS_IN_FLIGHT)
+        self._on_pause = on_pause
         self._decoder = FrameDecoder(max_frame_bytes, close=self._discard)
         self._held = 0  # descriptors of our decoder counted in in_flight
         self._paused = False  # reader removed until _resume
@@ -158,6 +161,7 @@ class Connection:
     def _pause(self) -> None:
         if not self._throttled:
             self._throttled = True
+            self._on_pause()
             log.warning(
                 "uid %d has %d descriptors in flight (limit %d); pausing reads from pid %d",
                 self.identity.uid,
@@ -212,7 +216,7 @@ class Connection:
                 )
                 return
         except OSError as err:
-            log.info("conduit read failed for pid %d: %s", self.identity.pid, err)
+            log.debug("conduit read failed for pid %d: %s", self.identity.pid, err)
             self.close()
             return
         if not data:
@@ -267,7 +271,7 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError as err:
-                log.info("conduit write to pid %d failed: %s", self.identity.pid, err)
+                log.debug("conduit write to pid %d failed: %s", self.identity.pid, err)
                 self.close()
                 return
             if n == len(data):
@@ -314,7 +318,7 @@ class Connection:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                log.info("conduit write to pid %d failed: %s", self.identity.pid, err)
+                log.debug("conduit write to pid %d failed: %s", self.identity.pid, err)
                 self.close()
                 return
             # Duplicates of the broker's entries: closing one may drop the last reference once the entry is gone.

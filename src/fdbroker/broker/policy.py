@@ -28,11 +28,11 @@ import os
 import pwd
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from fdbroker.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from fdbroker.errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
 
 ACTIONS: tuple[str, ...] = ("info", "list", "stat", "watch", "put", "get", "take", "delete", "lease")
 READ_ACTIONS: frozenset[str] = frozenset({"info", "list", "stat", "watch"})
@@ -152,6 +152,9 @@ class Policy:
         self.limits = limits if limits is not None else Limits()
         self.source = source
         self._rules_for: dict[tuple[int, int], tuple[Rule, ...]] = {}
+        #: Called with (identity, action, name, error) for every refusal :meth:`check` raises (the broker
+        #: counts and audits them); set by whoever puts the policy in force.
+        self.on_denied: Callable[[Identity | None, str, str, BrokerError], object] | None = None
 
     def __repr__(self) -> str:
         return f"Policy(source={self.source!r}, rules={len(self.rules)}, broker_uid={self.broker_uid})"
@@ -228,28 +231,36 @@ class Policy:
     ) -> None:
         """Raises unless :meth:`allows`: :class:`Unauthenticated` for an anonymous caller and a
         descriptor-moving action, else :class:`PermissionDenied`. The message names the entry, the identity
-        and the action, and says what to do."""
+        and the action, and says what to do. :attr:`on_denied` hears of every refusal before it is raised."""
         if self.allows(identity, action, name, owner_uid):
             return
+        err = self._refusal(identity, action, name, owner_uid)
+        if self.on_denied is not None:
+            self.on_denied(identity, action, name, err)
+        raise err
+
+    def _refusal(
+        self, identity: Identity | None, action: str, name: str, owner_uid: int | None
+    ) -> PermissionDenied | Unauthenticated:
         what = f"{action} {name!r}" if name else action
         if action not in _ALL:
-            raise PermissionDenied(f"unknown action {action!r}; actions are {', '.join(ACTIONS)}", name=name)
+            return PermissionDenied(f"unknown action {action!r}; actions are {', '.join(ACTIONS)}", name=name)
         if identity is None:
             if action in MOVING_ACTIONS:
-                raise Unauthenticated(
+                return Unauthenticated(
                     f"{what} needs a session: descriptors never move for anonymous callers; connect to the "
                     "conduit first (fdbroker.Client does this) and send the session id as metadata 'fdbroker-session' "
                     "metadata",
                     name=name,
                 )
             allowed = ", ".join(a for a in ACTIONS if a in self.anonymous_allow) or "nothing"
-            raise PermissionDenied(
+            return PermissionDenied(
                 f"anonymous callers may not {what} (policy {self.source} allows them: {allowed}); "
                 "connect to the conduit and use a session",
                 name=name,
             )
         owner = "" if owner_uid is None else f" (owned by uid {owner_uid})"
-        raise PermissionDenied(
+        return PermissionDenied(
             f"policy {self.source} does not allow uid {identity.uid} (gid {identity.gid}, "
             f"pid {identity.pid}) to {what}{owner}; use entries your uid owns, or ask the broker's "
             "administrator for a rule (see docs/policy.md)",

@@ -78,6 +78,11 @@ class Entry:
         """What the broker read from the descriptor (a new message each call)."""
         return pb.DescriptorInfo.FromString(self.info_bytes)
 
+    @property
+    def kind(self) -> int:
+        """The descriptor's ``Kind`` (see :func:`info_kind`)."""
+        return info_kind(self.info_bytes)
+
     def invalidate(self) -> None:
         """Drop the cached serialized forms (after any change that shows in them)."""
         self._bytes = None
@@ -458,6 +463,21 @@ def _merge(names: list[str], new: list[str]) -> None:
     names.extend(sorted(new))
     if k and new and names[k - 1] > names[k]:
         names.sort()  # timsort merges the two sorted runs
+
+
+def info_kind(info: bytes) -> int:
+    """The ``Kind`` in a serialized ``DescriptorInfo`` (or its first bytes), without parsing it: ``kind`` is field
+    1, which protobuf writes first when it is set (an absent one is ``KIND_UNSPECIFIED``); ``KIND_OTHER`` if the
+    bytes end inside it."""
+    if info[:1] != b"\x08":
+        return pb.KIND_UNSPECIFIED
+    kind = shift = 0
+    for byte in info[1:6]:
+        kind |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return kind
+        shift += 7
+    return pb.KIND_OTHER
 
 
 def _prepare(entry: Entry) -> None:

@@ -1,18 +1,24 @@
 """gRPC glue: ``fdbroker.v1.FdBroker`` RPCs to :class:`fdbroker.broker.Broker` calls.
 
 Thin on purpose: read the session from metadata, call the broker, map :class:`BrokerError` to a status in one
-place (:func:`_abort`). No registry logic lives here.
+place (:func:`_abort`). No registry logic lives here. The handlers :func:`add_to_server` registers are the one
+place every RPC is counted and timed (``fdbroker_rpcs``, ``fdbroker_rpc_duration_seconds``), and the caller is
+made known to the audit log (:data:`fdbroker.broker.audit.caller`) when its session is resolved.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
+from fdbroker.broker.audit import caller
 from fdbroker.broker.core import Broker
+from fdbroker.broker.metrics import Metrics
 from fdbroker.broker.policy import Identity
 from fdbroker.broker.sessions import Session
 from fdbroker.errors import BrokerError, InvalidArgument, OutOfRange
@@ -85,8 +91,10 @@ def add_to_server(servicer: FdBrokerServicer, server: grpc.aio.Server) -> None:
 
     Unlike the generated ``add_FdBrokerServicer_to_server``, an undecodable request is answered
     INVALID_ARGUMENT (gRPC's own deserializer failure is UNKNOWN): the deserializer returns a marker and the
-    handler refuses it before the servicer sees it.
+    handler refuses it before the servicer sees it. Every handler counts its RPC by status code and times it
+    (a streaming RPC: to its first response) in the broker's metrics.
     """
+    metrics = servicer.broker.metrics
     service = pb.DESCRIPTOR.services_by_name["FdBroker"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for m in service.methods:
@@ -95,41 +103,73 @@ def add_to_server(servicer: FdBrokerServicer, server: grpc.aio.Server) -> None:
         fn = getattr(servicer, m.name)
         kw = {"request_deserializer": _lenient(req_cls), "response_serializer": _serializer(resp_cls)}
         if m.client_streaming and m.server_streaming:
-            handlers[m.name] = grpc.stream_stream_rpc_method_handler(_checked_stream_stream(m.name, fn), **kw)
+            handler = _checked_stream_stream(m.name, fn, metrics)
+            handlers[m.name] = grpc.stream_stream_rpc_method_handler(handler, **kw)
         elif m.server_streaming:
-            handlers[m.name] = grpc.unary_stream_rpc_method_handler(_checked_unary_stream(m.name, fn), **kw)
+            handler = _checked_unary_stream(m.name, fn, metrics)
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(handler, **kw)
         elif not m.client_streaming:
-            handlers[m.name] = grpc.unary_unary_rpc_method_handler(_checked_unary(m.name, fn), **kw)
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(_checked_unary(m.name, fn, metrics), **kw)
         else:  # pragma: no cover - the service has no client-streaming-only RPC
             raise TypeError(f"client-streaming RPC {m.name} is not supported")
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
+def _status(context: Any, exc: BaseException) -> str:
+    """The status an RPC that raised ``exc`` ended with: the code it was aborted with, else CANCELLED for a
+    cancellation (the client went away), else UNKNOWN (what gRPC answers for an exception nobody mapped)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
 def _checked_unary(
-    method: str, fn: Callable[[Any, Any], Awaitable[Any]]
+    method: str, fn: Callable[[Any, Any], Awaitable[Any]], metrics: Metrics
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def handler(request: Any, context: Any) -> Any:
-        if isinstance(request, _Undecodable):
-            await _abort(context, request.error(method))
-        return await fn(request, context)
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            if isinstance(request, _Undecodable):
+                await _abort(context, request.error(method))
+            return await fn(request, context)
+        except BaseException as exc:
+            code = _status(context, exc)
+            raise
+        finally:
+            metrics.rpc(method, code, time.perf_counter() - t0)
 
     return handler
 
 
 def _checked_unary_stream(
-    method: str, fn: Callable[[Any, Any], AsyncIterator[Any]]
+    method: str, fn: Callable[[Any, Any], AsyncIterator[Any]], metrics: Metrics
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def handler(request: Any, context: Any) -> AsyncIterator[Any]:
-        if isinstance(request, _Undecodable):
-            await _abort(context, request.error(method))
-        async for item in fn(request, context):
-            yield item
+        t0 = time.perf_counter()
+        first: float | None = None
+        code = "OK"
+        try:
+            if isinstance(request, _Undecodable):
+                await _abort(context, request.error(method))
+            async for item in fn(request, context):
+                if first is None:
+                    first = time.perf_counter() - t0
+                yield item
+        except BaseException as exc:
+            code = _status(context, exc)
+            raise
+        finally:
+            metrics.rpc(method, code, time.perf_counter() - t0 if first is None else first)
 
     return handler
 
 
 def _checked_stream_stream(
-    method: str, fn: Callable[[Any, Any], AsyncIterator[Any]]
+    method: str, fn: Callable[[Any, Any], AsyncIterator[Any]], metrics: Metrics
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def requests(it: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in it:
@@ -138,8 +178,19 @@ def _checked_stream_stream(
             yield request
 
     async def handler(request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        async for item in fn(requests(request_iterator), context):
-            yield item
+        t0 = time.perf_counter()
+        first: float | None = None
+        code = "OK"
+        try:
+            async for item in fn(requests(request_iterator), context):
+                if first is None:
+                    first = time.perf_counter() - t0
+                yield item
+        except BaseException as exc:
+            code = _status(context, exc)
+            raise
+        finally:
+            metrics.rpc(method, code, time.perf_counter() - t0 if first is None else first)
 
     return handler
 
@@ -152,6 +203,7 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
 
     def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Session | None, Identity | None]:
         s = self.broker.session_for(_session_id(context))
+        caller.set(s)  # this RPC's own task: for the audit records of what the call decides
         return s, (s.identity if s else None)
 
     async def _call(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], T]) -> T:

@@ -74,6 +74,10 @@ class SessionTable:
         self._per_uid[identity.uid] += 1
         return s
 
+    def per_uid(self) -> dict[int, int]:
+        """Live sessions by uid."""
+        return dict(self._per_uid)
+
     def get(self, session_id: str) -> Session | None:
         return self._by_id.get(session_id)
 

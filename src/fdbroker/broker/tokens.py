@@ -264,6 +264,10 @@ class TokenBook:
         """Live explicit (not speculative) tokens issued to sessions of ``uid`` (for the pending-token quota)."""
         return self._by_uid.get(uid, 0)
 
+    def counts(self) -> tuple[int, int]:
+        """Live tokens in the book: (explicit, speculative)."""
+        return sum(self._by_uid.values()), sum(self._spec_by_uid.values())
+
     def speculative_for_uid(self, uid: int) -> int:
         """Live speculative (prefetch) tokens issued to sessions of ``uid``."""
         return self._spec_by_uid.get(uid, 0)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fdbroker import limits
+from fdbroker.broker.audit import Audit
 from fdbroker.broker.history import Record, event_of
 from fdbroker.broker.policy import Identity, Policy
 from fdbroker.broker.registry import Registry
@@ -49,9 +50,9 @@ class _Group:
     members: int = 0
     waiter: asyncio.Future[int] | None = None
     wake_at: int = 0  # first revision of a scheduled (lingering) wake-up; 0: none scheduled
-    # The last batch a member encoded: (cursor before, broker revision then, cursor after, counted, bytes).
-    # Members at the same cursor before anything changed get the same bytes.
-    shared: tuple[int, int, int, int, bytes] | None = None
+    # The last batch a member encoded: (cursor before, broker revision then, cursor after, counted, events,
+    # bytes). Members at the same cursor before anything changed get the same bytes.
+    shared: tuple[int, int, int, int, int, bytes] | None = None
 
 
 @dataclass(eq=False)
@@ -90,7 +91,11 @@ class Watcher:
 class WatchHub:
     """The watchers of one registry."""
 
-    def __init__(self, registry: Registry, policy: Callable[[], Policy], *, queue_limit: int) -> None:
+    def __init__(
+        self, registry: Registry, policy: Callable[[], Policy], audit: Audit, *, queue_limit: int
+    ) -> None:
+        self._audit = audit
+        self._metrics = audit.metrics
         self.registry = registry
         self._policy = policy
         self.queue_limit = queue_limit
@@ -122,18 +127,20 @@ class WatchHub:
         lim = policy.limits
         if identity is None:
             if self._anonymous >= lim.max_anonymous_watchers:
-                raise ResourceExhausted(
+                err = ResourceExhausted(
                     f"{self._anonymous} anonymous watch streams are open, the limit "
                     f"(max_anonymous_watchers); watch with a session (connect the conduit) or try later"
                 )
+                raise self._audit.exhausted(None, "watch", "max_anonymous_watchers", err)
             self._anonymous += 1
             vis: VisKey = None
         else:
             if self._per_uid[identity.uid] >= lim.max_watchers_per_uid:
-                raise ResourceExhausted(
+                err = ResourceExhausted(
                     f"uid {identity.uid} has {self._per_uid[identity.uid]} watch streams open, its limit "
                     "(max_watchers_per_uid); close some or raise the limit in the policy"
                 )
+                raise self._audit.exhausted(identity, "watch", "max_watchers_per_uid", err)
             self._per_uid[identity.uid] += 1
             vis = (identity.uid, identity.gid)
         key = (prefix, vis)
@@ -224,6 +231,7 @@ class WatchHub:
         if behind > self.queue_limit or (
             w.cursor < reg.revision and w.cursor + 1 < reg.history.oldest_revision
         ):
+            self._metrics.watch_cutoffs.inc()
             raise ResourceExhausted(
                 f"watcher fell more than {self.queue_limit} events behind and was cut off; "
                 f"resume with start_revision={w.cursor + 1}"
@@ -260,8 +268,9 @@ class WatchHub:
             and shared[1] == rev
             and g.seq - w.seen <= self.queue_limit
         ):
-            _, _, w.cursor, counted, data = shared
+            _, _, w.cursor, counted, n, data = shared
             w.seen += counted
+            self._metrics.watch_events.inc(n)
             return data
         before, seen = w.cursor, w.seen
         events = self._read(w)
@@ -270,7 +279,8 @@ class WatchHub:
         resp = pb.WatchResponse(events=events)
         resp.header.revision = rev
         data = resp.SerializeToString()
-        g.shared = (before, rev, w.cursor, w.seen - seen, data)
+        g.shared = (before, rev, w.cursor, w.seen - seen, len(events), data)
+        self._metrics.watch_events.inc(len(events))
         return data
 
     async def _wait(self, w: Watcher) -> None:

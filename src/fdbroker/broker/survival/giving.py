@@ -74,6 +74,7 @@ class HandoverServer:
         self.sock.setblocking(False)
         loop.add_reader(self.sock.fileno(), self._on_accept)
         self.committed = False
+        self.failures = 0  # handovers that failed (the broker went on serving): a metric
 
     def close(self) -> None:
         """Stop listening and remove ``handover.sock`` (only if it is still ours). Idempotent."""
@@ -123,6 +124,7 @@ class HandoverServer:
             self._wait_ack(conn, n)
         except (ConduitError, OSError, ValueError, HandoverError) as err:
             msg = err.message if isinstance(err, (ConduitError, BrokerError)) else str(err)
+            self.failures += 1
             log.error(
                 "handover to pid %d failed (%s); still serving with all %d entries",
                 cred.pid,
