@@ -3,13 +3,15 @@
 Steps, each separate: claim the run directory (one broker per directory), raise RLIMIT_NOFILE, load the policy,
 bind the sockets with restrictive modes, serve, and on SIGTERM/SIGINT stop: refuse new work, end every session,
 close every held descriptor, remove the sockets. SIGHUP reloads the policy file (a bad file keeps the old
-policy). ``READY=1`` goes to ``$NOTIFY_SOCKET`` once both sockets accept.
+policy). ``READY=1`` goes to ``$NOTIFY_SOCKET`` once both sockets accept. ``--metrics-listen`` serves the
+metrics (:mod:`.metrics`); ``--log-format`` picks the log lines' form (:mod:`.logs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import grp
 import logging
@@ -18,6 +20,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +30,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fdbroker import __version__
-from fdbroker.broker import closer
+from fdbroker.broker import closer, logs
+from fdbroker.broker.audit import caller
 from fdbroker.broker.core import Broker, BrokerConfig
 from fdbroker.broker.listener import Connection, Listener
+from fdbroker.broker.metrics import Metrics, MetricsServer, State, check_address
 from fdbroker.broker.notify import keeper_channel, sd_notify
 from fdbroker.broker.policy import Identity, Policy
 from fdbroker.broker.rundir import HANDOVER_SOCKET, RunDir
@@ -40,7 +45,7 @@ from fdbroker.broker.survival.fdstore import FdStore
 from fdbroker.broker.survival.giving import HandoverServer, released
 from fdbroker.broker.survival.receiving import take_over
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame, FramedConduit
-from fdbroker.errors import BrokerError, InvalidArgument
+from fdbroker.errors import BrokerError, Code, InvalidArgument
 from fdbroker.rundir import CONDUIT_SOCKET, CONTROL_SOCKET
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -64,6 +69,8 @@ class ServeOptions:
     takeover: bool = False  # receive the entries of the broker serving run_dir (docs/survival.md)
     handover_timeout: float = 30.0
     fdstore: bool = False  # keep entries in systemd's file-descriptor store (docs/survival.md)
+    metrics_listen: str | None = None  # HOST:PORT or unix:PATH (docs/deploy.md, "Operating it")
+    log_format: str = "text"  # or "json" (fdbroker.broker.logs)
 
 
 def _socket_gid(group: str | None) -> int:
@@ -103,6 +110,32 @@ def _keeper_info() -> pb.KeeperInfo | None:
     return pb.KeeperInfo(pid=facts.pid, restarts=facts.restarts, last_exit=facts.last_exit)
 
 
+def _metrics_address(address: str) -> None:
+    """Refuse a malformed ``--metrics-listen`` before anything is claimed."""
+    try:
+        check_address(address)
+    except ValueError as err:
+        raise InvalidArgument(str(err)) from None
+
+
+def _scrape(srv: BrokerServer) -> State:
+    assert srv.broker is not None
+    state = srv.broker.metrics_state()
+    keeper_info = srv.broker.config.keeper
+    state.keeper_restarts = 0 if keeper_info is None else keeper_info.restarts
+    events = dict(srv.survival)
+    if srv.handover is not None:
+        events["handover_failed"] = srv.handover.failures
+    if srv.fdstore is not None:
+        events["fdstore_failed"] = srv.fdstore.failures
+        state.fdstore_descriptors = len(srv.fdstore.stored)
+    state.survival_events = events
+    return state
+
+
+_CODE_NAMES = {int(c): c.name for c in Code}
+
+
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -130,6 +163,9 @@ class BrokerServer:
         self.handover: HandoverServer | None = None
         self._handed_over: FramedConduit | None = None
         self.fdstore: FdStore | None = None
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self.survival: collections.Counter[str] = collections.Counter()
 
     def _load_policy(self) -> Policy:
         if self.opts.policy_path is not None:
@@ -140,6 +176,8 @@ class BrokerServer:
         opts = self.opts
         policy = self._load_policy()
         gid = _socket_gid(opts.socket_group)  # every option is checked before the run directory is touched
+        if opts.metrics_listen is not None:
+            _metrics_address(opts.metrics_listen)
         if not opts.takeover:
             self.rundir = RunDir.claim(opts.run_dir)
         nofile = raise_nofile_limit()
@@ -156,7 +194,9 @@ class BrokerServer:
             ),
             policy,
             wakeup=self._wake.set,
+            metrics=self.metrics,
         )
+        self.metrics.attach(self)
         loop = asyncio.get_running_loop()
         if opts.takeover:
             self.rundir = self._take_over()
@@ -205,6 +245,8 @@ class BrokerServer:
                 os.chown(name, -1, gid, dir_fd=self.rundir.dir_fd, follow_symlinks=False)
             os.chmod(name, opts.socket_mode, dir_fd=self.rundir.dir_fd)
         self.listener = Listener(loop, lsock, self._on_connect)
+        if opts.metrics_listen is not None:
+            await self._serve_metrics(opts.metrics_listen, gid)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._housekeeper = asyncio.create_task(self._housekeeping())
@@ -231,6 +273,30 @@ class BrokerServer:
         )
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {self.rundir.path}")
 
+    # -- operating it (docs/deploy.md, "Operating it") -----------------------------------------------------------
+
+    async def _serve_metrics(self, address: str, gid: int) -> None:
+        """Serve the metrics on ``address``; a relative ``unix:`` path is in the run directory."""
+        assert self.rundir is not None
+        path = address[len("unix:") :] if address.startswith("unix:") else ""
+        bind_path = self.rundir.address(path) if path and not os.path.isabs(path) else ""
+        try:
+            self.metrics_server = await MetricsServer.start(
+                self.metrics, address, mode=self.opts.socket_mode, gid=gid, bind_path=bind_path
+            )
+        except OSError as err:
+            raise InvalidArgument(
+                f"--metrics-listen {address}: cannot listen ({err.strerror or err})"
+            ) from None
+        log.info(
+            "metrics on %s (GET /metrics)",
+            f"unix:{self.rundir.path / path}" if bind_path else self.metrics_server.where,
+        )
+
+    def metrics_state(self) -> State:
+        """The broker's state and survival's, for a scrape (:class:`~fdbroker.broker.metrics.StateView`)."""
+        return _scrape(self)
+
     # -- survival (docs/survival.md) -----------------------------------------------------------------------------
 
     def _take_over(self) -> RunDir:
@@ -243,6 +309,7 @@ class BrokerServer:
             os.close(dir_fd)
             raise
         rundir = RunDir.adopt(run_dir, dir_fd, t.lock_fd)
+        self.survival["takeover"] += 1
         log.info(
             "took over %d entries from pid %d in %.3f s (revision %d)",
             t.entries,
@@ -255,6 +322,7 @@ class BrokerServer:
     def _commit_handover(self, conn: FramedConduit) -> None:
         """The successor has every entry: stop everything that could change the registry, now, then exit."""
         self._handed_over = conn
+        self.survival["handover"] += 1
         if self.fdstore is not None:
             self.fdstore.detach()
         if self.listener is not None:
@@ -278,6 +346,7 @@ class BrokerServer:
             self._on_conn_close,
             max_frame_bytes=self.opts.max_frame_bytes,
             max_fds_in_flight=lambda: broker.limits.max_fds_in_flight_per_uid,
+            on_pause=self.metrics.conduit_pauses.inc,
         )
         try:
             session = self.broker.open_session(identity, conn)
@@ -294,12 +363,21 @@ class BrokerServer:
         self.connections.add(conn)
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        """One frame for its session: the caller known to the audit log, the frame timed and counted."""
         assert self.broker is not None
         s = conn.session
         if not isinstance(s, Session):
             frame.close_fds()
             return
-        self.broker.on_frame(s, frame)
+        t0 = time.perf_counter()
+        token = caller.set(s)
+        code: int = Code.INTERNAL  # unless dispatch returns: the listener logs what it raised
+        try:
+            code = self.broker.on_frame(s, frame)
+        finally:
+            caller.reset(token)
+            kind = frame.message.WhichOneof("body") or "empty"
+            self.metrics.frame(kind, _CODE_NAMES.get(code, str(code)), time.perf_counter() - t0)
 
     def _on_conn_close(self, conn: Connection) -> None:
         self.connections.discard(conn)
@@ -331,6 +409,8 @@ class BrokerServer:
 
     async def stop(self) -> None:
         sd_notify("STOPPING=1")
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if hasattr(self, "_housekeeper"):
             self._housekeeper.cancel()
         if self.handover is not None:
@@ -459,6 +539,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="log verbosity on stderr (default info; env FDBROKER_LOG_LEVEL)",
     )
+    # Operating it (docs/deploy.md): metrics, log format.
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="ADDRESS",
+        default=os.environ.get("FDBROKER_METRICS_LISTEN") or None,
+        help="serve Prometheus metrics (GET /metrics) on HOST:PORT (e.g. 127.0.0.1:9464) or unix:PATH (a "
+        "relative PATH is in the run directory; mode and group as --socket-mode/--socket-group); "
+        "default: off (env FDBROKER_METRICS_LISTEN)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("FDBROKER_LOG_FORMAT", "text"),
+        choices=list(logs.FORMATS),
+        help="log lines as text or as one JSON object per line (default text; env FDBROKER_LOG_FORMAT); "
+        "under journald without timestamps and with syslog priorities",
+    )
 
 
 def options_from_args(args: argparse.Namespace, run_dir: Path) -> ServeOptions:
@@ -474,16 +570,14 @@ def options_from_args(args: argparse.Namespace, run_dir: Path) -> ServeOptions:
         takeover=args.takeover,
         handover_timeout=args.handover_timeout,
         fdstore=args.fdstore,
+        metrics_listen=args.metrics_listen,
+        log_format=args.log_format,
     )
 
 
 def run(opts: ServeOptions, log_level: str = "info") -> int:
     """Configure logging and run the broker in the foreground; return the exit code."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s fdbroker[%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(log_level, opts.log_format)
     try:
         return asyncio.run(serve(opts))
     except KeyboardInterrupt:
