@@ -3,8 +3,9 @@
 Steps, each separate: claim the run directory (one broker per directory), raise RLIMIT_NOFILE, load the policy,
 bind the sockets with restrictive modes, serve, and on SIGTERM/SIGINT stop: refuse new work, end every session,
 close every held descriptor, remove the sockets. SIGHUP reloads the policy file (a bad file keeps the old
-policy). ``READY=1`` goes to ``$NOTIFY_SOCKET`` once both sockets accept. ``--metrics-listen`` serves the
-metrics (:mod:`.metrics`); ``--log-format`` picks the log lines' form (:mod:`.logs`).
+policy). The service manager hears of readiness, reloads, the watchdog and status through
+:class:`~fdbroker.broker.notify.Supervision`; ``--metrics-listen`` serves the metrics (:mod:`.metrics`);
+``--log-format`` picks the log lines' form (:mod:`.logs`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fdbroker.broker.audit import caller
 from fdbroker.broker.core import Broker, BrokerConfig
 from fdbroker.broker.listener import Connection, Listener
 from fdbroker.broker.metrics import Metrics, MetricsServer, State, check_address
-from fdbroker.broker.notify import keeper_channel, sd_notify
+from fdbroker.broker.notify import Supervision, keeper_channel
 from fdbroker.broker.policy import Identity, Policy
 from fdbroker.broker.rundir import HANDOVER_SOCKET, RunDir
 from fdbroker.broker.servicer import FdBrokerServicer, add_to_server
@@ -133,6 +134,17 @@ def _scrape(srv: BrokerServer) -> State:
     return state
 
 
+def _status(srv: BrokerServer) -> str:
+    """``STATUS=`` for the service manager: live counts."""
+    b, rundir = srv.broker, srv.rundir
+    if b is None or rundir is None:
+        return "starting"
+    return (
+        f"serving {rundir.path}: {len(b.registry)} entries, {len(b.sessions)} sessions, "
+        f"revision {b.registry.revision}"
+    )
+
+
 _CODE_NAMES = {int(c): c.name for c in Code}
 
 
@@ -165,6 +177,7 @@ class BrokerServer:
         self.fdstore: FdStore | None = None
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
+        self.supervision = Supervision(lambda: _status(self), self._healthy)
         self.survival: collections.Counter[str] = collections.Counter()
 
     def _load_policy(self) -> Policy:
@@ -271,7 +284,7 @@ class BrokerServer:
             capacity,
             policy.source,
         )
-        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {self.rundir.path}")
+        self.supervision.ready(f"MAINPID={os.getpid()}")
 
     # -- operating it (docs/deploy.md, "Operating it") -----------------------------------------------------------
 
@@ -296,6 +309,11 @@ class BrokerServer:
     def metrics_state(self) -> State:
         """The broker's state and survival's, for a scrape (:class:`~fdbroker.broker.metrics.StateView`)."""
         return _scrape(self)
+
+    def _healthy(self) -> bool:
+        """The loop is turning (the caller runs on it) and housekeeping (expiries) is alive."""
+        hk = getattr(self, "_housekeeper", None)
+        return hk is not None and not hk.done() and not self.stopping.is_set()
 
     # -- survival (docs/survival.md) -----------------------------------------------------------------------------
 
@@ -398,17 +416,22 @@ class BrokerServer:
                 await asyncio.wait_for(self._wake.wait(), delay + 0.001)
 
     def reload_policy(self) -> None:
-        if self.broker is None or self.opts.policy_path is None:
-            log.info("SIGHUP: no policy file configured; nothing to reload")
-            return
+        """SIGHUP: reload the policy file, telling the service manager (RELOADING=1 ... READY=1, also when there
+        is nothing to reload: Type=notify-reload waits for the pair after every SIGHUP)."""
+        self.supervision.reloading(f"reloading the policy from {self.opts.policy_path or '(none)'}")
         try:
+            if self.broker is None or self.opts.policy_path is None:
+                log.info("SIGHUP: no policy file configured; nothing to reload")
+                return
             self.broker.set_policy(self._load_policy())
             log.info("policy reloaded from %s", self.opts.policy_path)
         except BrokerError as err:
             log.error("policy reload failed, keeping the old policy: %s", err)
+        finally:
+            self.supervision.ready()
 
     async def stop(self) -> None:
-        sd_notify("STOPPING=1")
+        self.supervision.stopping()
         if self.metrics_server is not None:
             await self.metrics_server.close()
         if hasattr(self, "_housekeeper"):
