@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +53,15 @@ class Deltas:
         self.before = scrape(address)
         self.after = self.before
 
-    def step(self) -> Deltas:
+    def step(self, until: Callable[[Deltas], bool] | None = None) -> Deltas:
+        """Scrape again; with ``until``, again until it holds (an RPC that failed is counted when its handler
+        ends, which can be just after its caller got the status)."""
         self.before = self.after
         self.after = scrape(self.address)
+        deadline = time.monotonic() + 10
+        while until is not None and not until(self) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            self.after = scrape(self.address)
         return self
 
     def __call__(self, name: str, **labels: str) -> float:
@@ -88,7 +94,7 @@ def _drive_and_check(b: BrokerProcess, address: Any) -> None:
             with Control(b.run_dir) as ctl, pytest.raises(grpc.RpcError) as ei:
                 ctl.call("Get", pb.GetRequest(name="m/a"))
             assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            d.step()
+            d.step(until=lambda d: d("fdbroker_rpcs_total", method="Get", code="UNAUTHENTICATED") > 0)
             assert d("fdbroker_policy_denials_total", action="get") == 1
             assert d("fdbroker_rpcs_total", method="Get", code="UNAUTHENTICATED") == 1
 
@@ -97,7 +103,7 @@ def _drive_and_check(b: BrokerProcess, address: Any) -> None:
             c.put("m/e", w)
             with pytest.raises(ResourceExhausted):
                 c.put("m/f", w)
-            d.step()
+            d.step(until=lambda d: d("fdbroker_rpcs_total", method="Put", code="RESOURCE_EXHAUSTED") > 0)
             assert d("fdbroker_quota_refusals_total", quota="max_entries_per_uid") == 1
             assert d("fdbroker_rpcs_total", method="Put", code="RESOURCE_EXHAUSTED") == 1
 

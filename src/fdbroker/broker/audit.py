@@ -35,6 +35,7 @@ from there. Records cost nothing but a level check when ``fdbroker.audit`` is ab
 from __future__ import annotations
 
 import logging
+import re
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
@@ -187,13 +188,28 @@ class Audit:
         record: dict[str, Any] = {"verb": verb, "name": name, "kind": kind, "outcome": outcome}
         record.update(pid=pid, uid=uid, gid=gid, session=None if session is None else session[:6])
         record.update((k, v) for k, v in detail.items() if v != "")
-        text = " ".join(f"{k}={_word(v)}" for k, v in record.items() if v != "")
-        log.info("%s", text, extra={"audit": record})
+        log.info("%s", _Words(record), extra={"audit": record})
+
+
+class _Words:
+    """An audit record's message, ``key=value`` words, built when (and where) the record is formatted."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={_word(v)}" for k, v in self.record.items() if v != "")
 
 
 def _word(v: Any) -> str:
-    """A value for a ``key=value`` word: names and ids as they are, anything with a space or quote quoted."""
+    """A value for a ``key=value`` word: names and ids as they are, anything with a space, quote, ``=`` or
+    backslash quoted."""
     if v is None:
         return "-"
     s = str(v)
-    return s if s and not any(c in s for c in ' "=\\\n') else repr(s)
+    return s if _PLAIN.fullmatch(s) else repr(s)
+
+
+_PLAIN = re.compile(r"[^\s\"=\\]+")

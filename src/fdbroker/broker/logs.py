@@ -105,6 +105,12 @@ def configure(level: str = "info", fmt: str = "text", *, stream: TextIO | None =
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
+        h.close()
+    # The optimizations the logging HOWTO lists: no caller lookup, thread or multiprocessing names (no format
+    # of ours shows them); the pid stays (the text format shows it).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
     return handler
