@@ -377,3 +377,37 @@ def test_the_text_format_carries_the_same_words(tmp_path: Path) -> None:
 
 def test_scrape_helper_reads_absent_samples_as_zero() -> None:
     assert Scrape("").value("fdbroker_rpcs_total") == 0
+
+
+# -- Kubernetes ------------------------------------------------------------------------------------------------
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+
+
+@pytest.mark.parametrize("manifest", ["sidecar-pod.yaml", "daemonset.yaml"])
+def test_the_manifests_scrape_the_port_the_broker_listens_on(manifest: str) -> None:
+    """Each Pod's prometheus.io annotations name the broker container's "metrics" port, which is the port of
+    its FDBROKER_METRICS_LISTEN, an address serve accepts, on the Pod's IP."""
+    yaml = pytest.importorskip("yaml")
+    from fdbroker.broker.metrics import check_address
+
+    pods = []
+    for doc in yaml.safe_load_all((MANIFESTS / manifest).read_text()):
+        if doc and doc["kind"] == "Pod":
+            pods.append((doc["metadata"], doc["spec"]))
+        elif doc and doc["kind"] == "DaemonSet":
+            t = doc["spec"]["template"]
+            pods.append((t["metadata"], t["spec"]))
+    assert pods
+    for meta, spec in pods:
+        ann = meta["annotations"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/path"] == "/metrics"
+        broker = next(c for c in spec.get("initContainers", []) + spec["containers"] if c["name"] == "broker")
+        env = {e["name"]: e.get("value") for e in broker["env"]}
+        address = env["FDBROKER_METRICS_LISTEN"]
+        check_address(address)
+        host, _, port = address.rpartition(":")
+        assert host == "0.0.0.0" and port == ann["prometheus.io/port"]
+        ports = {p["name"]: p["containerPort"] for p in broker["ports"]}
+        assert ports["metrics"] == int(port)
+        assert not spec.get("hostNetwork"), "the metrics port would be the node's"
