@@ -97,8 +97,14 @@ class Audit:
 
     # -- decisions -----------------------------------------------------------------------------------------------
 
-    def ok(self, verb: str, who: Actor, name: str, kind: str = "", **detail: Any) -> None:
-        """A descriptor moved or left: ``verb`` on ``name`` succeeded."""
+    @staticmethod
+    def enabled() -> bool:
+        """Whether records are written (``fdbroker.audit`` at INFO): for a caller with work to do for many."""
+        return log.isEnabledFor(logging.INFO)
+
+    def ok(self, verb: str, who: Actor, name: str, kind: str | Entry = "", **detail: Any) -> None:
+        """A descriptor moved or left: ``verb`` on ``name`` succeeded. ``kind``: the entry (its kind is read
+        only if the record is written) or a kind name."""
         if log.isEnabledFor(logging.INFO):
             self._write(verb, who, name, kind, "ok", detail)
 
@@ -113,7 +119,7 @@ class Audit:
                 detail = {"replaced": "true" if e.create_revision != e.revision else ""}
             self._write(verb, s, e.name, fdinfo.kind_name(info.kind), "ok", detail)
 
-    def abandoned(self, verb: str, who: Actor, name: str, kind: str = "", **detail: Any) -> None:
+    def abandoned(self, verb: str, who: Actor, name: str, kind: str | Entry = "", **detail: Any) -> None:
         """A handoff the broker had granted was not completed (a take not acked: the entry stays)."""
         self.metrics.handoff(verb, "abandoned")
         if log.isEnabledFor(logging.INFO):
@@ -157,7 +163,7 @@ class Audit:
         self.metrics.lease_grants.labels(mode).inc()
         if log.isEnabledFor(logging.INFO):
             detail = {"mode": mode, "epoch": h.epoch, "lease": h.lease_id[:6]}
-            self._write("lease", s, e.name, kind_of(e), "ok", detail)
+            self._write("lease", s, e.name, e, "ok", detail)
 
     def lease_ended(self, h: Holder, reason: int, e: Entry | None, *, checked_in: bool = False) -> None:
         """A lease ended: counted by reason; logged (``release``) unless a check-in ended it (its own record
@@ -167,12 +173,12 @@ class Audit:
             return
         who = Who(h.identity.pid, h.identity.uid, h.identity.gid, h.session_id)
         detail = {"reason": reason_name(reason), "epoch": h.epoch, "lease": h.lease_id[:6]}
-        self._write("release", who, h.name, "" if e is None else kind_of(e), "ok", detail)
+        self._write("release", who, h.name, "" if e is None else e, "ok", detail)
 
     # -- the record ----------------------------------------------------------------------------------------------
 
     def _write(
-        self, verb: str, who: Actor, name: str, kind: str, outcome: str, detail: dict[str, Any]
+        self, verb: str, who: Actor, name: str, kind: str | Entry, outcome: str, detail: dict[str, Any]
     ) -> None:
         pid = uid = gid = None
         session: str | None = None
@@ -185,6 +191,8 @@ class Audit:
             current = caller.get()
             if current is not None and current.identity is who:
                 session = current.id
+        if not isinstance(kind, str):
+            kind = kind_of(kind)
         record: dict[str, Any] = {"verb": verb, "name": name, "kind": kind, "outcome": outcome}
         record.update(pid=pid, uid=uid, gid=gid, session=None if session is None else session[:6])
         record.update((k, v) for k, v in detail.items() if v != "")

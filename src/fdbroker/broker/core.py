@@ -25,7 +25,7 @@ from typing import Any
 
 from fdbroker import __version__, fdinfo
 from fdbroker.broker import closer
-from fdbroker.broker.audit import Audit, Who, kind_of
+from fdbroker.broker.audit import Audit, Who
 from fdbroker.broker.entries import Entries
 from fdbroker.broker.handoffs import Handoffs, error_frame, error_pb
 from fdbroker.broker.leasing import Leasing
@@ -146,7 +146,7 @@ class Broker:
             self._leasing.end_handed_over(name, held)
         for e in sorted((e for e in self._registry if e.ephemeral), key=lambda e: e.name):
             self._entries.remove(e, EV.TYPE_DELETE, EV.REASON_SESSION_ENDED)
-            self._audit.ok("remove", Who(*e.owner, e.session_id), e.name, kind_of(e), reason="session_ended")
+            self._audit.ok("remove", Who(*e.owner, e.session_id), e.name, e, reason="session_ended")
 
     # -- sessions ------------------------------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ class Broker:
             e = self._registry.find(name)
             if e is not None and e.session_id == s.id and e.ephemeral:
                 self._entries.remove(e, EV.TYPE_DELETE, EV.REASON_SESSION_ENDED)
-                self._audit.ok("remove", s, name, kind_of(e), reason="session_ended")
+                self._audit.ok("remove", s, name, e, reason="session_ended")
         log.debug("session %s… (pid %d) ended", s.id[:6], s.identity.pid)
 
     def session_for(self, session_id: str | None) -> Session | None:
@@ -297,7 +297,7 @@ class Broker:
         self._handoffs.expire(now)
         for e in self._registry.due(now):
             self._entries.remove(e, EV.TYPE_EXPIRE, 0)
-            self._audit.ok("expire", Who(*e.owner, e.session_id), e.name, kind_of(e))
+            self._audit.ok("expire", Who(*e.owner, e.session_id), e.name, e)
         self._leasing.expire(now)
         nexts = [self._tokens.next_expiry(), self._registry.next_expiry(), self._leasing.next_expiry()]
         return min((t for t in nexts if t is not None), default=None)

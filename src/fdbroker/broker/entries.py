@@ -18,7 +18,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 from fdbroker import limits
-from fdbroker.broker.audit import Audit, Who, kind_of
+from fdbroker.broker.audit import Audit, Who
 from fdbroker.broker.delivery import encode_repeated
 from fdbroker.broker.handoffs import BatchPlan, Handoffs
 from fdbroker.broker.leasing import Leasing, check_lease_free
@@ -145,7 +145,7 @@ class Entries:
         h, item = self._handoffs.push(OP.OPERATION_GET, e)
         resp.handoffs.append(h)
         self._handoffs.deliver(s, [item])
-        self._audit.ok("get", s, name, kind_of(e), prefetch=len(resp.prefetch_tokens) or "")
+        self._audit.ok("get", s, name, e, prefetch=len(resp.prefetch_tokens) or "")
         return resp
 
     def batch_get(self, s: Session, names: Sequence[str], prefetch: int = 0) -> pb.BatchGetResponse:
@@ -164,8 +164,9 @@ class Entries:
         pushes = [self._handoffs.push(OP.OPERATION_GET, e) for e in entries]
         resp.handoffs.extend([p[0] for p in pushes])
         self._handoffs.deliver(s, [p[1] for p in pushes])
-        for e in entries:
-            self._audit.ok("get", s, e.name, kind_of(e), batch=len(entries))
+        if self._audit.enabled():
+            for e in entries:
+                self._audit.ok("get", s, e.name, e, batch=len(entries))
         return resp
 
     def take(self, s: Session, name: str, if_revision: int = 0) -> pb.TakeResponse:
@@ -195,7 +196,7 @@ class Entries:
             raise NotFound(f"entry {tok.name!r} is gone; the take did not complete", name=tok.name)
         e.taking = None
         self.remove(e, EV.TYPE_DELETE, EV.REASON_TAKEN)
-        self._audit.ok("take", s, tok.name, kind_of(e))
+        self._audit.ok("take", s, tok.name, e)
 
     def take_abandoned(self, tok: Token) -> None:
         """A take's token left unacked (the receiver got a copy but did not confirm): the entry stays."""
@@ -203,7 +204,7 @@ class Entries:
         if e is not None and e.taking == tok.token:
             e.taking = None
             who = self._sessions.get(tok.session_id) or Who(None, tok.uid, None, tok.session_id)
-            self._audit.abandoned("take", who, tok.name, kind_of(e), token=short(tok.token))
+            self._audit.abandoned("take", who, tok.name, e, token=short(tok.token))
 
     # -- delete / stat / list ------------------------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class Entries:
         if e.taking is not None:
             raise FailedPrecondition(f"entry {name!r} is being taken; retry when the take is done", name=name)
         self.remove(e, EV.TYPE_DELETE, 0)
-        self._audit.ok("delete", s, name, kind_of(e))
+        self._audit.ok("delete", s, name, e)
         return pb.DeleteResponse()
 
     def stat(self, identity: Identity | None, name: str) -> pb.StatResponse:
