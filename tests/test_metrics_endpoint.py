@@ -186,3 +186,41 @@ def test_check_address_accepts(good: str) -> None:
 def test_check_address_refuses(bad: str) -> None:
     with pytest.raises(ValueError, match="metrics-listen"):
         check_address(bad)
+
+
+def test_event_metrics_expose_as_prometheus_clients_own_would() -> None:
+    """The broker's lock-free counters and histograms give the same samples as prometheus_client's Counter and
+    Histogram fed the same events (the bucket bounds inclusive, cumulative counts, +Inf, sum, count)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from fdbroker.broker.metrics import LATENCY_BUCKETS, EventCounter, EventHistogram
+
+    ref = CollectorRegistry()
+    rc = Counter("t_events", "doc", ["a", "b"], registry=ref)
+    rh = Histogram("t_seconds", "doc", ["m"], buckets=LATENCY_BUCKETS, registry=ref)
+    ours = CollectorRegistry()
+    oc = EventCounter("t_events", "doc", ("a", "b"))
+    oh = EventHistogram("t_seconds", "doc", "m")
+
+    class Ours:
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield oc.family()
+            yield oh.family()
+
+    ours.register(Ours())  # type: ignore[arg-type]
+    for i, x in enumerate([0.00005, 0.00007, 0.0001, 0.003, 0.003, 2.5, 11.0, 0.0]):
+        rc.labels("x", str(i % 2)).inc()
+        oc.inc("x", str(i % 2))
+        rh.labels("Get" if i % 3 else "Put").observe(x)
+        oh.observe("Get" if i % 3 else "Put", x)
+
+    def samples(reg: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        text = generate_latest(reg).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+            for f in parse_text(text)
+            for s in f.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(ours) == samples(ref)

@@ -129,7 +129,7 @@ class Audit:
         """The policy refused ``action`` on ``name`` with ``err``: counted and logged; returns ``err`` (the
         policy's hook, and the few checks that refuse anonymous callers before the policy sees them)."""
         self._recorded = err
-        self.metrics.denials.labels(action).inc()
+        self.metrics.denials.inc(action)
         if log.isEnabledFor(logging.INFO):
             self._write(action, who, name, "", "denied", {"code": err.code.name})
         return err
@@ -138,7 +138,7 @@ class Audit:
         """``verb`` refused RESOURCE_EXHAUSTED by ``quota`` (the policy's limit name, or ``capacity``): counted
         and logged; returns ``err`` for the caller to raise."""
         self._recorded = err
-        self.metrics.quota_refusals.labels(quota).inc()
+        self.metrics.quota_refusals.inc(quota)
         if log.isEnabledFor(logging.INFO):
             self._write(verb, who, err.name, "", "refused", {"code": err.code.name, "quota": quota})
         return err
@@ -160,7 +160,7 @@ class Audit:
 
     def lease_granted(self, s: Session, e: Entry, h: Holder) -> None:
         mode = "exclusive" if h.mode == pb.LeaseState.MODE_EXCLUSIVE else "shared"
-        self.metrics.lease_grants.labels(mode).inc()
+        self.metrics.lease_grants.inc(mode)
         if log.isEnabledFor(logging.INFO):
             detail = {"mode": mode, "epoch": h.epoch, "lease": h.lease_id[:6]}
             self._write("lease", s, e.name, e, "ok", detail)
@@ -168,7 +168,7 @@ class Audit:
     def lease_ended(self, h: Holder, reason: int, e: Entry | None, *, checked_in: bool = False) -> None:
         """A lease ended: counted by reason; logged (``release``) unless a check-in ended it (its own record
         says so)."""
-        self.metrics.lease_ends.labels("checked_in" if checked_in else reason_name(reason)).inc()
+        self.metrics.lease_ends.inc("checked_in" if checked_in else reason_name(reason))
         if checked_in or not log.isEnabledFor(logging.INFO):
             return
         who = Who(h.identity.pid, h.identity.uid, h.identity.gid, h.session_id)

@@ -364,7 +364,7 @@ class BrokerServer:
             self._on_conn_close,
             max_frame_bytes=self.opts.max_frame_bytes,
             max_fds_in_flight=lambda: broker.limits.max_fds_in_flight_per_uid,
-            on_pause=self.metrics.conduit_pauses.inc,
+            on_pause=self.metrics.conduit_pauses.inc,  # no labels
         )
         try:
             session = self.broker.open_session(identity, conn)

@@ -270,7 +270,7 @@ class WatchHub:
         ):
             _, _, w.cursor, counted, n, data = shared
             w.seen += counted
-            self._metrics.watch_events.inc(n)
+            self._metrics.watch_events.inc(n=n)
             return data
         before, seen = w.cursor, w.seen
         events = self._read(w)
@@ -280,7 +280,7 @@ class WatchHub:
         resp.header.revision = rev
         data = resp.SerializeToString()
         g.shared = (before, rev, w.cursor, w.seen - seen, len(events), data)
-        self._metrics.watch_events.inc(len(events))
+        self._metrics.watch_events.inc(n=len(events))
         return data
 
     async def _wait(self, w: Watcher) -> None:
