@@ -27,22 +27,21 @@ first 6 characters of its id; ``-`` for an anonymous caller), what (``verb``, ``
 decisions (no such entry, already exists, a lease held by someone else, a malformed request) are not audited:
 the RPC metrics count them by status code.
 
-Denials and refusals are raised where the caller's identity is known but not always its session: the servicer
-(per RPC) and the conduit dispatch (per frame) set :data:`caller`, and a record for an identity takes its session
-from there. Records cost nothing but a level check when ``fdbroker.audit`` is above INFO.
+Denials and refusals are raised where the caller's identity is known but not always its session (the policy
+sees identities): a record for an identity finds its session by that identity object, which each connection's
+session and every check made for it share (:meth:`SessionTable.of_identity`). Records cost nothing but a level check when ``fdbroker.audit`` is above INFO.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from fdbroker import fdinfo
 from fdbroker.broker.metrics import Metrics
 from fdbroker.broker.policy import Identity
-from fdbroker.broker.sessions import Session
+from fdbroker.broker.sessions import Session, SessionTable
 from fdbroker.broker.tokens import Token, operation_name
 from fdbroker.errors import BrokerError
 from fdbroker.v1 import broker_pb2 as pb
@@ -52,10 +51,6 @@ if TYPE_CHECKING:
     from fdbroker.broker.registry import Entry
 
 log = logging.getLogger("fdbroker.audit")
-
-caller: ContextVar[Session | None] = ContextVar("fdbroker_caller", default=None)
-"""The session the running RPC or conduit frame is served for (None: anonymous, or the broker's own
-housekeeping)."""
 
 E = TypeVar("E", bound=BrokerError)
 
@@ -70,7 +65,8 @@ class Who(NamedTuple):
 
 
 Actor = Session | Identity | Who | None
-"""A session; an identity (its session read from :data:`caller`); :class:`Who`; None: anonymous."""
+"""A session; an identity (its session found by :meth:`SessionTable.of_identity`); :class:`Who`; None:
+anonymous."""
 
 
 def kind_of(e: Entry) -> str:
@@ -91,8 +87,9 @@ class Audit:
     """Writes the audit records of one broker and counts the decisions that are also metrics (denials, quota
     refusals, refused handoffs, lease grants and ends)."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, sessions: SessionTable) -> None:
         self.metrics = metrics
+        self._sessions = sessions
         self._recorded: BrokerError | None = None  # the last error a denial or refusal was recorded for
 
     # -- decisions -----------------------------------------------------------------------------------------------
@@ -188,9 +185,8 @@ class Audit:
             pid, uid, gid, session = who
         elif who is not None:
             pid, uid, gid = who
-            current = caller.get()
-            if current is not None and current.identity is who:
-                session = current.id
+            s = self._sessions.of_identity(who)
+            session = None if s is None else s.id
         if not isinstance(kind, str):
             kind = kind_of(kind)
         record: dict[str, Any] = {"verb": verb, "name": name, "kind": kind, "outcome": outcome}

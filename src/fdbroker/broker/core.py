@@ -79,12 +79,12 @@ class Broker:
         self.config = config
         self.clock = clock
         self.metrics = metrics if metrics is not None else Metrics()
-        self._audit = audit = Audit(self.metrics)
+        self._sessions = SessionTable(max_per_uid=policy.limits.max_sessions_per_uid)
+        self._audit = audit = Audit(self.metrics, self._sessions)
         self._policy = policy
         policy.on_denied = audit.denied
         self._registry = reg = Registry(capacity=config.capacity, history=config.history, clock=clock)
         self._tokens = TokenBook(config.token_ttl, clock=clock)
-        self._sessions = SessionTable(max_per_uid=policy.limits.max_sessions_per_uid)
         self._watches = WatchHub(reg, lambda: self._policy, audit, queue_limit=config.watch_queue)
         self._handoffs = Handoffs(
             self._tokens, reg, lambda: self._policy.limits, self, audit, clock=clock, wakeup=wakeup

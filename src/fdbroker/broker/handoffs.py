@@ -37,6 +37,7 @@ from fdbroker.v1 import conduit_pb2 as cpb
 
 OP = pb.Operation
 _RESERVES_A_DESCRIPTOR = (OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
+_OPERATION_NAMES = {op: operation_name(op) for op in OP.values()}
 
 Item = tuple[bytes, int, Entry]
 """One delivery: the token it is tagged with, its operation, the entry whose descriptor goes."""
@@ -198,7 +199,7 @@ class Handoffs:
         """Send the entries' descriptors in Deliver frames of at most 253, tagged with their tokens (all of one
         operation)."""
         if items:
-            self._count(operation_name(items[0][1]), "ok", len(items))
+            self._count(_OPERATION_NAMES[items[0][1]], "ok", len(items))
         send = s.conn.send_raw
         for i in range(0, len(items), SCM_MAX_FD):
             chunk = items[i : i + SCM_MAX_FD]

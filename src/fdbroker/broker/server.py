@@ -32,7 +32,6 @@ from grpc_reflection.v1alpha import reflection
 
 from fdbroker import __version__
 from fdbroker.broker import closer, logs
-from fdbroker.broker.audit import caller
 from fdbroker.broker.core import Broker, BrokerConfig
 from fdbroker.broker.listener import Connection, Listener
 from fdbroker.broker.metrics import Metrics, MetricsServer, State, check_address
@@ -381,19 +380,17 @@ class BrokerServer:
         self.connections.add(conn)
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
-        """One frame for its session: the caller known to the audit log, the frame timed and counted."""
+        """One frame for its session, timed and counted."""
         assert self.broker is not None
         s = conn.session
         if not isinstance(s, Session):
             frame.close_fds()
             return
         t0 = time.perf_counter()
-        token = caller.set(s)
         code: int = Code.INTERNAL  # unless dispatch returns: the listener logs what it raised
         try:
             code = self.broker.on_frame(s, frame)
         finally:
-            caller.reset(token)
             kind = frame.message.WhichOneof("body") or "empty"
             self.metrics.frame(kind, _CODE_NAMES.get(code, str(code)), time.perf_counter() - t0)
 

@@ -2,8 +2,7 @@
 
 Thin on purpose: read the session from metadata, call the broker, map :class:`BrokerError` to a status in one
 place (:func:`_abort`). No registry logic lives here. The handlers :func:`add_to_server` registers are the one
-place every RPC is counted and timed (``fdbroker_rpcs``, ``fdbroker_rpc_duration_seconds``), and the caller is
-made known to the audit log (:data:`fdbroker.broker.audit.caller`) when its session is resolved.
+place every RPC is counted and timed (``fdbroker_rpcs``, ``fdbroker_rpc_duration_seconds``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fdbroker.broker.audit import caller
 from fdbroker.broker.core import Broker
 from fdbroker.broker.metrics import Metrics
 from fdbroker.broker.policy import Identity
@@ -203,7 +201,6 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
 
     def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Session | None, Identity | None]:
         s = self.broker.session_for(_session_id(context))
-        caller.set(s)  # this RPC's own task: for the audit records of what the call decides
         return s, (s.identity if s else None)
 
     async def _call(self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[], T]) -> T:

@@ -53,6 +53,7 @@ class SessionTable:
     def __init__(self, *, max_per_uid: int) -> None:
         self.max_per_uid = max_per_uid
         self._by_id: dict[str, Session] = {}
+        self._by_identity: dict[int, Session] = {}  # id() of a session's Identity (one object per connection)
         self._per_uid: collections.Counter[int] = collections.Counter()
 
     def __len__(self) -> int:
@@ -71,6 +72,7 @@ class SessionTable:
         sid = secrets.token_urlsafe(SESSION_ID_BYTES)
         s = Session(id=sid, identity=identity, conn=conn)
         self._by_id[sid] = s
+        self._by_identity[id(identity)] = s
         self._per_uid[identity.uid] += 1
         return s
 
@@ -81,11 +83,18 @@ class SessionTable:
     def get(self, session_id: str) -> Session | None:
         return self._by_id.get(session_id)
 
+    def of_identity(self, identity: Identity) -> Session | None:
+        """The live session whose identity is this very object (each connection's credentials are one object
+        the session and every check made for it share), or None."""
+        s = self._by_identity.get(id(identity))
+        return s if s is not None and s.identity is identity else None
+
     def close(self, session: Session) -> bool:
         """Forget ``session``; False if it was already gone."""
         if self._by_id.pop(session.id, None) is None:
             return False
         session.closed = True
+        self._by_identity.pop(id(session.identity), None)
         self._per_uid[session.identity.uid] -= 1
         if not self._per_uid[session.identity.uid]:
             del self._per_uid[session.identity.uid]
