@@ -18,6 +18,7 @@ BENCHES = [
     "lease_bench.py",
     "takeover_bench.py",
     "survival_bench.py",
+    "ops_bench.py",
 ]
 
 
