@@ -7,12 +7,14 @@ import asyncio
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from prometheus_client.registry import Collector
 
 from fdbroker.broker.metrics import MAX_CONNECTIONS, Metrics, MetricsServer, State, check_address
 
@@ -202,12 +204,12 @@ def test_event_metrics_expose_as_prometheus_clients_own_would() -> None:
     oc = EventCounter("t_events", "doc", ("a", "b"))
     oh = EventHistogram("t_seconds", "doc", "m")
 
-    class Ours:
-        def collect(self):  # type: ignore[no-untyped-def]
+    class Ours(Collector):
+        def collect(self) -> Iterator[Metric]:
             yield oc.family()
             yield oh.family()
 
-    ours.register(Ours())  # type: ignore[arg-type]
+    ours.register(Ours())
     for i, x in enumerate([0.00005, 0.00007, 0.0001, 0.003, 0.003, 2.5, 11.0, 0.0]):
         rc.labels("x", str(i % 2)).inc()
         oc.inc("x", str(i % 2))
