@@ -138,31 +138,44 @@ class Handoffs:
         self._wakeup()
         return tok
 
-    def prefetch(self, s: Session, count: int, name: str, entry_id: int, payload: Any = None) -> list[Token]:
+    def prefetch(
+        self, s: Session, count: int, entries: Sequence[Entry], plan: BatchPlan | None = None
+    ) -> tuple[list[bytes], int]:
         """Up to ``count`` speculative GET tokens, as many as the uid's prefetch pool has room for (maybe none:
-        prefetching is an optimisation, and a full pool never fails the call that asked for it)."""
+        prefetching is an optimisation, and a full pool never fails the call that asked for it): of the one entry
+        of ``entries``, or with ``plan`` batch tokens of all of them. Returns the tokens and their expiry on the
+        wall clock in nanoseconds (what responses carry)."""
         uid = s.identity.uid
         room = self._limits().max_prefetch_tokens_per_uid - self._tokens.speculative_for_uid(uid)
-        issue = self._tokens.issue
-        toks = [
-            issue(
-                operation=OP.OPERATION_GET,
-                name=name,
-                session_id=s.id,
-                uid=uid,
-                entry_id=entry_id,
-                payload=payload,
-                speculative=True,
-            )
-            for _ in range(max(0, min(count, room)))
-        ]
-        if toks:
-            self._wakeup()
-        return toks
+        n = max(0, min(count, room))
+        if not n:
+            return [], 0
+        slots = [self.show(e) for e in entries]
+        e = entries[0]
+        payload = (e.name, e.id, plan, s.id, uid)
+        toks, expires_at = self._tokens.issue_prefetch(
+            s.key, slots if plan is not None else slots[0], n, payload
+        )
+        self._wakeup()
+        return toks, self._wall_ns(expires_at)
+
+    def show(self, e: Entry) -> int:
+        """Put ``e`` in the prefetch table (its slot) and, unless it is under an exclusive lease, its current
+        ``DeliverItem`` tail, so the tokens issued for it are redeemed without Python; returns the slot."""
+        if e.slot < 0:
+            e.slots = self._tokens.spec
+            e.slot = e.slots.slot_new(e.fd)
+        if not e.tail_shown and (e.lease is None or e.lease.exclusive_holder() is None):
+            e.slots.slot_tail(e.slot, e.deliver_tail())
+            e.tail_shown = True
+        return e.slot
+
+    def _wall_ns(self, expires_at: float) -> int:
+        return int((time.time() + (expires_at - self._clock())) * 1e9)
 
     def expire_time_ns(self, tok: Token) -> int:
         """The token's expiry on the wall clock, in nanoseconds (what responses carry)."""
-        return int((time.time() + (tok.expires_at - self._clock())) * 1e9)
+        return self._wall_ns(tok.expires_at)
 
     def handoff_pb(self, tok: Token) -> pb.Handoff:
         h = pb.Handoff(token=tok.token, operation=tok.operation, name=tok.name)  # type: ignore[arg-type]
@@ -229,11 +242,11 @@ class Handoffs:
 
     def void_session(self, s: Session) -> None:
         """The session ended: every token it holds is void."""
-        for tok in self._tokens.void_session(s.id):
+        for tok in self._tokens.void_session(s.id, s.key):
             self.forget(tok)
 
     def _void(self, token: bytes, s: Session) -> None:
-        tok = self._tokens.peek(token, session_id=s.id) if len(token) else None
+        tok = self._tokens.peek(token, session_id=s.id, session_key=s.key) if len(token) else None
         if tok is not None:
             self._tokens.cancel(token)
             self.forget(tok)
@@ -283,7 +296,9 @@ class Handoffs:
         name = ""
         try:
             try:
-                tok = self._tokens.redeem(token, session_id=s.id, operations=_RESERVES_A_DESCRIPTOR)
+                tok = self._tokens.redeem(
+                    token, session_id=s.id, operations=_RESERVES_A_DESCRIPTOR, session_key=s.key
+                )
             except TokenError as err:
                 log.warning("deposit refused for session %s…: %s", s.id[:6], err.message)
                 return cpb.DepositResult(token=token, error=error_pb(err))
@@ -331,8 +346,10 @@ class Handoffs:
             self.deliver(s, ok)
 
     def _redeem_one(self, s: Session, t: bytes) -> Item | None:
-        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned."""
-        tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,))
+        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned.
+        Reached when the native data plane did not serve the frame itself (or is not built); a delivery puts the
+        entry's tail back in the prefetch table (:meth:`show`), so its next redeems need no Python."""
+        tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,), session_key=s.key)
         if isinstance(tok.payload, BatchPlan):
             self._redeem_batch(s, tok.token, tok.payload)
             return None
@@ -343,6 +360,7 @@ class Handoffs:
                 name=tok.name,
             )
         check_lease_free(e, s, "get")
+        self.show(e)
         return (tok.token, OP.OPERATION_GET, e)
 
     def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
@@ -373,6 +391,8 @@ class Handoffs:
                 n,
             )
         s.conn.send_raw(data, [e.fd for e in entries])
+        for e in entries:
+            self.show(e)
 
     # -- Ack -----------------------------------------------------------------------------------------------------
 
@@ -381,7 +401,9 @@ class Handoffs:
         acked: list[bytes] = []
         for t in frame.message.ack.tokens:
             try:
-                tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_TAKE,))
+                tok = self._tokens.redeem(
+                    t, session_id=s.id, operations=(OP.OPERATION_TAKE,), session_key=s.key
+                )
                 self._routes.take_done(s, tok)
             except BrokerError as err:
                 s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))

@@ -10,6 +10,12 @@ or a fatal error, duplicates queued for a delivery that never went out) and the 
 receive queue may still hold a client's descriptors) go to :func:`fdbroker.broker.closer.discard`, attributed to the
 connection's uid: a ``close`` on the event loop could block it (a lingering socket).
 
+The native data plane: with the C table of prefetched tokens (:mod:`.fastpath`), a connection's reader callback is
+that table's ``Reader``, which does the ``recvmsg`` itself and answers a read made only of ``Redeem`` frames whose
+tokens all deliver (one ``sendmsg`` each, no Python); every other read — and every read while this connection
+holds part of a frame or has output queued (:meth:`Connection._sync_native`) — comes back here through
+:meth:`Connection._consume` exactly as :meth:`Connection._readable` would have handled it.
+
 Descriptors in flight: a connection holds at most the descriptors of its one frame in progress (the decoder's
 rule). Across a uid's connections, those plus the uid's descriptors waiting in the closer are its descriptors in
 flight (:data:`in_flight`); at ``max_fds_in_flight_per_uid`` the connections of that uid stop reading (see
@@ -28,12 +34,13 @@ import select
 import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from fdbroker.broker import closer
 from fdbroker.broker.policy import Identity, Limits
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame, FrameDecoder, encode_frame
-from fdbroker.conduit.receive import recv_fds_into
+from fdbroker.conduit.receive import ancbufsize, fds_from_ancdata
 from fdbroker.conduit.send import send_with_fds
 from fdbroker.errors import Code
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -47,6 +54,7 @@ ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
 PAUSE_RECHECK = 0.05
 """Seconds between looks at a uid's descriptors in flight while its connections are paused."""
 DEFAULT_MAX_FDS_IN_FLIGHT = Limits().max_fds_in_flight_per_uid
+ANCBUFSIZE = ancbufsize(SCM_MAX_FD)
 
 
 class FdsInFlight:
@@ -98,9 +106,11 @@ class Connection:
         *,
         max_frame_bytes: int,
         max_fds_in_flight: Callable[[], int] | None = None,
+        native: Any = None,
     ) -> None:
         """``max_fds_in_flight`` returns the uid's cap on descriptors in flight (read on every ``recvmsg``, so a
-        policy reload applies at once); default: :class:`~fdbroker.broker.policy.Limits`' default."""
+        policy reload applies at once); default: :class:`~fdbroker.broker.policy.Limits`' default. ``native``:
+        the C table of prefetched tokens, whose reader then serves this connection's ``Redeem`` frames."""
         self.loop = loop
         self.sock = sock
         self.identity = identity
@@ -122,7 +132,22 @@ class Connection:
         self.session: object | None = None
         sock.setblocking(False)
         self._fd = sock.fileno()
-        loop.add_reader(self._fd, self._readable)
+        self._native: Any = None
+        if native is not None:
+            self._native = native.reader(self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES)
+        self._reader = self._native or self._readable
+        loop.add_reader(self._fd, self._reader)
+
+    def bind_session(self, session: object, key: int) -> None:
+        """The connection's session, and its key in the table of prefetched tokens (for the native reader)."""
+        self.session = session
+        if self._native is not None:
+            self._native.key = key
+
+    def _sync_native(self) -> None:
+        """The native reader may answer frames itself only at a frame boundary with nothing queued to send."""
+        if self._native is not None:
+            self._native.python_only = bool(self._out) or self._decoder.pending_bytes > 0
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
@@ -180,15 +205,11 @@ class Connection:
             self.close()
             return
         self._paused = False
-        self.loop.add_reader(self._fd, self._readable)  # called again at once if there is something to read
+        self.loop.add_reader(self._fd, self._reader)  # called again at once if there is something to read
 
-    def _readable(self) -> None:
-        if self.closed:
-            return
+    def _fast_size(self) -> int:
+        """:meth:`_read_size` for the native reader, which reads itself only when it is the whole buffer."""
         size = self._read_size()
-        if size == 0:
-            self._pause()
-            return
         if size == RECV_BYTES and self._throttled:
             self._throttled = False
             log.info(
@@ -196,25 +217,47 @@ class Connection:
                 self.identity.uid,
                 self.identity.pid,
             )
-        report: ConduitError | None = None
+        return size
+
+    def _readable(self) -> None:
+        if self.closed:
+            return
+        size = self._fast_size()
+        if size == 0:
+            self._pause()
+            return
         try:
-            n, fds = recv_fds_into(self.sock, self._rview[:size], SCM_MAX_FD, close=self._discard)
-            data: bytes | bytearray = self._rbuf[:n]
+            n, ancdata, flags, _ = self.sock.recvmsg_into(
+                (self._rview[:size],), ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
             return
-        except ConduitError as err:
-            # Bad control data (truncated, foreign): its descriptors went to the closer; its bytes still belong to
-            # the stream (the frame they start then claims descriptors it did not get: NO_FD).
-            report, data, fds = err, err.data, []
-            if not data:
-                self.send(
-                    cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err)))
-                )
-                return
         except OSError as err:
-            log.info("conduit read failed for pid %d: %s", self.identity.pid, err)
+            n, ancdata, flags = -(err.errno or errno.EIO), None, 0
+        self._consume(n, ancdata, flags)
+
+    def _consume(self, n: int, ancdata: list[tuple[int, int, bytes]] | None, flags: int) -> None:
+        """One ``recvmsg`` into the buffer: ``n`` bytes (negative: ``-errno``), its ancillary data, its flags.
+        The native reader hands every read it does not answer itself here."""
+        if n < 0:
+            log.info("conduit read failed for pid %d: %s", self.identity.pid, os.strerror(-n))
             self.close()
             return
+        report: ConduitError | None = None
+        fds: list[int] = []
+        data: bytes | bytearray = self._rbuf[:n]
+        if ancdata or flags & socket.MSG_CTRUNC:
+            try:
+                fds = fds_from_ancdata(ancdata or [], flags, SCM_MAX_FD, bytes(data), self._discard)
+            except ConduitError as err:
+                # Bad control data (truncated, foreign): its descriptors went to the closer; its bytes still
+                # belong to the stream (the frame they start then claims descriptors it did not get: NO_FD).
+                report, data, fds = err, err.data, []
+                if not data:
+                    self.send(
+                        cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err)))
+                    )
+                    return
         if not data:
             self._discard(fds)
             self.close()
@@ -229,6 +272,7 @@ class Connection:
             self.close()
             return
         self._account()
+        self._sync_native()
         if report is not None:
             items.insert(0, report)
         for item in items:
@@ -274,6 +318,15 @@ class Connection:
                 return
             if n > 0:
                 data, fds = data[n:], ()  # the descriptors went with the first byte
+        self._queue(data, fds)
+
+    def _write_failed(self, err: int) -> None:
+        """A send failed with ``err`` (errno): the peer is gone or broken."""
+        log.info("conduit write to pid %d failed: %s", self.identity.pid, os.strerror(err))
+        self.close()
+
+    def _queue(self, data: bytes, fds: Sequence[int]) -> None:
+        """Queue what the socket did not take, with duplicates of ``fds`` (the caller keeps its own)."""
         dups: list[int] = []
         try:
             for fd in fds:
@@ -291,6 +344,8 @@ class Connection:
             self.close()
             return
         self._out.append((data, dups))
+        if self._native is not None:
+            self._native.python_only = True
         self._out_bytes += len(data)
         self._out_fds += len(dups)
         if self._out_bytes > MAX_QUEUED_BYTES or self._out_fds > MAX_QUEUED_FDS:
@@ -328,6 +383,7 @@ class Connection:
         if self._writing and not self.closed:
             self._writing = False
             self.loop.remove_writer(self._fd)
+            self._sync_native()
 
     def _flush_best_effort(self) -> None:
         if self._out:
@@ -351,6 +407,8 @@ class Connection:
         self._out_fds = self._out_bytes = 0
         self._decoder.close()
         self._account()
+        if self._native is not None:
+            self._native.detach()  # it holds this connection: no cycle left behind
         # The socket's receive queue may still hold descriptors a client sent: the last close of the socket
         # releases them, which can block like closing them one by one.
         self._discard(self.sock.detach())

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fdbroker import __version__
-from fdbroker.broker import closer
+from fdbroker.broker import closer, fastpath
 from fdbroker.broker.core import Broker, BrokerConfig
 from fdbroker.broker.listener import Connection, Listener
 from fdbroker.broker.notify import keeper_channel, sd_notify
@@ -278,6 +278,7 @@ class BrokerServer:
             self._on_conn_close,
             max_frame_bytes=self.opts.max_frame_bytes,
             max_fds_in_flight=lambda: broker.limits.max_fds_in_flight_per_uid,
+            native=broker.prefetch_table if fastpath.is_native(broker.prefetch_table) else None,
         )
         try:
             session = self.broker.open_session(identity, conn)
@@ -285,7 +286,7 @@ class BrokerServer:
             conn.send(cpb.ConduitFrame(error=cpb.Error(code=int(err.code), message=err.message)))
             conn.close()
             return
-        conn.session = session
+        conn.bind_session(session, session.key)
         if conn.closed:
             # The peer was gone before its Welcome went out (the send failed and closed the connection before it
             # had a session to end): end it now, or it would hold its uid's session quota for good.
