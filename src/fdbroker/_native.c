@@ -1263,8 +1263,9 @@ static int wait_fd(int fd, short ev, double deadline) {
 /* exchange(fd, data, token, count, rbuf, timeout) -- the client's lean Redeem: send ``data`` (a Redeem frame)
  * whole on the non-blocking socket ``fd``, wait up to ``timeout`` seconds (negative: forever) for it to be
  * readable, and do one recvmsg into ``rbuf``. Returns
- *   (fds, item)            the read was exactly the Deliver answering ``token``: the caller owns ``fds`` (a list),
- *                          ``item`` is the first DeliverItem's serialized body;
+ *   (fds, body)            the read was exactly the Deliver answering ``token``: the caller owns ``fds`` (a list);
+ *                          ``body`` is the DeliverItem's serialized body (one descriptor), or the whole
+ *                          serialized ConduitFrame (a batch);
  *   (n, ancdata, flags)    anything else, as socket.recvmsg_into returns it, for the caller's frame decoder
  *                          (which then owns whatever descriptors ancdata carries);
  *   (-1, sent, errno)      the send failed after ``sent`` bytes;
@@ -1354,7 +1355,9 @@ static PyObject *native_exchange(PyObject *mod, PyObject *args) {
                 memcpy(&v, p + i, sizeof v);
                 PyList_SET_ITEM(fds, i, PyLong_FromLong(v));
             }
-            res = Py_BuildValue("(Ny#)", fds, (char *)rb.buf + item, item_len);
+            /* a single item's body; a batch's whole ConduitFrame (its items are parsed only if asked for) */
+            if (count == 1) res = Py_BuildValue("(Ny#)", fds, (char *)rb.buf + item, item_len);
+            else res = Py_BuildValue("(Ny#)", fds, (char *)rb.buf + 4, (Py_ssize_t)(n - 4));
         }
     } else {
         PyObject *anc = ancdata_list(&msg);

@@ -40,6 +40,7 @@ from fdbroker.client.verbs import AsyncVerbs
 from fdbroker.conduit.aio import AsyncFramedConduit
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import Frame
+from fdbroker.conduit.lean import redeem_frame
 from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -316,6 +317,23 @@ class Client(AsyncVerbs):
             run.give_up(self._box, step.tokens)
             raise
         return run.claim(self._box, w)
+
+    async def _redeem(self, step: steps.Redeem, run: steps.Run[Any]) -> Any:
+        """A ``Redeem`` spliced from bytes and its answer, as the reader task files it."""
+        if self._box.dead is not None:
+            raise self._box.dead
+        conduit = self._conduit
+        if conduit is None:
+            raise Aborted("no conduit while redeeming a prefetched token; retry (a new session is opened)")
+        run.expect(self._box, (step.token,))  # before sending: the reader may file the answer first
+        try:
+            await conduit.send_raw(redeem_frame(step.token), timeout=self.timeout)
+        except ConduitError as err:
+            dead = session.conduit_broke("redeeming a prefetched token", err)
+            if self._conduit is conduit:
+                self._session_over(dead)
+            raise dead from None
+        return (await self._await_answers(steps.AwaitAnswers((step.token,)), run))[0]
 
     async def _await_fetch(self, step: steps.AwaitFetch, run: steps.Run[Any]) -> None:
         with contextlib.suppress(TimeoutError):

@@ -64,6 +64,7 @@ from fdbroker.client.steps import (
     OpenStream,
     Pause,
     ReadFrame,
+    Redeem,
     SendFrame,
 )
 from fdbroker.client.trust import Paths, Trust, connect_failure
@@ -272,23 +273,27 @@ def put_many(
 # -- get -------------------------------------------------------------------------------------------------------
 
 
-def _redeem(state: State, key: str, count: int) -> Flow[list[Delivered] | None]:
+Copies = tuple[list[int], Sequence[Any]]
+"""Received descriptors and their ``DeliverItem``s, in order (the caller owns the descriptors; the items of a
+lean answer are parsed only when read)."""
+
+
+def _redeem(state: State, key: str, count: int) -> Flow[Copies | None]:
     """``count`` copies through one prefetched token for ``key``, or None when there is no usable token."""
     while (tok := state.prefetch.pop(key)) is not None:
-        frame = cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[tok]))
-        a = (yield from _exchange(frame, [tok], what="redeeming a prefetched token"))[0]
+        a = yield Redeem(tok, count)
         state.stats["redeems"] += 1
         if a.kind == "batch" and len(a.message[1]) == count:
             items, fds = a.message
-            return list(zip(fds, items, strict=True))
+            return fds, items
         if a.kind == "deliver" and count == 1:
-            return [(a.fd, a.message)]
+            return [a.fd], [a.message]
         close_answers([a])
         state.prefetch.drop(key)  # replaced, deleted or leased away since: ask the control plane again
     return None
 
 
-def _redeem_shared(state: State, key: str, count: int) -> Flow[list[Delivered] | None]:
+def _redeem_shared(state: State, key: str, count: int) -> Flow[Copies | None]:
     """Redeem a prefetched token for ``key``; while another caller's RPC is fetching tokens for it, wait for that
     RPC and use its tokens instead of asking for more (concurrent gets of one name share them)."""
     while True:
@@ -304,7 +309,7 @@ def _redeem_shared(state: State, key: str, count: int) -> Flow[list[Delivered] |
 def _get_one(state: State, name: str) -> Flow[Delivered]:
     got = yield from _redeem_shared(state, name, 1)
     if got is not None:
-        return got[0]
+        return got[0][0], got[1][0]
     prefetch = state.prefetch.plan(name, state.token_ttl)
     with state.prefetch.fetching(name, prefetch):
         resp = yield CallRpc("Get", pb.GetRequest(name=name, prefetch=prefetch), name=name)
@@ -332,6 +337,20 @@ def get_many(state: State, names: Sequence[str], *, raw: bool = False) -> Flow[l
     A batch of at most 253 names fetched again soon after is served by a prefetched batch token (same adaptive
     policy as ``get``): one conduit round trip for the whole batch, no RPC (see ``BatchGetRequest.prefetch``).
     """
+    fds, items = yield from _get_copies(state, names)
+    if raw:
+        return [OwnedFd(fd) for fd in fds]
+    return [wrap_fd(fd, item.info) for fd, item in zip(fds, items, strict=True)]
+
+
+def get_many_fds(state: State, names: Sequence[str]) -> Flow[list[int]]:
+    """Like ``get_many``, in the batch form: the descriptor numbers themselves, in order, with no object per
+    descriptor. The caller owns them and closes each (``os.close``). All or nothing, as ``get_many``."""
+    fds, _ = yield from _get_copies(state, names)
+    return fds
+
+
+def _get_copies(state: State, names: Sequence[str]) -> Flow[Copies]:
     names = list(names)
     small = 0 < len(names) <= SCM_MAX_FD
     key = batch_key(names)
@@ -342,8 +361,9 @@ def get_many(state: State, names: Sequence[str], *, raw: bool = False) -> Flow[l
             resp = yield CallRpc("BatchGet", pb.BatchGetRequest(names=names, prefetch=prefetch))
             state.stats["batch_get_rpcs"] += 1
             state.prefetch.keep(key, resp, state.token_ttl)
-        got = deliveries((yield AwaitAnswers([h.token for h in resp.handoffs])), names)
-    return [OwnedFd(fd) if raw else wrap_fd(fd, item.info) for fd, item in got]
+        pairs = deliveries((yield AwaitAnswers([h.token for h in resp.handoffs])), names)
+        got = [fd for fd, _ in pairs], [item for _, item in pairs]
+    return got
 
 
 def take(state: State, name: str, *, if_revision: int = 0, raw: bool = False) -> Flow[Any]:

@@ -120,6 +120,25 @@ class AwaitAnswers:
 
 
 @dataclass(frozen=True, slots=True)
+class Redeem:
+    """Redeem the prefetched GET ``token`` on the conduit and wait for its answer: a ``Deliver`` of ``count``
+    descriptors (1, or a batch token's batch) or an ``Error`` naming it. Result: that
+    :class:`~fdbroker.client.session.Answer` (the flow owns its descriptors); failures as :class:`SendFrame` and
+    :class:`AwaitAnswers`.
+
+    The same as ``SendFrame(Redeem)`` + ``AwaitAnswers``, which a driver may do instead; the blocking driver does
+    it in one exchange (:meth:`FramedConduit.exchange <fdbroker.conduit.frames.FramedConduit.exchange>`: spliced
+    bytes, one receive, no protobuf parse of the expected ``Deliver``) when no other caller reads the conduit."""
+
+    token: bytes
+    count: int = 1
+    handler: ClassVar[str] = "_redeem"
+
+    def frame(self) -> cpb.ConduitFrame:
+        return cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[self.token]))
+
+
+@dataclass(frozen=True, slots=True)
 class AwaitFetch:
     """Wait until ``signal`` (a :class:`~fdbroker.client.prefetch.Signal` of a request for prefetched tokens in
     flight, made by another caller) is set. Result: None."""
@@ -169,6 +188,7 @@ Step = (
     | OpenStream
     | SendFrame
     | AwaitAnswers
+    | Redeem
     | AwaitFetch
     | Pause
     | OpenSession

@@ -212,6 +212,7 @@ class Verbs:
     get = Verb(flows.get)
     get_fd = Verb(flows.get_fd)
     get_many = Verb(flows.get_many)
+    get_many_fds = Verb(flows.get_many_fds)
     take = Verb(flows.take)
     delete = Verb(flows.delete)
     stat = Verb(flows.stat)
