@@ -835,7 +835,8 @@ static int plan_read(Table *T, Reader *R, const uint8_t *data, Py_ssize_t n, dou
 }
 
 /* Send one encoded frame with its descriptors. A frame the socket does not take at once, whole, goes to the
- * connection's Python queue (which keeps duplicates of the descriptors until they are on the wire). */
+ * connection's Python send_raw: it queues the rest (with duplicates of the descriptors until they are on the
+ * wire), or meets the error again and closes the connection. */
 static int send_frame(Reader *R, const uint8_t *buf, Py_ssize_t len, const int *fds, int nfds) {
     if (!R->python_only) {
         union {
@@ -859,11 +860,6 @@ static int send_frame(Reader *R, const uint8_t *buf, Py_ssize_t len, const int *
         do sent = sendmsg(R->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
         while (sent < 0 && errno == EINTR);
         if (sent == len) return 0;
-        if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-            PyObject *r = PyObject_CallMethod(R->conn, "_write_failed", "i", errno);
-            Py_XDECREF(r);
-            return r ? 0 : -1;
-        }
         if (sent > 0) { /* the descriptors went with the first byte */
             PyObject *r = PyObject_CallMethod(R->conn, "send_raw", "y#", buf + sent, (Py_ssize_t)(len - sent));
             Py_XDECREF(r);

@@ -9,7 +9,10 @@ environment says ``FDBROKER_NATIVE=0``. ``FDBROKER_NATIVE=1`` insists on the ext
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from types import ModuleType
 
 
@@ -18,15 +21,32 @@ def wanted() -> bool:
     return os.environ.get("FDBROKER_NATIVE", "").strip().lower() not in ("0", "no", "false", "off")
 
 
-def load() -> ModuleType | None:
-    """The extension module, or None (not built, or turned off by ``FDBROKER_NATIVE=0``)."""
-    if not wanted():
+def load(*, required: bool = False) -> ModuleType | None:
+    """The extension module, or None (not built, or turned off by ``FDBROKER_NATIVE=0``). ``required``: the
+    caller insists (then neither applies; a missing extension is an ``ImportError``).
+
+    ``FDBROKER_NATIVE_PATH`` names a build of the extension to load instead of the installed one (``make
+    asan-fuzz`` runs the fuzz tests against one built with AddressSanitizer)."""
+    if not required and not wanted():
         return None
+    path = os.environ.get("FDBROKER_NATIVE_PATH")
     try:
-        from fdbroker import _native as mod
+        mod = _load_from(path) if path else importlib.import_module("fdbroker._native")
     except ImportError:
-        if os.environ.get("FDBROKER_NATIVE", "").strip() == "1":
+        if required or os.environ.get("FDBROKER_NATIVE", "").strip() == "1":
             raise
         return None
-    loaded: ModuleType = mod
-    return loaded
+    return mod
+
+
+def _load_from(path: str) -> ModuleType:
+    mod = sys.modules.get("fdbroker._native")
+    if mod is not None and getattr(mod, "__file__", None) == path:
+        return mod
+    spec = importlib.util.spec_from_file_location("fdbroker._native", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"FDBROKER_NATIVE_PATH={path} is not an extension module")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["fdbroker._native"] = mod
+    return mod

@@ -75,8 +75,7 @@ class Broker:
         self.clock = clock
         self._policy = policy
         self._registry = Registry(capacity=config.capacity, history=config.history, clock=clock)
-        # config.extra["token_seed"]: every token from a fixed sequence (tests comparing the two data planes).
-        self._tokens = TokenBook(config.token_ttl, clock=clock, seed=config.extra.get("token_seed"))
+        self._tokens = TokenBook.configured(config.token_ttl, clock, config.extra)
         self._sessions = SessionTable(max_per_uid=policy.limits.max_sessions_per_uid)
         self._watches = WatchHub(self._registry, lambda: self._policy, queue_limit=config.watch_queue)
         self._handoffs = Handoffs(
@@ -100,12 +99,6 @@ class Broker:
     @property
     def tokens(self) -> TokenBook:
         return self._tokens
-
-    @property
-    def prefetch_table(self) -> Any:
-        """The table of prefetched tokens (:mod:`.fastpath`): the C one serves its redeems on the connections'
-        readers (:mod:`.listener`)."""
-        return self._tokens.spec
 
     @property
     def sessions(self) -> SessionTable:
@@ -151,8 +144,7 @@ class Broker:
 
     def open_session(self, identity: Identity, conn: FrameSink) -> Session:
         """A new conduit connection: create its session and send ``Welcome``."""
-        s = self._sessions.open(identity, conn)
-        s.key = self._tokens.spec.session_open(identity.uid)
+        s = self._tokens.open_session(self._sessions.open(identity, conn))
         w = cpb.Welcome(
             session_id=s.id,
             identity=pb.Identity(pid=identity.pid, uid=identity.uid, gid=identity.gid),

@@ -258,10 +258,25 @@ class Table:
         return {"frames_served": 0, "fds_served": 0, "reads_passed": 0, "live": len(self._live)}
 
 
+def show(table: Any, e: Any) -> int:
+    """Put the registry entry ``e`` in ``table`` (a slot of its own, borrowing its descriptor) and, unless it is
+    under an exclusive lease, its current ``DeliverItem`` tail, so the tokens issued for it are redeemed without
+    Python; returns the slot. The registry withdraws the tail when the entry changes (``Entry.invalidate``) and the
+    slot when it leaves (before its descriptor goes)."""
+    if e.slot < 0:
+        e.slots = table
+        e.slot = table.slot_new(e.fd)
+    if not e.tail_shown and (e.lease is None or e.lease.exclusive_holder() is None):
+        table.slot_tail(e.slot, e.deliver_tail())
+        e.tail_shown = True
+    return int(e.slot)
+
+
 def new_table(seed: int | None = None, *, native: bool | None = None) -> Any:
     """The table the broker serves prefetched tokens from: the C one when it is built and allowed
-    (:func:`fdbroker.native.load`; ``native=False`` refuses it), else :class:`Table`."""
-    mod = fdnative.load() if native is not False else None
+    (:func:`fdbroker.native.load`; ``native=False`` refuses it, ``native=True`` insists on it), else
+    :class:`Table`."""
+    mod = fdnative.load(required=native is True) if native is not False else None
     return mod.Table(seed=seed) if mod is not None else Table(seed=seed)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fdbroker import fdinfo
-from fdbroker.broker import closer
+from fdbroker.broker import closer, fastpath
 from fdbroker.broker.delivery import encode_deliver, encode_item, frame_from_items
 from fdbroker.broker.leasing import check_lease_free
 from fdbroker.broker.policy import Limits
@@ -150,7 +150,7 @@ class Handoffs:
         n = max(0, min(count, room))
         if not n:
             return [], 0
-        slots = [self.show(e) for e in entries]
+        slots = [fastpath.show(self._tokens.spec, e) for e in entries]
         e = entries[0]
         payload = (e.name, e.id, plan, s.id, uid)
         toks, expires_at = self._tokens.issue_prefetch(
@@ -159,27 +159,13 @@ class Handoffs:
         self._wakeup()
         return toks, self._wall_ns(expires_at)
 
-    def show(self, e: Entry) -> int:
-        """Put ``e`` in the prefetch table (its slot) and, unless it is under an exclusive lease, its current
-        ``DeliverItem`` tail, so the tokens issued for it are redeemed without Python; returns the slot."""
-        if e.slot < 0:
-            e.slots = self._tokens.spec
-            e.slot = e.slots.slot_new(e.fd)
-        if not e.tail_shown and (e.lease is None or e.lease.exclusive_holder() is None):
-            e.slots.slot_tail(e.slot, e.deliver_tail())
-            e.tail_shown = True
-        return e.slot
-
     def _wall_ns(self, expires_at: float) -> int:
+        """An expiry on our clock as the wall-clock nanoseconds responses carry."""
         return int((time.time() + (expires_at - self._clock())) * 1e9)
-
-    def expire_time_ns(self, tok: Token) -> int:
-        """The token's expiry on the wall clock, in nanoseconds (what responses carry)."""
-        return self._wall_ns(tok.expires_at)
 
     def handoff_pb(self, tok: Token) -> pb.Handoff:
         h = pb.Handoff(token=tok.token, operation=tok.operation, name=tok.name)  # type: ignore[arg-type]
-        h.expire_time.FromNanoseconds(self.expire_time_ns(tok))
+        h.expire_time.FromNanoseconds(self._wall_ns(tok.expires_at))
         return h
 
     def cancel(self, tok: Token) -> None:
@@ -346,9 +332,8 @@ class Handoffs:
             self.deliver(s, ok)
 
     def _redeem_one(self, s: Session, t: bytes) -> Item | None:
-        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned.
-        Reached when the native data plane did not serve the frame itself (or is not built); a delivery puts the
-        entry's tail back in the prefetch table (:meth:`show`), so its next redeems need no Python."""
+        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned
+        (and its entry shown to the prefetch table again: :func:`fastpath.show`)."""
         tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,), session_key=s.key)
         if isinstance(tok.payload, BatchPlan):
             self._redeem_batch(s, tok.token, tok.payload)
@@ -360,7 +345,7 @@ class Handoffs:
                 name=tok.name,
             )
         check_lease_free(e, s, "get")
-        self.show(e)
+        fastpath.show(self._tokens.spec, e)
         return (tok.token, OP.OPERATION_GET, e)
 
     def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
@@ -392,7 +377,7 @@ class Handoffs:
             )
         s.conn.send_raw(data, [e.fd for e in entries])
         for e in entries:
-            self.show(e)
+            fastpath.show(self._tokens.spec, e)
 
     # -- Ack -----------------------------------------------------------------------------------------------------
 

@@ -132,22 +132,17 @@ class Connection:
         self.session: object | None = None
         sock.setblocking(False)
         self._fd = sock.fileno()
-        self._native: Any = None
+        #: The native reader (``native.reader``), whose ``key`` is the session's in the table; or None.
+        self.native: Any = None
         if native is not None:
-            self._native = native.reader(self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES)
-        self._reader = self._native or self._readable
+            self.native = native.reader(self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES)
+        self._reader = self.native or self._readable
         loop.add_reader(self._fd, self._reader)
-
-    def bind_session(self, session: object, key: int) -> None:
-        """The connection's session, and its key in the table of prefetched tokens (for the native reader)."""
-        self.session = session
-        if self._native is not None:
-            self._native.key = key
 
     def _sync_native(self) -> None:
         """The native reader may answer frames itself only at a frame boundary with nothing queued to send."""
-        if self._native is not None:
-            self._native.python_only = bool(self._out) or self._decoder.pending_bytes > 0
+        if self.native is not None:
+            self.native.python_only = bool(self._out) or self._decoder.pending_bytes > 0
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
@@ -175,6 +170,9 @@ class Connection:
         used = in_flight.total(uid)
         cap = self._max_in_flight()
         if used < cap:
+            if self._throttled:
+                self._throttled = False
+                log.info("uid %d is below its descriptor cap again; reading pid %d", uid, self.identity.pid)
             return RECV_BYTES
         if used < cap + SCM_MAX_FD:
             return min(RECV_BYTES, self._decoder.frame_remaining)
@@ -207,22 +205,10 @@ class Connection:
         self._paused = False
         self.loop.add_reader(self._fd, self._reader)  # called again at once if there is something to read
 
-    def _fast_size(self) -> int:
-        """:meth:`_read_size` for the native reader, which reads itself only when it is the whole buffer."""
-        size = self._read_size()
-        if size == RECV_BYTES and self._throttled:
-            self._throttled = False
-            log.info(
-                "uid %d is below its descriptor cap again; reading pid %d",
-                self.identity.uid,
-                self.identity.pid,
-            )
-        return size
-
     def _readable(self) -> None:
         if self.closed:
             return
-        size = self._fast_size()
+        size = self._read_size()
         if size == 0:
             self._pause()
             return
@@ -243,21 +229,10 @@ class Connection:
             log.info("conduit read failed for pid %d: %s", self.identity.pid, os.strerror(-n))
             self.close()
             return
-        report: ConduitError | None = None
-        fds: list[int] = []
-        data: bytes | bytearray = self._rbuf[:n]
-        if ancdata or flags & socket.MSG_CTRUNC:
-            try:
-                fds = fds_from_ancdata(ancdata or [], flags, SCM_MAX_FD, bytes(data), self._discard)
-            except ConduitError as err:
-                # Bad control data (truncated, foreign): its descriptors went to the closer; its bytes still
-                # belong to the stream (the frame they start then claims descriptors it did not get: NO_FD).
-                report, data, fds = err, err.data, []
-                if not data:
-                    self.send(
-                        cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err)))
-                    )
-                    return
+        data, fds, report = _descriptors(self._rbuf[:n], ancdata, flags, self._discard)
+        if report is not None and not data:
+            self.send(cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(report))))
+            return
         if not data:
             self._discard(fds)
             self.close()
@@ -320,11 +295,6 @@ class Connection:
                 data, fds = data[n:], ()  # the descriptors went with the first byte
         self._queue(data, fds)
 
-    def _write_failed(self, err: int) -> None:
-        """A send failed with ``err`` (errno): the peer is gone or broken."""
-        log.info("conduit write to pid %d failed: %s", self.identity.pid, os.strerror(err))
-        self.close()
-
     def _queue(self, data: bytes, fds: Sequence[int]) -> None:
         """Queue what the socket did not take, with duplicates of ``fds`` (the caller keeps its own)."""
         dups: list[int] = []
@@ -344,8 +314,8 @@ class Connection:
             self.close()
             return
         self._out.append((data, dups))
-        if self._native is not None:
-            self._native.python_only = True
+        if self.native is not None:
+            self.native.python_only = True
         self._out_bytes += len(data)
         self._out_fds += len(dups)
         if self._out_bytes > MAX_QUEUED_BYTES or self._out_fds > MAX_QUEUED_FDS:
@@ -407,8 +377,8 @@ class Connection:
         self._out_fds = self._out_bytes = 0
         self._decoder.close()
         self._account()
-        if self._native is not None:
-            self._native.detach()  # it holds this connection: no cycle left behind
+        if self.native is not None:
+            self.native.detach()  # it holds this connection: no cycle left behind
         # The socket's receive queue may still hold descriptors a client sent: the last close of the socket
         # releases them, which can block like closing them one by one.
         self._discard(self.sock.detach())
@@ -459,6 +429,23 @@ class Listener:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+def _descriptors(
+    data: bytearray,
+    ancdata: list[tuple[int, int, bytes]] | None,
+    flags: int,
+    discard: Callable[[list[int]], None],
+) -> tuple[bytes | bytearray, list[int], ConduitError | None]:
+    """The bytes and descriptors of one read. On bad control data (truncated, foreign) its descriptors go to
+    ``discard`` and the error is returned with the bytes, which still belong to the stream (the frame they start
+    then claims descriptors it did not get: NO_FD)."""
+    if not ancdata and not flags & socket.MSG_CTRUNC:
+        return data, [], None
+    try:
+        return data, fds_from_ancdata(ancdata or [], flags, SCM_MAX_FD, bytes(data), discard), None
+    except ConduitError as err:
+        return err.data, [], err
 
 
 def _hung_up(fd: int) -> bool:

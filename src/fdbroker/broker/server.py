@@ -278,7 +278,7 @@ class BrokerServer:
             self._on_conn_close,
             max_frame_bytes=self.opts.max_frame_bytes,
             max_fds_in_flight=lambda: broker.limits.max_fds_in_flight_per_uid,
-            native=broker.prefetch_table if fastpath.is_native(broker.prefetch_table) else None,
+            native=broker.tokens.spec if fastpath.is_native(broker.tokens.spec) else None,
         )
         try:
             session = self.broker.open_session(identity, conn)
@@ -286,7 +286,9 @@ class BrokerServer:
             conn.send(cpb.ConduitFrame(error=cpb.Error(code=int(err.code), message=err.message)))
             conn.close()
             return
-        conn.bind_session(session, session.key)
+        conn.session = session
+        if conn.native is not None:
+            conn.native.key = session.key  # the native reader serves this session's prefetched tokens
         if conn.closed:
             # The peer was gone before its Welcome went out (the send failed and closed the connection before it
             # had a session to end): end it now, or it would hold its uid's session quota for good.

@@ -49,7 +49,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from fdbroker.broker import fastpath
 from fdbroker.errors import BrokerError, Code
@@ -63,6 +63,14 @@ RETIRED_MEMORY = 4096
 
 _OP_NAMES = {0: "unspecified", 1: "put", 2: "get", 3: "take", 4: "lease", 5: "checkin"}
 _OP_GET = 2
+S = TypeVar("S", bound="HasKey")
+
+
+class HasKey(Protocol):
+    """A session as the book sees it: an identity with a uid, and its key in the prefetch table."""
+
+    key: int
+    identity: Any
 
 
 def short(token: bytes) -> str:
@@ -108,12 +116,18 @@ class Token:
         )
 
 
+def _spec_token(token: bytes, payload: tuple[Any, ...]) -> Token:
+    """A prefetched token as a :class:`Token`, from the payload it was issued with (see ``issue_prefetch``)."""
+    name, entry_id, plan, session_id, uid = payload
+    return Token(token, _OP_GET, name, session_id, uid, entry_id, 0.0, plan, True)
+
+
 class TokenBook:
     """The pending handoff tokens of a broker.
 
     ``ttl`` is the default lifetime in seconds; ``clock`` a monotonic clock (injectable for tests); ``spec`` the
-    table of prefetched tokens (:func:`fastpath.new_table` by default); ``seed`` draws every token from a fixed
-    sequence (tests that compare the native and the Python data planes).
+    table of prefetched tokens (default: :func:`fastpath.new_table`, C unless ``native`` is False); ``seed`` draws
+    every token from a fixed sequence (tests that compare the native and the Python data planes).
     """
 
     def __init__(
@@ -123,13 +137,16 @@ class TokenBook:
         clock: Callable[[], float] = time.monotonic,
         spec: Any = None,
         seed: int | None = None,
+        native: bool | None = None,
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"token ttl must be positive, got {ttl!r}")
         self.ttl = ttl
         self._clock = clock
         #: Prefetched GET tokens (see the module docstring).
-        self.spec: Any = fastpath.new_table(None if seed is None else seed + 1) if spec is None else spec
+        if spec is None:
+            spec = fastpath.new_table(None if seed is None else seed + 1, native=native)
+        self.spec: Any = spec
         self._pinned = clock is not time.monotonic  # the table's clock must then follow ours
         self._seed = None if seed is None else fastpath.Table(seed)
         # lookup id -> (token, the key of its expiry queue)
@@ -144,6 +161,16 @@ class TokenBook:
         # per token (the per-call cost dominated batch handoffs). Same source, same quality.
         self._pool = b""
         self._pool_pos = 0
+
+    @classmethod
+    def configured(cls, ttl: float, clock: Callable[[], float], extra: dict[str, Any]) -> TokenBook:
+        """A broker's book; its ``BrokerConfig.extra`` may set ``token_seed`` and ``native`` (see above)."""
+        return cls(ttl, clock=clock, seed=extra.get("token_seed"), native=extra.get("native"))
+
+    def open_session(self, s: S) -> S:
+        """Give the new session ``s`` its key in :attr:`spec` (``s.key``); returns it."""
+        s.key = self.spec.session_open(s.identity.uid)
+        return s
 
     def random_token(self) -> bytes:
         """32 fresh random bytes (os.urandom, drawn in 4 KiB blocks)."""
@@ -175,10 +202,6 @@ class TokenBook:
         uid)`` of what they deliver. Returns the tokens and their expiry on the book's clock."""
         expires_at = self._clock() + self.ttl
         return self.spec_now().issue(session_key, slots, count, expires_at, payload), expires_at
-
-    def _spec_token(self, token: bytes, payload: tuple[Any, ...]) -> Token:
-        name, entry_id, plan, session_id, uid = payload
-        return Token(token, _OP_GET, name, session_id, uid, entry_id, 0.0, plan, True)
 
     def issue(
         self,
@@ -264,7 +287,7 @@ class TokenBook:
         found = self._live.get(token[:LOOKUP_BYTES]) if len(token) == TOKEN_BYTES else None
         if found is None or not hmac.compare_digest(found[0].token, token):
             payload = self.spec.cancel(token) if found is None and len(token) == TOKEN_BYTES else None
-            return None if payload is None else self._spec_token(token, payload)
+            return None if payload is None else _spec_token(token, payload)
         self._remove(found[0], None)
         return found[0]
 
@@ -334,12 +357,12 @@ class TokenBook:
         if found is None:
             status, payload = self.spec_now().redeem(token, session_key, False)
             if status in (fastpath.OK, fastpath.FOREIGN):
-                tok = self._spec_token(token, payload)
+                tok = _spec_token(token, payload)
                 if status == fastpath.FOREIGN:
                     tok.session_id = ""  # not the presenter's, whoever's it is
                 return tok
             if status == fastpath.EXPIRED:
-                raise self._expired(self._spec_token(token, payload))
+                raise self._expired(_spec_token(token, payload))
             if status in (fastpath.REUSED, fastpath.EXPIRED_BEFORE):
                 what = "was already used" if status == fastpath.REUSED else "has expired"
                 raise TokenError(

@@ -274,52 +274,20 @@ class Client(BlockingVerbs):
             return run.claim(self._box, w)
 
     def _redeem(self, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-        """The lean path when nobody else reads the conduit: the ``Redeem`` spliced from bytes, sent, and its
-        ``Deliver`` recognised in the one read that follows (:meth:`FramedConduit.exchange`), without the
-        mailbox; otherwise, or when that read brought anything else, the frame's answer is awaited as usual."""
-        token = step.token
+        """The lean path when nobody else reads the conduit (:func:`_redeem_lean`); else send and await."""
         with self._cond:
-            if self._box.dead is not None:
-                raise self._box.dead
             conduit = self._conduit
-            run.expect(self._box, (token,))
-            lean = conduit is not None and not self._reading and len(token) == 32
+            lean = (
+                conduit is not None and not self._reading and self._box.dead is None and len(step.token) == 32
+            )
             if lean:
                 self._reading = True
-        if conduit is None:
-            raise Aborted("no conduit while redeeming a prefetched token; retry (a new session is opened)")
-        if not lean:
-            return self._send_and_await(step, run, conduit)
-        got: tuple[list[int], bytes] | None = None
-        broken: BrokerError | None = None
-        try:
-            got = conduit.exchange(redeem_frame(token), token, step.count, self.timeout)
-        except ConduitError as err:
-            broken = session.conduit_broke("redeeming a prefetched token", err)
-        finally:
-            with self._cond:
-                self._reading = False
-                if broken is not None and self._conduit is conduit:
-                    self._session_over(broken)
-                self._cond.notify_all()
-        if broken is not None:
-            raise broken
-        if got is not None:
-            run.give_up(self._box, (token,))  # nothing was filed for it: the answer is in hand
-            return session.lean_answer(*got)
-        return self._await_answers(steps.AwaitAnswers((token,)), run)[0]
-
-    def _send_and_await(self, step: steps.Redeem, run: steps.Run[Any], conduit: FramedConduit) -> Any:
-        """A ``Redeem`` sent and answered the usual way (someone else reads the conduit)."""
-        try:
-            conduit.send_raw(redeem_frame(step.token), timeout=self.timeout)
-        except ConduitError as err:
-            dead = session.conduit_broke("redeeming a prefetched token", err)
-            with self._cond:
-                if self._conduit is conduit:
-                    self._session_over(dead)
-            raise dead from None
-        return self._await_answers(steps.AwaitAnswers((step.token,)), run)[0]
+                run.expect(self._box, (step.token,))
+        if conduit is None or not lean:
+            what = "redeeming a prefetched token"
+            self._send_frame(steps.SendFrame(step.frame(), expect=(step.token,), what=what), run)
+            return self._await_answers(steps.AwaitAnswers((step.token,)), run)[0]
+        return _redeem_lean(self, conduit, step, run)
 
     def _read_one(self, timeout: float) -> None:
         """Read one frame and file it, releasing ``_cond`` while reading (other callers wait, then re-check)."""
@@ -365,6 +333,32 @@ class Client(BlockingVerbs):
             if err.type is ErrType.TIMEOUT:
                 raise steps.silent_for(self.timeout) from None
             raise
+
+
+def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: steps.Run[Any]) -> Any:
+    """A ``Redeem`` by the caller that holds the reader's role (``c._reading``, given back here): spliced from
+    bytes, sent, and its ``Deliver`` recognised in the one read that follows (:meth:`FramedConduit.exchange`),
+    without the mailbox. When that read brought anything else, it was decoded for the mailbox and the answer is
+    awaited as usual."""
+    token = step.token
+    got: tuple[list[int], bytes] | None = None
+    broken: BrokerError | None = None
+    try:
+        got = conduit.exchange(redeem_frame(token), token, step.count, c.timeout)
+    except ConduitError as err:
+        broken = session.conduit_broke("redeeming a prefetched token", err)
+    finally:
+        with c._cond:
+            c._reading = False
+            if broken is not None and c._conduit is conduit:
+                c._session_over(broken)
+            c._cond.notify_all()
+    if broken is not None:
+        raise broken
+    if got is not None:
+        run.give_up(c._box, (token,))  # nothing was filed for it: the answer is in hand
+        return session.lean_answer(*got)
+    return c._await_answers(steps.AwaitAnswers((token,)), run)[0]
 
 
 class LeaseHandle(HeldLease):
