@@ -123,12 +123,13 @@ class Table:
         return key
 
     def session_close(self, key: int) -> int:
-        s = self._sessions.pop(key, None)
+        s = self._sessions.get(key)
         if s is None:
             return 0
         toks = list(s[1])
         for lookup in toks:
             self._remove(self._live[lookup], 0)
+        del self._sessions[key]
         return len(toks)
 
     def slot_new(self, fd: int) -> int:
