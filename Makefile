@@ -67,8 +67,10 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --config-file mypy-tests.ini
 
+# The whole suite with the native data plane (FDBROKER_NATIVE=1: the extension must have been built); native-both
+# runs the handoff and security tests again without it.
 pytest: $(STAMP) $(DEPLOY_TOOLS)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	FDBROKER_NATIVE=$${FDBROKER_NATIVE:-1} $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 ## native-both: the handoff and security tests again with the pure-Python data plane (FDBROKER_NATIVE=0), after
 ## pytest ran everything with the C one (FDBROKER_NATIVE=1 when it is built); both must pass

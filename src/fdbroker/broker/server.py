@@ -488,9 +488,24 @@ def run(opts: ServeOptions, log_level: str = "info") -> int:
         stream=sys.stderr,
     )
     try:
-        return asyncio.run(serve(opts))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(serve(opts))
     except KeyboardInterrupt:
         return 0
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The broker's event loop: uvloop's when it is installed (a dependency on Linux x86-64 and aarch64: the
+    gRPC server and the conduit both run on it, measured in docs/performance.md), the standard one otherwise or
+    with ``FDBROKER_LOOP=asyncio``."""
+    if os.environ.get("FDBROKER_LOOP", "").strip().lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def main(argv: list[str] | None = None) -> int:
