@@ -1308,6 +1308,18 @@ static PyObject *native_exchange(PyObject *mod, PyObject *args) {
     struct iovec iov = {rb.buf, (size_t)rb.len};
     struct msghdr msg = {0};
     ssize_t n;
+    /* the answer cannot be there yet: wait first (a recvmsg now would only say EAGAIN) */
+    int w0 = wait_fd(fd, POLLIN, deadline);
+    if (w0 <= 0) {
+        PyBuffer_Release(&rb);
+        if (w0 < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        Py_INCREF(Py_None);
+        res = Py_None;
+        goto done;
+    }
     for (;;) {
         msg.msg_iov = &iov;
         msg.msg_iovlen = 1;

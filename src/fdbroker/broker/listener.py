@@ -33,6 +33,7 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -380,8 +381,14 @@ class Connection:
         if self.native is not None:
             self.native.detach()  # it holds this connection: no cycle left behind
         # The socket's receive queue may still hold descriptors a client sent: the last close of the socket
-        # releases them, which can block like closing them one by one.
-        self._discard(self.sock.detach())
+        # releases them, which can block like closing them one by one. Not before the loop's next turn: uvloop
+        # (libuv) takes the descriptor out of its epoll set only then, and a descriptor closed and reused before
+        # that leaves the next connection with its number unwatched.
+        fd = self.sock.detach()
+        try:
+            self.loop.call_soon(self._discard, fd)
+        except RuntimeError:  # the loop is closed (shutdown)
+            self._discard(fd)
         self._on_close(self)
 
 
@@ -446,6 +453,33 @@ def _descriptors(
         return data, fds_from_ancdata(ancdata or [], flags, SCM_MAX_FD, bytes(data), discard), None
     except ConduitError as err:
         return err.data, [], err
+
+
+_REAP_EVERY = 0.25
+_reaped_at = 0.0
+
+
+def reap_errored(conns: Iterable[Connection]) -> None:
+    """Let every connection whose socket has an error pending meet it (its peer reset the connection: it closed
+    with our frames unread), at most every 0.25 s.
+
+    The standard loop reports such a socket readable, and the reader's ``recvmsg`` gets ``ECONNRESET`` and closes
+    the connection. uvloop (libuv) instead stops watching a descriptor that reports ``POLLERR`` and never calls its
+    reader again, which would leave the session open for good: this finds them, with one ``poll`` for all."""
+    global _reaped_at
+    now = time.monotonic()
+    if now - _reaped_at < _REAP_EVERY:
+        return
+    _reaped_at = now
+    live = {c._fd: c for c in conns if not c.closed and not c._paused}  # a paused one looks itself (_resume)
+    if not live:
+        return
+    p = select.poll()
+    for fd in live:
+        p.register(fd, 0)  # POLLERR, POLLHUP and POLLNVAL are reported whatever is asked
+    for fd, ev in p.poll(0):
+        if ev & select.POLLERR:
+            live[fd]._readable()
 
 
 def _hung_up(fd: int) -> bool:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from fdbroker import __version__
 from fdbroker.broker import closer, fastpath
 from fdbroker.broker.core import Broker, BrokerConfig
-from fdbroker.broker.listener import Connection, Listener
+from fdbroker.broker.listener import Connection, Listener, reap_errored
 from fdbroker.broker.notify import keeper_channel, sd_notify
 from fdbroker.broker.policy import Identity, Policy
 from fdbroker.broker.rundir import HANDOVER_SOCKET, RunDir
@@ -317,6 +317,7 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            reap_errored(self.connections)  # uvloop never tells a reader that its peer reset the connection
             nxt = self.broker.tick()
             delay = 1.0 if nxt is None else max(0.0, min(1.0, nxt - loop.time()))
             with contextlib.suppress(TimeoutError):

@@ -282,7 +282,6 @@ class Client(BlockingVerbs):
             )
             if lean:
                 self._reading = True
-                run.expect(self._box, (step.token,))
         if conduit is None or not lean:
             what = "redeeming a prefetched token"
             self._send_frame(steps.SendFrame(step.frame(), expect=(step.token,), what=what), run)
@@ -338,8 +337,8 @@ class Client(BlockingVerbs):
 def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: steps.Run[Any]) -> Any:
     """A ``Redeem`` by the caller that holds the reader's role (``c._reading``, given back here): spliced from
     bytes, sent, and its ``Deliver`` recognised in the one read that follows (:meth:`FramedConduit.exchange`),
-    without the mailbox. When that read brought anything else, it was decoded for the mailbox and the answer is
-    awaited as usual."""
+    without the mailbox. When that read brought anything else, it was decoded into the conduit's queue, which only
+    the reader files: the token is expected before the role is given back, and its answer awaited as usual."""
     token = step.token
     got: tuple[list[int], bytes] | None = None
     broken: BrokerError | None = None
@@ -349,6 +348,8 @@ def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: ste
         broken = session.conduit_broke("redeeming a prefetched token", err)
     finally:
         with c._cond:
+            if got is None:
+                run.expect(c._box, (token,))
             c._reading = False
             if broken is not None and c._conduit is conduit:
                 c._session_over(broken)
@@ -356,7 +357,6 @@ def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: ste
     if broken is not None:
         raise broken
     if got is not None:
-        run.give_up(c._box, (token,))  # nothing was filed for it: the answer is in hand
         return session.lean_answer(*got)
     return c._await_answers(steps.AwaitAnswers((token,)), run)[0]
 

@@ -123,6 +123,8 @@ def exchange(
                 return (-1, sent, 110)  # ETIMEDOUT
         except OSError as err:
             return (-1, sent, err.errno or 5)
+    if not _wait(fd, select.POLLIN, deadline):  # the answer cannot be there yet: wait before reading
+        return None
     while True:
         try:
             n, anc, flags, _ = sock.recvmsg_into((buf,), _ANCBUF, socket.MSG_CMSG_CLOEXEC)
