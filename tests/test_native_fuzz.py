@@ -343,15 +343,15 @@ class Program:
             raise AssertionError(op)
 
     def pick(self, p: tuple[Any, ...]) -> bytes:
-        kind = p[0]
+        kind, k = p[0], int(p[1])
         if kind == "pool" and self.pool:
-            return self.pool[p[1] % len(self.pool)][1]
+            return self.pool[k % len(self.pool)][1]
         if kind == "mutate" and self.pool:
-            t = bytearray(self.pool[p[1] % len(self.pool)][1])
+            t = bytearray(self.pool[k % len(self.pool)][1])
             t[p[2] % 32] ^= 1 << (p[2] % 8)
             return bytes(t)
         if kind == "lookup" and self.pool:  # the right lookup id, the wrong secret
-            return self.pool[p[1] % len(self.pool)][1][:8] + bytes(24)
+            return self.pool[k % len(self.pool)][1][:8] + bytes(24)
         if kind == "short":
             return bytes(p[1] % 40)
         return bytes(p[1] % 256 for _ in range(32))
@@ -457,7 +457,11 @@ def _two_brokers(seed: int) -> Any:
     prog = Program(sides, fds)
     try:
         for n in NAMES:
-            prog.both(lambda side, n=n: prog.put(side, 0, n))
+
+            def put(side: Side, n: str = n) -> Any:
+                return prog.put(side, 0, n)
+
+            prog.both(put)
         yield prog
     finally:
         for side in sides:
@@ -502,7 +506,7 @@ def test_a_native_send_the_socket_does_not_take_is_queued_in_order() -> None:
     with _two_brokers(11) as prog:
         prog.run(("get", 0, 0, 8))
         for side in prog.sides:
-            conn, _ = side.slots[0]  # type: ignore[misc]
+            conn, _ = side.slots[0]
             conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         big = [("pool", k) for k in range(8)]
         prog.run(("redeem", 0, big, "many"))
