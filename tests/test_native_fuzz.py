@@ -86,6 +86,10 @@ class FakeLoop:
     def call_later(self, delay: float, cb: Callable[[], Any]) -> Handle:
         return Handle()
 
+    def call_soon(self, cb: Callable[..., Any], *args: Any) -> Handle:
+        cb(*args)
+        return Handle()
+
 
 def _memfd(i: int) -> int:
     fd = os.memfd_create(f"fuzz-{i}", os.MFD_CLOEXEC)
