@@ -381,14 +381,8 @@ class Connection:
         if self.native is not None:
             self.native.detach()  # it holds this connection: no cycle left behind
         # The socket's receive queue may still hold descriptors a client sent: the last close of the socket
-        # releases them, which can block like closing them one by one. Not before the loop's next turn: uvloop
-        # (libuv) takes the descriptor out of its epoll set only then, and a descriptor closed and reused before
-        # that leaves the next connection with its number unwatched.
-        fd = self.sock.detach()
-        try:
-            self.loop.call_soon(self._discard, fd)
-        except RuntimeError:  # the loop is closed (shutdown)
-            self._discard(fd)
+        # releases them, which can block like closing them one by one. On the loop's next turn (_later).
+        _later(self.loop, self._discard, self.sock.detach())
         self._on_close(self)
 
 
@@ -453,6 +447,15 @@ def _descriptors(
         return data, fds_from_ancdata(ancdata or [], flags, SCM_MAX_FD, bytes(data), discard), None
     except ConduitError as err:
         return err.data, [], err
+
+
+def _later(loop: asyncio.AbstractEventLoop, discard: Callable[[int], None], fd: int) -> None:
+    """``discard(fd)`` on the loop's next turn, once the loop let go of the descriptor (uvloop's libuv releases a
+    watched descriptor only then: one closed and reused before could leave the next connection unwatched)."""
+    try:
+        loop.call_soon(discard, fd)
+    except RuntimeError:  # the loop is closed (shutdown)
+        discard(fd)
 
 
 _REAP_EVERY = 0.25
