@@ -73,6 +73,19 @@ def conduit_broke(what: str, err: Exception, name: str = "") -> Aborted:
     return Aborted(f"the conduit broke while {what}: {err}; retry (a new session is opened)", name=name)
 
 
+def session_gone(what: str, name: str = "") -> Aborted:
+    """The error for a step bound to a session (its tokens) that has ended, though another may be open now."""
+    return Aborted(f"the session ended before {what}; nothing of it is handed over any more", name=name)
+
+
+def session_unknown(paths: Paths) -> Aborted:
+    """Why a session the broker answered ``UNAUTHENTICATED`` for is ended: the broker no longer knows it."""
+    return Aborted(
+        f"the broker at {paths.run_dir} no longer knows this session (it was replaced or restarted); "
+        "nothing pending was handed over; retry (a new session is opened)"
+    )
+
+
 # -- opening a session -----------------------------------------------------------------------------------------
 
 
