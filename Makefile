@@ -13,7 +13,8 @@ GEN := src/fdbroker/v1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv run test lint typecheck proto proto-check buf-lint pytest test-fast bench clean install-systemd deploy-tools
+.PHONY: all venv run test lint typecheck proto proto-check buf-lint pytest test-fast bench clean install-systemd deploy-tools \
+	native-both asan-fuzz
 
 all: test
 
@@ -66,11 +67,35 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --config-file mypy-tests.ini
 
+# The whole suite with the native data plane (FDBROKER_NATIVE=1: the extension must have been built); native-both
+# runs the handoff and security tests again without it.
 pytest: $(STAMP) $(DEPLOY_TOOLS)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	FDBROKER_NATIVE=$${FDBROKER_NATIVE:-1} $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-## test: everything CI checks — generated code, lint, types, proto lint, the whole test suite
-test: proto-check lint typecheck buf-lint pytest
+## native-both: the handoff and security tests again with the pure-Python data plane (FDBROKER_NATIVE=0), after
+## pytest ran everything with the C one (FDBROKER_NATIVE=1 when it is built); both must pass
+BOTH_WAYS := tests/test_broker_handoff.py tests/test_broker_inprocess.py tests/test_tokens.py tests/test_hardening.py \
+	tests/test_security.py tests/test_hoarding.py tests/test_fuzz_conduit.py tests/test_client_core.py
+native-both: $(STAMP) $(DEPLOY_TOOLS)
+	FDBROKER_NATIVE=0 $(VENV)/bin/pytest -q $(BOTH_WAYS) $(PYTEST_ARGS)
+
+## asan-fuzz: the native data plane under AddressSanitizer: src/fdbroker/_native.c built with -fsanitize=address
+## (and undefined) into a temporary directory, loaded in its place (FDBROKER_NATIVE_PATH, libasan preloaded), and
+## tests/test_native_fuzz.py run against it with more examples (a minute or two)
+ASAN_EXAMPLES ?= 1500
+asan-fuzz: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	inc=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])') && \
+	gcc -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+	    -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -Werror \
+	    -shared -fPIC -I"$$inc" -o "$$tmp/_native.so" src/fdbroker/_native.c && \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	FDBROKER_NATIVE=1 FDBROKER_NATIVE_PATH="$$tmp/_native.so" FDBROKER_NATIVE_FUZZ_EXAMPLES=$(ASAN_EXAMPLES) \
+	timeout 600 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_native_fuzz.py
+
+## test: everything CI checks — generated code, lint, types, proto lint, the whole test suite (with the native data
+## plane when it is built), the handoff and security tests again without it, and the native fuzz under ASan
+test: proto-check lint typecheck buf-lint pytest native-both asan-fuzz
 
 ## test-fast: the suite without the slow end-to-end tests
 test-fast: $(STAMP) $(DEPLOY_TOOLS)

@@ -18,9 +18,17 @@ Then: aggregate get throughput with 1, 4 and 16 client processes; registry scale
 all, get at capacity vs at a few hundred entries, broker memory per entry, the refusal beyond capacity); and `fdbroker ls`
 cold start against `python -c "import grpc"`.
 
-Targets (issue 3): get-rpc <= 1.2 x (grpc-unary + raw-1); get-fast <= s6-fdholderd's C-API retrieve
-(~72 us unpinned in ../shared/bench/anchors); batch-fast >= 50% of raw-253 descriptors/s; List of 19,900 <= 100 ms;
-get at 19,900 within 1.1 x get at 10; <= 2 KiB per entry; `fdbroker ls` <= 1.2 x `import grpc`.
+Goals (issue 11), each printed at the end as one line `P<n> <measure> <median> [<min>-<max>] target <op><value>
+ok|MISS` (and appended to the file named by $FDBROKER_BENCH_GOALS, which bench/run.py prints last):
+  P1 get-fast / s6-fdholderd C-API retrieve <= 1.0 (per round)
+  P2 get-rpc / (grpc-unary + raw-1) <= 1.1 (per round)
+  P3 batch-fast fds/s / raw-253 fds/s >= 0.5 (per round)
+  P4 16 client processes' prefetched gets/s / s6-fdholderd's single-connection retrieves/s (s6 timed right before
+     and after) >= 1.0
+  P5 List of 19,900 <= 100 ms; get-rpc at 19,900 <= 1.1 x at a few; <= 2 KiB broker memory per entry
+  P6 `fdbroker ls` <= 1.2 x `python -c "import grpc"` (per pair)
+CPU per operation (client and server, from /proc/PID/task/*/schedstat) is printed next to each latency: the
+machines are shared, and CPU varies much less than wall-clock latency with the load.
 
 usage: python bench/broker_bench.py [--quick] [--rounds N]
 """
@@ -41,6 +49,47 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REQ = 32
+
+
+def cpu_ns(pid: int | str = "self") -> int:
+    """CPU time of every thread of process ``pid`` so far, in ns (schedstat: exact, unlike the 10 ms ticks)."""
+    total = 0
+    task = Path(f"/proc/{pid}/task")
+    for t in task.iterdir():
+        try:
+            total += int((t / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended meanwhile
+    return total
+
+
+class Cpu:
+    """CPU per operation of the client (this process, or a child) and of a server process, over a timed run."""
+
+    def __init__(self, server: int | None, client: int | str = "self") -> None:
+        self.server, self.client = server, client
+        self.c0 = cpu_ns(client)
+        self.s0 = cpu_ns(server) if server else 0
+
+    def per_op(self, ops: int, client_ns: int | None = None) -> tuple[float, float]:
+        """(client, server) CPU in us per op since construction; ``client_ns`` if measured otherwise."""
+        c = client_ns if client_ns is not None else cpu_ns(self.client) - self.c0
+        s = cpu_ns(self.server) - self.s0 if self.server else 0
+        return c / ops / 1e3, s / ops / 1e3
+
+
+GOALS: list[str] = []
+
+
+def goal(n: str, measure: str, xs: list[float], op: str, target: float, spec: str = ".2f") -> None:
+    """Record and print one goal line: median [min-max] against the target."""
+    m = statistics.median(xs)
+    ok = m <= target if op == "<=" else m >= target
+    line = (
+        f"P{n} {measure} {m:{spec}} [{min(xs):{spec}}-{max(xs):{spec}}] target {op}{target:g} "
+        f"{'ok' if ok else 'MISS'}"
+    )
+    GOALS.append(line)
 
 
 # -- floors ------------------------------------------------------------------------------------------------------
@@ -77,15 +126,20 @@ def raw_client(path: str) -> socket.socket:
     raise RuntimeError("raw server did not start")
 
 
-def time_raw(s: socket.socket, nfds: int, iters: int) -> float:
+Timed = tuple[float, float, float]
+"""us per op, client CPU us per op, server CPU us per op."""
+
+
+def time_raw(s: socket.socket, nfds: int, iters: int, server: int | None = None) -> Timed:
     req = (b"1" if nfds == 1 else b"B") * REQ
+    cpu = Cpu(server)
     t0 = time.perf_counter()
     for _ in range(iters):
         s.sendall(req)
         _, fds, _, _ = socket.recv_fds(s, 16, nfds, socket.MSG_CMSG_CLOEXEC)
         for fd in fds:
             os.close(fd)
-    return (time.perf_counter() - t0) / iters * 1e6
+    return ((time.perf_counter() - t0) / iters * 1e6, *cpu.per_op(iters))
 
 
 GRPC_SERVER = r"""
@@ -104,17 +158,27 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-def time_grpc(stub: object, iters: int) -> float:
+def time_grpc(stub: object, iters: int, server: int) -> Timed:
     payload = b"x" * REQ
+    cpu = Cpu(server)
     t0 = time.perf_counter()
     for _ in range(iters):
         stub(payload, timeout=10)  # type: ignore[operator]
-    return (time.perf_counter() - t0) / iters * 1e6
+    return ((time.perf_counter() - t0) / iters * 1e6, *cpu.per_op(iters))
 
 
 # -- s6-fdholderd, the closest rival (optional: needs s6, libs6-dev, skalibs-dev and gcc) ------------------------
 
-ANCHORS = HERE.parent.parent / "shared" / "bench" / "anchors"
+
+def _anchors() -> Path:
+    """../shared/bench/anchors beside the repository (a git worktree may sit deeper: the nearest one up)."""
+    for up in HERE.parents:
+        if (up / "shared" / "bench" / "anchors").is_dir():
+            return up / "shared" / "bench" / "anchors"
+    return HERE.parent.parent / "shared" / "bench" / "anchors"
+
+
+ANCHORS = _anchors()
 
 
 def s6_start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str] | None:
@@ -148,41 +212,61 @@ def s6_start(tmp: Path) -> tuple[subprocess.Popen[bytes], str, str] | None:
     return daemon, exe, sock
 
 
-def time_s6(exe: str, sock: str, iters: int) -> float:
-    out = subprocess.run(
-        [exe, sock, "retrieve", "bench-held", str(iters), "1"], capture_output=True, text=True
+def time_s6(exe: str, sock: str, iters: int, daemon: int) -> Timed:
+    """One s6_client run of ``iters`` retrieves (after its own untimed warm-up of iters/10 + 1): its per-op
+    latency; CPU per op over the whole run, warm-up included (client from its rusage, daemon from schedstat)."""
+    cpu = Cpu(daemon)
+    proc = subprocess.Popen(
+        [exe, sock, "retrieve", "bench-held", str(iters), "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    for word in out.stdout.split():
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, ru = os.wait4(proc.pid, 0)  # reaped here, for its rusage
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    ops = iters + iters // 10 + 1
+    client_ns = int((ru.ru_utime + ru.ru_stime) * 1e9)
+    for word in out.split():
         if word.startswith("us_per_op="):
-            return float(word.split("=", 1)[1])
-    raise RuntimeError(f"s6_client: {out.stdout}{out.stderr}")
+            return (float(word.split("=", 1)[1]), *cpu.per_op(ops, client_ns))
+    raise RuntimeError(f"s6_client: {out}{err}")
 
 
 # -- fdbroker ----------------------------------------------------------------------------------------------------
 
 
-def time_get(client: object, name: str, iters: int) -> float:
+def time_get(client: object, name: str, iters: int, server: int | None = None) -> Timed:
     get_fd = client.get_fd  # type: ignore[attr-defined]
+    cpu = Cpu(server)
     t0 = time.perf_counter()
     for _ in range(iters):
         get_fd(name).close()
-    return (time.perf_counter() - t0) / iters * 1e6
+    return ((time.perf_counter() - t0) / iters * 1e6, *cpu.per_op(iters))
 
 
-def time_put(client: object, fd: int, iters: int) -> float:
+def time_put(client: object, fd: int, iters: int, server: int) -> Timed:
     put = client.put  # type: ignore[attr-defined]
+    cpu = Cpu(server)
     t0 = time.perf_counter()
     for i in range(iters):
         put(f"bench/put{i % 8}", fd, replace=True)
-    return (time.perf_counter() - t0) / iters * 1e6
+    return ((time.perf_counter() - t0) / iters * 1e6, *cpu.per_op(iters))
 
 
-def time_batch(client: object, names: list[str], iters: int) -> float:
+def time_batch(client: object, names: list[str], iters: int, server: int) -> Timed:
+    batch = getattr(client, "get_many_fds", None)
+    cpu = Cpu(server)
     t0 = time.perf_counter()
     for _ in range(iters):
-        for f in client.get_many(names, raw=True):  # type: ignore[attr-defined]
-            f.close()
-    return (time.perf_counter() - t0) / iters * 1e6
+        if batch is not None:  # the batch form: raw descriptor numbers, no object per descriptor
+            for fd in batch(names):
+                os.close(fd)
+        else:
+            for f in client.get_many(names, raw=True):  # type: ignore[attr-defined]
+                f.close()
+    return ((time.perf_counter() - t0) / iters * 1e6, *cpu.per_op(iters))
 
 
 def aggregate_worker(
@@ -284,85 +368,94 @@ def main() -> int:
         time_raw(raw, 1, 200)
         time_raw(raw, 253, 20)
 
-        res: dict[str, list[float]] = {
-            k: []
-            for k in (
-                "raw-1",
-                "grpc-unary",
-                "get-rpc",
-                "get-fast",
-                "put",
-                "raw-253",
-                "batch-rpc",
-                "batch-fast",
-            )
-        }
-        ratios: dict[str, list[float]] = {
-            "get-rpc/(unary+raw)": [],
-            "get-fast/raw": [],
-            "batch/raw-253 rate": [],
-        }
+        keys = ["raw-1", "grpc-unary", "get-rpc", "get-fast", "put", "raw-253", "batch-rpc", "batch-fast"]
         if s6 is not None:
-            res["s6-retrieve"] = []
-            ratios["get-fast/s6"] = []
+            keys.append("s6-retrieve")
         else:
             print(
                 "s6-fdholderd comparison skipped: needs s6, libs6-dev, skalibs-dev and gcc (see ../shared/bench)"
             )
+        res: dict[str, list[float]] = {k: [] for k in keys}
+        cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
+        ratios: dict[str, list[float]] = {
+            "get-rpc/(unary+raw)": [],
+            "get-fast/raw": [],
+            "batch/raw-253 rate": [],
+            "get-fast/s6": [],
+        }
+        bp = broker.pid
         print(f"rounds={rounds} single={n_single} rpc={n_rpc} batch={n_batch} (interleaved)")
         for rnd in range(rounds):
             t = {
-                "raw-1": time_raw(raw, 1, n_single),
-                "grpc-unary": time_grpc(echo, n_rpc),
-                "get-rpc": time_get(c_rpc, "bench/one", n_rpc),
-                "get-fast": time_get(c_fast, "bench/one", n_single),
-                "put": time_put(c_rpc, w, n_rpc),
-                "raw-253": time_raw(raw, 253, n_batch),
-                "batch-rpc": time_batch(c_rpc, names, max(3, n_batch // 5)),
-                "batch-fast": time_batch(c_fast, names, n_batch),
+                "raw-1": time_raw(raw, 1, n_single, raw_pid),
+                "grpc-unary": time_grpc(echo, n_rpc, gsrv.pid),
+                "get-rpc": time_get(c_rpc, "bench/one", n_rpc, bp),
+                "get-fast": time_get(c_fast, "bench/one", n_single, bp),
+                "put": time_put(c_rpc, w, n_rpc, bp),
+                "raw-253": time_raw(raw, 253, n_batch, raw_pid),
+                "batch-rpc": time_batch(c_rpc, names, max(3, n_batch // 5), bp),
+                "batch-fast": time_batch(c_fast, names, n_batch, bp),
             }
             if s6 is not None:
-                t["s6-retrieve"] = time_s6(s6[1], s6[2], n_single)
-                ratios["get-fast/s6"].append(t["get-fast"] / t["s6-retrieve"])
-            for k, v in t.items():
-                res[k].append(v)
-            ratios["get-rpc/(unary+raw)"].append(t["get-rpc"] / (t["grpc-unary"] + t["raw-1"]))
-            ratios["get-fast/raw"].append(t["get-fast"] / t["raw-1"])
-            ratios["batch/raw-253 rate"].append(t["raw-253"] / t["batch-fast"])
-            print(f"  round {rnd + 1}: " + "  ".join(f"{k}={v:.1f}us" for k, v in t.items()), flush=True)
+                t["s6-retrieve"] = time_s6(s6[1], s6[2], n_single, s6[0].pid)
+                ratios["get-fast/s6"].append(t["get-fast"][0] / t["s6-retrieve"][0])
+            for k, (us, c_us, s_us) in t.items():
+                res[k].append(us)
+                cpu[k].append((c_us, s_us))
+            us_of = {k: v[0] for k, v in t.items()}
+            ratios["get-rpc/(unary+raw)"].append(us_of["get-rpc"] / (us_of["grpc-unary"] + us_of["raw-1"]))
+            ratios["get-fast/raw"].append(us_of["get-fast"] / us_of["raw-1"])
+            ratios["batch/raw-253 rate"].append(us_of["raw-253"] / us_of["batch-fast"])
+            print(f"  round {rnd + 1}: " + "  ".join(f"{k}={v:.1f}us" for k, v in us_of.items()), flush=True)
 
-        print("\n== per-op latency, median [min-max] over rounds")
+        print("\n== per-op latency and CPU per op (client / server), median [min-max] over rounds")
         for k, xs in res.items():
             nf = 253 if ("253" in k or "batch" in k) else 1
             rate = [nf * 1e6 / x for x in xs]
-            print(f"  {k:<11} {fmt_range(xs):>26} us/op   {med(rate):>12,.0f} fds/s")
-        print("\n== ratios per round, median [min-max]")
-        print(
-            f"  get-rpc / (grpc-unary + raw-1)     {fmt_range(ratios['get-rpc/(unary+raw)'], '.2f')}   target <= 1.20"
-        )
-        print(f"  get-fast / raw-1                   {fmt_range(ratios['get-fast/raw'], '.2f')}")
-        print(
-            f"  batch-fast fds/s / raw-253 fds/s   {fmt_range(ratios['batch/raw-253 rate'], '.2f')}   target >= 0.50"
-        )
-        if s6 is not None:
+            c_med = med([c for c, _ in cpu[k]])
+            s_med = med([sv for _, sv in cpu[k]])
             print(
-                f"  get-fast / s6-fdholderd C-API retrieve  {fmt_range(ratios['get-fast/s6'], '.2f')}   target <= 1.00"
+                f"  {k:<11} {fmt_range(xs):>26} us/op   {med(rate):>12,.0f} fds/s   "
+                f"cpu {c_med:7.1f} + {s_med:7.1f} us/op"
             )
+        print("\n== ratios per round, median [min-max]")
+        print(f"  get-rpc / (grpc-unary + raw-1)     {fmt_range(ratios['get-rpc/(unary+raw)'], '.2f')}")
+        print(f"  get-fast / raw-1                   {fmt_range(ratios['get-fast/raw'], '.2f')}")
+        print(f"  batch-fast fds/s / raw-253 fds/s   {fmt_range(ratios['batch/raw-253 rate'], '.2f')}")
+        if s6 is not None:
+            print(f"  get-fast / s6-fdholderd C-API retrieve  {fmt_range(ratios['get-fast/s6'], '.2f')}")
+            goal("1", "get-fast/s6-retrieve", ratios["get-fast/s6"], "<=", 1.0)
         else:
             print(
                 f"  get-fast vs s6-fdholderd C-API retrieve (anchor 71.9 us unpinned, not this run): "
                 f"{med(res['get-fast']):.1f} us -> {med(res['get-fast']) / 71.9:.2f} x"
             )
+        goal("2", "get-rpc/(grpc-unary+raw-1)", ratios["get-rpc/(unary+raw)"], "<=", 1.1)
+        goal("3", "batch-fast/raw-253-rate", ratios["batch/raw-253 rate"], ">=", 0.5)
 
         # -- aggregate throughput ------------------------------------------------------------------------------
         secs = 1.0 if a.quick else 3.0
         print(f"\n== aggregate get throughput, {secs:.0f} s per run, client processes on the same 2 cores")
+        s6_rates: list[float] = []
+        p4: list[float] = []
         for procs in (1, 4, 16):
             rpc_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 0)
+            s6_before = 1e6 / time_s6(s6[1], s6[2], n_single, s6[0].pid)[0] if s6 is not None else 0.0
             fast_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 256)
+            s6_after = 1e6 / time_s6(s6[1], s6[2], n_single, s6[0].pid)[0] if s6 is not None else 0.0
+            s6_note = ""
+            if s6 is not None:
+                s6_rate = (s6_before + s6_after) / 2
+                s6_rates.append(s6_rate)
+                s6_note = f"   s6 one connection {s6_rate:>9,.0f} /s"
+                if procs == 16:
+                    p4 = [fast_rate / s6_before, fast_rate / s6_after]
             print(
                 f"  {procs:>2} procs: get-rpc {rpc_rate:>9,.0f} gets/s   get-fast {fast_rate:>9,.0f} gets/s"
+                + s6_note
             )
+        if p4:
+            goal("4", "16-procs-get-fast/s6-one-connection-rate", p4, ">=", 1.0)
 
         c_fast.close()
         # -- registry scale ------------------------------------------------------------------------------------
@@ -370,7 +463,7 @@ def main() -> int:
         cap = info.max_entries
         if a.quick:
             cap = min(cap, 2000 + info.entries)
-        small = [time_get(c_rpc, "bench/one", n_rpc) for _ in range(3)]
+        small = [time_get(c_rpc, "bench/one", n_rpc)[0] for _ in range(3)]
         rss0 = rss_kib(broker.pid)
         held0 = info.entries
         t0 = time.perf_counter()
@@ -403,13 +496,16 @@ def main() -> int:
             list_one.append((time.perf_counter() - t0) * 1e3)
         print(f"  List all ({n_paged}, pages of 1000):  {fmt_range(list_paged)} ms   target <= 100")
         print(f"  List all ({n_one}, one page):         {fmt_range(list_one)} ms")
-        big = [time_get(c_rpc, "bench/one", n_rpc) for _ in range(3)]
+        goal("5", "list-all-ms", list_paged, "<=", 100, ".1f")
+        big = [time_get(c_rpc, "bench/one", n_rpc)[0] for _ in range(3)]
         print(
             f"  get-rpc at {held} entries {med(big):.1f} us vs at {held0} entries {med(small):.1f} us"
             f" -> {med(big) / med(small):.2f} x   target <= 1.10"
         )
+        goal("5", "get-rpc-at-capacity/at-few", [b / med(small) for b in big], "<=", 1.1)
         per = (rss1 - rss0) * 1024 / max(1, held - held0)
         print(f"  broker VmRSS {rss0} -> {rss1} KiB: {per:.0f} bytes per entry   target <= 2048")
+        goal("5", "bytes-per-entry", [per], "<=", 2048, ".0f")
         for j in range(0, i, 1000):
             for n in range(j, min(i, j + 1000)):
                 c_rpc.delete(f"scale/{n:05d}")
@@ -441,6 +537,7 @@ def main() -> int:
                 f"\n== cold start ({runs} runs each, interleaved): `fdbroker ls` {fmt_range(ls_t)} ms, "
                 f"`python -c 'import grpc'` {fmt_range(imp_t)} ms -> {med(ls_t) / med(imp_t):.2f} x   target <= 1.2"
             )
+            goal("6", "fdbroker-ls/import-grpc", [x / y for x, y in zip(ls_t, imp_t, strict=True)], "<=", 1.2)
         channel.close()
     finally:
         broker.stop()
@@ -452,6 +549,13 @@ def main() -> int:
         gsrv.kill()
         gsrv.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+    print("\n== goals")
+    for line in GOALS:
+        print(line)
+    out = os.environ.get("FDBROKER_BENCH_GOALS")
+    if out:
+        with open(out, "a") as f:
+            f.writelines(line + "\n" for line in GOALS)
     return 0
 
 

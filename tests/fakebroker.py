@@ -37,6 +37,7 @@ class FakeBroker(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
     comes), ``prefetch_ttl`` (seconds the prefetched tokens of a ``Get`` live, reported in
     ``prefetch_expire_time``), ``watch_delay`` (seconds before a ``Watch`` sends its header).
     Records: ``calls`` (RPC names, in order), ``redeems`` (tokens redeemed), ``released`` (lease ids).
+    :meth:`forget_sessions` plays a takeover: every session ends.
     """
 
     token_ttl = 30.0  # what the Welcome says
@@ -82,6 +83,14 @@ class FakeBroker(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
         self.redeems = 0
         self.released: list[str] = []
         self._ids = itertools.count(1)
+
+    def forget_sessions(self, *, close: bool = True) -> None:
+        """Forget every session, as a successor (or a restarted broker) does: a call with an old session id is
+        UNAUTHENTICATED from now on. ``close``: also close their conduits, as the old broker does when it goes."""
+        sessions, self._sessions = dict(self._sessions), {}
+        if close:
+            for conduit in sessions.values():
+                conduit.close()
 
     def leaked(self) -> list[int]:
         """Descriptors of this process that still point at a pipe this broker delivered."""

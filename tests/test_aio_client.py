@@ -548,14 +548,17 @@ def _scratch_broker() -> BrokerProcess:
     return BrokerProcess.start(run_dir)
 
 
-def test_broker_killed_fails_pending_calls_and_leaks_nothing():
-    """Calls waiting on the conduit when the broker dies fail with Aborted; nothing received is left open."""
+@pytest.mark.parametrize("reconnect", [False, True], ids=["no-reconnect", "reconnect"])
+def test_broker_killed_fails_pending_calls_and_leaks_nothing(reconnect: bool):
+    """Calls waiting on the conduit when the broker dies fail — at once with Aborted without reconnecting; once
+    their timeout has passed with Unavailable when they try again and no broker comes back — and nothing received
+    is left open."""
     r, w = os.pipe()
     broker = _scratch_broker()
     try:
 
         async def main() -> None:
-            async with fdbroker.aio.Client(broker.run_dir, prefetch=16) as c:
+            async with fdbroker.aio.Client(broker.run_dir, prefetch=16, reconnect=reconnect, timeout=1) as c:
                 await c.put("s/x", w)
                 (await c.get_fd("s/x")).close()  # 16 prefetched tokens now
                 os.kill(broker.pid, signal.SIGSTOP)  # frozen: redeems sit unanswered
@@ -566,8 +569,12 @@ def test_broker_killed_fails_pending_calls_and_leaks_nothing():
                 os.kill(broker.pid, signal.SIGKILL)
                 broker.proc.wait()
                 results = await asyncio.gather(*tasks, return_exceptions=True)
-                assert all(isinstance(x, Aborted) for x in results), results
-                assert "conduit" in str(results[0]) and "retry" in str(results[0])
+                if reconnect:
+                    assert all(isinstance(x, Unavailable) for x in results), results
+                    assert str(broker.run_dir) in str(results[0])
+                else:
+                    assert all(isinstance(x, Aborted) for x in results), results
+                    assert "conduit" in str(results[0]) and "retry" in str(results[0])
                 assert c.raw.pending() == IDLE
                 with pytest.raises(Unavailable) as ei:
                     await c.get_fd("s/x")
@@ -581,6 +588,8 @@ def test_broker_killed_fails_pending_calls_and_leaks_nothing():
 
 
 def test_broker_stopped_fails_a_queued_lease_wait_clearly():
+    """Without reconnecting, at once (a waiter that reconnects queues again on a successor, and without one
+    keeps trying until its wait and timeout have passed: tests/test_reconnect.py)."""
     r, w = os.pipe()
     broker = _scratch_broker()
     try:
@@ -588,7 +597,7 @@ def test_broker_stopped_fails_a_queued_lease_wait_clearly():
         async def main() -> None:
             async with (
                 fdbroker.aio.Client(broker.run_dir) as holder,
-                fdbroker.aio.Client(broker.run_dir) as waiter,
+                fdbroker.aio.Client(broker.run_dir, reconnect=False) as waiter,
             ):
                 await holder.put("q/x", w)
                 h = await holder.lease("q/x", ttl=30)

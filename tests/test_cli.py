@@ -148,6 +148,7 @@ def test_exit_code_for_every_error() -> None:
         assert exitcodes.exit_code_for(err) == want, code
     untrusted = errors.UntrustedBroker("x", uid=1, trusted=(0,))
     assert exitcodes.exit_code_for(untrusted) == 14
+    assert exitcodes.exit_code_for(errors.OutcomeUnknown("x", operation="put", name="a")) == 15
     for row in exitcodes.TABLE:
         for name in row.grpc:
             assert name in errors.Code.__members__, (row.code, name)

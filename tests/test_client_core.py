@@ -9,24 +9,19 @@ both, and ``watch`` returning only once its stream is open.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import gc
-import inspect
 import os
 import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from brokerutil import run_client
+from clientutil import client, close_watch, next_event
 from fakebroker import FakeBroker
+from flowutil import ByHand
 
-import fdbroker
-import fdbroker.aio
 from fdbroker.client import flows
 from fdbroker.client.prefetch import Prefetch
 from fdbroker.client.session import Answer, Mailbox
@@ -112,99 +107,39 @@ def test_prefetched_tokens_live_as_long_as_the_broker_says() -> None:
 def test_take_flow_closes_the_descriptor_when_the_ack_fails() -> None:
     """A flow is a generator of steps: a test can drive it by hand, step by step, with no broker."""
     state = flows.State(None, threading.Event)
-    flow = flows.take(state, "q/job")
-    step = next(flow)
-    assert isinstance(step, CallRpc) and step.method == "Take"
+    hand = ByHand(state, flows.take(state, "q/job"))
+    assert isinstance(hand.step, CallRpc) and hand.step.method == "Take"
     resp = pb.TakeResponse()
     resp.handoff.token = b"tok"
-    step = flow.send(resp)
+    step = hand.ok(resp)
     assert isinstance(step, AwaitAnswers) and list(step.tokens) == [b"tok"]
     w = write_end()
-    step = flow.send([Answer("deliver", cpb.DeliverItem(token=b"tok", name="q/job"), w)])
+    step = hand.ok([Answer("deliver", cpb.DeliverItem(token=b"tok", name="q/job"), w)])
     assert isinstance(step, SendFrame) and step.frame.WhichOneof("body") == "ack"
     with pytest.raises(Aborted):
-        flow.throw(Aborted("the conduit broke"))
+        hand.fail(Aborted("the conduit broke"))  # a session that ended, not the broker gone away
     assert not _open(w)  # the entry stays in the broker; the received copy is closed
 
 
 def test_lease_flow_releases_a_lease_whose_descriptor_never_came() -> None:
     state = flows.State(None, threading.Event)
-    flow = flows.lease(state, "db/primary", 5)
-    step = next(flow)
-    assert isinstance(step, CallRpc) and step.method == "Lease"
+    hand = ByHand(state, flows.lease(state, "db/primary", 5))
+    assert isinstance(hand.step, CallRpc) and hand.step.method == "Lease"
     resp = pb.LeaseResponse(lease_id="L7", epoch=3)
     resp.handoff.token = b"tok"
-    assert isinstance(flow.send(resp), AwaitAnswers)
-    step = flow.throw(DeadlineExceeded("no answer on the conduit"))
+    assert isinstance(hand.ok(resp), AwaitAnswers)
+    step = hand.fail(DeadlineExceeded("no answer on the conduit"))
     assert isinstance(step, CallRpc) and step.method == "Release" and step.request.lease_id == "L7"
     with pytest.raises(DeadlineExceeded):
-        flow.send(pb.ReleaseResponse())
+        hand.ok(pb.ReleaseResponse())
 
 
 # -- both drivers ----------------------------------------------------------------------------------------------
 
 
-class InLoop:
-    """An ``fdbroker.aio.Client`` used from synchronous test code, so one test body exercises both clients: each
-    call runs in an event loop of its own thread, awaiting whatever the client returns that can be awaited."""
-
-    def __init__(self, run_dir: Path, **kw: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.client = fdbroker.aio.Client(run_dir, **kw)
-
-    def run(self, aw: Any) -> Any:
-        async def wait() -> Any:
-            return await aw
-
-        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result(30)
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.client, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            result = self.run(_call(attr, args, kwargs))
-            return self.run(result) if inspect.isawaitable(result) else result
-
-        return call
-
-    def close(self) -> None:
-        self.run(self.client.aclose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-        # A grpc.aio call keeps its connection open until it is freed, and what the loop's tasks referenced may
-        # sit in reference cycles: free it now, as leaving asyncio.run() would (the broker counts connections).
-        gc.collect()
-
-
-async def _call(fn: Any, args: Any, kwargs: Any) -> Any:
-    return fn(*args, **kwargs)  # made in the loop: an asyncio object wants its loop running
-
-
 @pytest.fixture(params=["sync", "aio"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@contextlib.contextmanager
-def client(kind: str, run_dir: Path, **kw: Any) -> Iterator[Any]:
-    c: Any = fdbroker.Client(run_dir, **kw) if kind == "sync" else InLoop(run_dir, **kw)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def next_event(c: Any, w: Any) -> Any:
-    return next(w) if isinstance(c, fdbroker.Client) else c.run(w.__anext__())
-
-
-def close_watch(c: Any, w: Any) -> None:
-    w.close() if isinstance(c, fdbroker.Client) else c.run(w.aclose())
 
 
 @pytest.fixture(scope="module")

@@ -169,6 +169,33 @@ def test_metrics_scraped_over_the_unix_socket_move_as_operations_happen(policy: 
     assert not path.exists()  # removed at stop
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_repeated_prefetched_gets_are_counted_whichever_data_plane_serves_them(
+    policy: Path, native: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C table answers prefetched Redeem frames without Python: its counters are folded in at each scrape,
+    so ``get`` handoffs and ``redeem`` frames read the same with the extension (1) and with its Python twin (0)."""
+    monkeypatch.setenv("FDBROKER_NATIVE", native)
+    with custom_broker(["--metrics-listen", "127.0.0.1:0", "--policy", str(policy)]) as b:
+        d = Deltas(tcp_metrics_address(b))
+        r, w = os.pipe()
+        try:
+            with b.client() as c:  # prefetch on (the default)
+                c.put("p/a", w)
+                d.step()
+                for _ in range(40):
+                    c.get_fd("p/a").close()
+                d.step()
+                assert d("fdbroker_handoffs_total", operation="get", outcome="ok") == 40
+                redeems = d("fdbroker_conduit_frames_total", kind="redeem", code="OK")
+                assert 1 <= redeems <= 40  # one per get, less the gets answered through the RPC
+                d.step()
+                assert d("fdbroker_handoffs_total", operation="get", outcome="ok") == 0  # no double count
+        finally:
+            os.close(r)
+            os.close(w)
+
+
 def test_a_bad_metrics_address_stops_the_start_with_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="--metrics-listen"):
         BrokerProcess.start(tmp_path / "run", args=["--metrics-listen", "127.0.0.1:notaport"], timeout=30)

@@ -11,6 +11,7 @@ side, via ``BrokerError.code``); the mapping to CLI exit codes lives in :mod:`fd
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class Code(enum.IntEnum):
@@ -165,6 +166,42 @@ class Aborted(BrokerError):
     """A handoff that could not complete (the conduit closed mid-way); nothing changed, retry."""
 
     code = Code.ABORTED
+
+
+class OutcomeUnknown(BrokerError):
+    """A change reached the broker and then the broker went away (a takeover, a crash, a restart) — or the call ran
+    out of time — before its answer came, and the client could not find out whether it happened.
+
+    Raised by the client only (the broker never sends it; no status received maps back to it), and only for an
+    operation that changes the registry once its last message is out: a put whose ``Deposit`` frame was sent, a
+    take whose ``Ack`` was sent, a delete whose RPC was in flight, a check-in whose ``Deposit`` was sent. An
+    operation the client can prove did not happen is retried instead, one it can prove did happen returns as if
+    nothing went wrong (docs/client.md, "Reconnecting"): this error is never a plain failure for something that
+    happened, nor a success for something that did not.
+
+    ``operation`` is ``"put"``, ``"take"``, ``"delete"`` or ``"check-in"``; ``name`` the entry (the first one, for a
+    batch); ``names`` every entry whose outcome is unknown. ``received``: for a take, what the broker had delivered
+    (a socket, a file object or an ``OwnedFd``) — the caller owns it, and if the take did happen it is the only
+    copy left; None otherwise.
+
+    Its code is ``UNKNOWN``; the CLI exits with its own code (``fdbroker.cli.exitcodes.OUTCOME_UNKNOWN``, 15).
+    """
+
+    code = Code.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        name: str = "",
+        names: tuple[str, ...] = (),
+        received: Any = None,
+    ) -> None:
+        super().__init__(message, name=name or (names[0] if names else ""))
+        self.operation = operation
+        self.names = names or ((name,) if name else ())
+        self.received = received
 
 
 _BY_CODE: dict[Code, type[BrokerError]] = {

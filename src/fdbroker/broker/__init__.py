@@ -15,6 +15,8 @@ The map (data flows down: RPCs and frames in at the top, the tables at the botto
     registry.py      the named entries and the revision counter
     history.py       the event history window watchers read
     tokens.py        the handoff token book
+    fastpath.py      prefetched GET tokens and the entries they deliver: the table the native data plane
+                     (fdbroker._native, in C) serves Redeem frames from, and its pure-Python twin
     sessions.py      sessions, one per conduit connection
     policy.py        who may do what (the TOML policy) and the per-uid quotas
     closer.py        closing client descriptors off the event loop

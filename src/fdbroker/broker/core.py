@@ -84,7 +84,7 @@ class Broker:
         self._policy = policy
         policy.on_denied = audit.denied
         self._registry = reg = Registry(capacity=config.capacity, history=config.history, clock=clock)
-        self._tokens = TokenBook(config.token_ttl, clock=clock)
+        self._tokens = TokenBook.configured(config.token_ttl, clock, config.extra)
         self._watches = WatchHub(reg, lambda: self._policy, audit, queue_limit=config.watch_queue)
         self._handoffs = Handoffs(
             self._tokens, reg, lambda: self._policy.limits, self, audit, clock=clock, wakeup=wakeup
@@ -153,7 +153,7 @@ class Broker:
     def open_session(self, identity: Identity, conn: FrameSink) -> Session:
         """A new conduit connection: create its session and send ``Welcome``."""
         try:
-            s = self._sessions.open(identity, conn)
+            s = self._tokens.open_session(self._sessions.open(identity, conn))
         except ResourceExhausted as err:
             raise self._audit.exhausted(identity, "session", "max_sessions_per_uid", err) from None
         w = cpb.Welcome(

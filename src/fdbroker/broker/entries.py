@@ -138,10 +138,10 @@ class Entries:
         e = self._readable(s, name, "get")
         resp = pb.GetResponse(entry=e.to_pb())
         if prefetch:
-            toks = self._handoffs.prefetch(s, prefetch, name, e.id)
+            toks, expire_ns = self._handoffs.prefetch(s, prefetch, [e])
             if toks:
-                resp.prefetch_tokens.extend([t.token for t in toks])
-                resp.prefetch_expire_time.FromNanoseconds(self._handoffs.expire_time_ns(toks[0]))
+                resp.prefetch_tokens.extend(toks)
+                resp.prefetch_expire_time.FromNanoseconds(expire_ns)
         h, item = self._handoffs.push(OP.OPERATION_GET, e)
         resp.handoffs.append(h)
         self._handoffs.deliver(s, [item])
@@ -157,10 +157,10 @@ class Entries:
         resp = pb.BatchGetResponse(entries=[e.to_pb() for e in entries])
         if prefetch and 0 < len(entries) <= SCM_MAX_FD:
             plan = BatchPlan.of(entries)  # shared by every token of this batch
-            toks = self._handoffs.prefetch(s, prefetch, entries[0].name, entries[0].id, plan)
+            toks, expire_ns = self._handoffs.prefetch(s, prefetch, entries, plan)
             if toks:
-                resp.prefetch_tokens.extend([t.token for t in toks])
-                resp.prefetch_expire_time.FromNanoseconds(self._handoffs.expire_time_ns(toks[0]))
+                resp.prefetch_tokens.extend(toks)
+                resp.prefetch_expire_time.FromNanoseconds(expire_ns)
         pushes = [self._handoffs.push(OP.OPERATION_GET, e) for e in entries]
         resp.handoffs.extend([p[0] for p in pushes])
         self._handoffs.deliver(s, [p[1] for p in pushes])

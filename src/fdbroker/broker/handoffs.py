@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fdbroker import fdinfo
-from fdbroker.broker import closer
+from fdbroker.broker import closer, fastpath
 from fdbroker.broker.audit import Audit
 from fdbroker.broker.delivery import encode_deliver, encode_item, frame_from_items
 from fdbroker.broker.leasing import check_lease_free
@@ -153,35 +153,34 @@ class Handoffs:
         self._wakeup()
         return tok
 
-    def prefetch(self, s: Session, count: int, name: str, entry_id: int, payload: Any = None) -> list[Token]:
+    def prefetch(
+        self, s: Session, count: int, entries: Sequence[Entry], plan: BatchPlan | None = None
+    ) -> tuple[list[bytes], int]:
         """Up to ``count`` speculative GET tokens, as many as the uid's prefetch pool has room for (maybe none:
-        prefetching is an optimisation, and a full pool never fails the call that asked for it)."""
+        prefetching is an optimisation, and a full pool never fails the call that asked for it): of the one entry
+        of ``entries``, or with ``plan`` batch tokens of all of them. Returns the tokens and their expiry on the
+        wall clock in nanoseconds (what responses carry)."""
         uid = s.identity.uid
         room = self._limits().max_prefetch_tokens_per_uid - self._tokens.speculative_for_uid(uid)
-        issue = self._tokens.issue
-        toks = [
-            issue(
-                operation=OP.OPERATION_GET,
-                name=name,
-                session_id=s.id,
-                uid=uid,
-                entry_id=entry_id,
-                payload=payload,
-                speculative=True,
-            )
-            for _ in range(max(0, min(count, room)))
-        ]
-        if toks:
-            self._wakeup()
-        return toks
+        n = max(0, min(count, room))
+        if not n:
+            return [], 0
+        slots = [fastpath.show(self._tokens.spec, e) for e in entries]
+        e = entries[0]
+        payload = (e.name, e.id, plan, s.id, uid)
+        toks, expires_at = self._tokens.issue_prefetch(
+            s.key, slots if plan is not None else slots[0], n, payload
+        )
+        self._wakeup()
+        return toks, self._wall_ns(expires_at)
 
-    def expire_time_ns(self, tok: Token) -> int:
-        """The token's expiry on the wall clock, in nanoseconds (what responses carry)."""
-        return int((time.time() + (tok.expires_at - self._clock())) * 1e9)
+    def _wall_ns(self, expires_at: float) -> int:
+        """An expiry on our clock as the wall-clock nanoseconds responses carry."""
+        return int((time.time() + (expires_at - self._clock())) * 1e9)
 
     def handoff_pb(self, tok: Token) -> pb.Handoff:
         h = pb.Handoff(token=tok.token, operation=tok.operation, name=tok.name)  # type: ignore[arg-type]
-        h.expire_time.FromNanoseconds(self.expire_time_ns(tok))
+        h.expire_time.FromNanoseconds(self._wall_ns(tok.expires_at))
         return h
 
     def cancel(self, tok: Token) -> None:
@@ -248,11 +247,11 @@ class Handoffs:
 
     def void_session(self, s: Session) -> None:
         """The session ended: every token it holds is void."""
-        for tok in self._tokens.void_session(s.id):
+        for tok in self._tokens.void_session(s.id, s.key):
             self.forget(tok)
 
     def _void(self, token: bytes, s: Session) -> None:
-        tok = self._tokens.peek(token, session_id=s.id) if len(token) else None
+        tok = self._tokens.peek(token, session_id=s.id, session_key=s.key) if len(token) else None
         if tok is not None:
             self._tokens.cancel(token)
             self.forget(tok)
@@ -304,7 +303,9 @@ class Handoffs:
         name = ""
         try:
             try:
-                tok = self._tokens.redeem(token, session_id=s.id, operations=_RESERVES_A_DESCRIPTOR)
+                tok = self._tokens.redeem(
+                    token, session_id=s.id, operations=_RESERVES_A_DESCRIPTOR, session_key=s.key
+                )
             except TokenError as err:
                 self._audit.refused("put", s, "", err, token=short(token))  # unrecognized: counted as a put
                 return cpb.DepositResult(token=token, error=error_pb(err))
@@ -353,8 +354,9 @@ class Handoffs:
         return code
 
     def _redeem_one(self, s: Session, t: bytes) -> Item | None:
-        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned."""
-        tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,))
+        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned
+        (and its entry shown to the prefetch table again: :func:`fastpath.show`)."""
+        tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,), session_key=s.key)
         if isinstance(tok.payload, BatchPlan):
             self._redeem_batch(s, tok.token, tok.payload)
             return None
@@ -365,6 +367,7 @@ class Handoffs:
                 name=tok.name,
             )
         check_lease_free(e, s, "get")
+        fastpath.show(self._tokens.spec, e)
         return (tok.token, OP.OPERATION_GET, e)
 
     def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
@@ -383,6 +386,8 @@ class Handoffs:
             entries.append(e)
         s.conn.send_raw(plan.frame(token, entries), [e.fd for e in entries])
         self._count("get", "ok", len(entries))
+        for e in entries:
+            fastpath.show(self._tokens.spec, e)
 
     # -- Ack -----------------------------------------------------------------------------------------------------
 
@@ -393,7 +398,9 @@ class Handoffs:
         code = 0
         for t in frame.message.ack.tokens:
             try:
-                tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_TAKE,))
+                tok = self._tokens.redeem(
+                    t, session_id=s.id, operations=(OP.OPERATION_TAKE,), session_key=s.key
+                )
                 self._routes.take_done(s, tok)
             except BrokerError as err:
                 self._audit.refused("take", s, "", err, token=short(t))

@@ -497,8 +497,8 @@ class Leasing:
         e.lease.pump()
 
     def end_session(self, s: Session) -> None:
-        """The session ended: each of its leases ends (HOLDER_DIED), and queued requests move up."""
-        for _, h in sorted(self._by_session.get(s.id, {}).items()):
+        """The session ended: each of its leases ends (HOLDER_DIED), in name order, and queued requests move up."""
+        for h in sorted(self._by_session.get(s.id, {}).values(), key=lambda h: (h.name, h.lease_id)):
             self.end_lease(h, EV.REASON_HOLDER_DIED)
 
     def end_entry(self, e: Entry) -> list[Waiter]:

@@ -10,6 +10,12 @@ or a fatal error, duplicates queued for a delivery that never went out) and the 
 receive queue may still hold a client's descriptors) go to :func:`fdbroker.broker.closer.discard`, attributed to the
 connection's uid: a ``close`` on the event loop could block it (a lingering socket).
 
+The native data plane: with the C table of prefetched tokens (:mod:`.fastpath`), a connection's reader callback is
+that table's ``Reader``, which does the ``recvmsg`` itself and answers a read made only of ``Redeem`` frames whose
+tokens all deliver (one ``sendmsg`` each, no Python); every other read — and every read while this connection
+holds part of a frame or has output queued (:meth:`Connection._sync_native`) — comes back here through
+:meth:`Connection._consume` exactly as :meth:`Connection._readable` would have handled it.
+
 Descriptors in flight: a connection holds at most the descriptors of its one frame in progress (the decoder's
 rule). Across a uid's connections, those plus the uid's descriptors waiting in the closer are its descriptors in
 flight (:data:`in_flight`); at ``max_fds_in_flight_per_uid`` the connections of that uid stop reading (see
@@ -27,13 +33,15 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from fdbroker.broker import closer
 from fdbroker.broker.policy import Identity, Limits
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import SCM_MAX_FD, Frame, FrameDecoder, encode_frame
-from fdbroker.conduit.receive import recv_fds_into
+from fdbroker.conduit.receive import ancbufsize, fds_from_ancdata
 from fdbroker.conduit.send import send_with_fds
 from fdbroker.errors import Code
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -47,6 +55,7 @@ ACCEPT_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
 PAUSE_RECHECK = 0.05
 """Seconds between looks at a uid's descriptors in flight while its connections are paused."""
 DEFAULT_MAX_FDS_IN_FLIGHT = Limits().max_fds_in_flight_per_uid
+ANCBUFSIZE = ancbufsize(SCM_MAX_FD)
 
 
 class FdsInFlight:
@@ -99,10 +108,12 @@ class Connection:
         max_frame_bytes: int,
         max_fds_in_flight: Callable[[], int] | None = None,
         on_pause: Callable[[], None] = lambda: None,
+        native: Any = None,
     ) -> None:
         """``max_fds_in_flight`` returns the uid's cap on descriptors in flight (read on every ``recvmsg``, so a
         policy reload applies at once); default: :class:`~fdbroker.broker.policy.Limits`' default. ``on_pause``
-        is called each time the connection's reads pause at that cap (a metric)."""
+        is called each time the connection's reads pause at that cap (a metric). ``native``: the C table of
+        prefetched tokens, whose reader then serves this connection's ``Redeem`` frames."""
         self.loop = loop
         self.sock = sock
         self.identity = identity
@@ -125,7 +136,17 @@ class Connection:
         self.session: object | None = None
         sock.setblocking(False)
         self._fd = sock.fileno()
-        loop.add_reader(self._fd, self._readable)
+        #: The native reader (``native.reader``), whose ``key`` is the session's in the table; or None.
+        self.native: Any = None
+        if native is not None:
+            self.native = native.reader(self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES)
+        self._reader = self.native or self._readable
+        loop.add_reader(self._fd, self._reader)
+
+    def _sync_native(self) -> None:
+        """The native reader may answer frames itself only at a frame boundary with nothing queued to send."""
+        if self.native is not None:
+            self.native.python_only = bool(self._out) or self._decoder.pending_bytes > 0
 
     # -- receiving -----------------------------------------------------------------------------------------------
 
@@ -153,6 +174,9 @@ class Connection:
         used = in_flight.total(uid)
         cap = self._max_in_flight()
         if used < cap:
+            if self._throttled:
+                self._throttled = False
+                log.info("uid %d is below its descriptor cap again; reading pid %d", uid, self.identity.pid)
             return RECV_BYTES
         if used < cap + SCM_MAX_FD:
             return min(RECV_BYTES, self._decoder.frame_remaining)
@@ -184,7 +208,7 @@ class Connection:
             self.close()
             return
         self._paused = False
-        self.loop.add_reader(self._fd, self._readable)  # called again at once if there is something to read
+        self.loop.add_reader(self._fd, self._reader)  # called again at once if there is something to read
 
     def _readable(self) -> None:
         if self.closed:
@@ -193,31 +217,26 @@ class Connection:
         if size == 0:
             self._pause()
             return
-        if size == RECV_BYTES and self._throttled:
-            self._throttled = False
-            log.info(
-                "uid %d is below its descriptor cap again; reading pid %d",
-                self.identity.uid,
-                self.identity.pid,
-            )
-        report: ConduitError | None = None
         try:
-            n, fds = recv_fds_into(self.sock, self._rview[:size], SCM_MAX_FD, close=self._discard)
-            data: bytes | bytearray = self._rbuf[:n]
+            n, ancdata, flags, _ = self.sock.recvmsg_into(
+                (self._rview[:size],), ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC
+            )
         except (BlockingIOError, InterruptedError):
             return
-        except ConduitError as err:
-            # Bad control data (truncated, foreign): its descriptors went to the closer; its bytes still belong to
-            # the stream (the frame they start then claims descriptors it did not get: NO_FD).
-            report, data, fds = err, err.data, []
-            if not data:
-                self.send(
-                    cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(err)))
-                )
-                return
         except OSError as err:
-            log.debug("conduit read failed for pid %d: %s", self.identity.pid, err)
+            n, ancdata, flags = -(err.errno or errno.EIO), None, 0
+        self._consume(n, ancdata, flags)
+
+    def _consume(self, n: int, ancdata: list[tuple[int, int, bytes]] | None, flags: int) -> None:
+        """One ``recvmsg`` into the buffer: ``n`` bytes (negative: ``-errno``), its ancillary data, its flags.
+        The native reader hands every read it does not answer itself here."""
+        if n < 0:
+            log.debug("conduit read failed for pid %d: %s", self.identity.pid, os.strerror(-n))
             self.close()
+            return
+        data, fds, report = _descriptors(self._rbuf[:n], ancdata, flags, self._discard)
+        if report is not None and not data:
+            self.send(cpb.ConduitFrame(error=cpb.Error(code=int(Code.INVALID_ARGUMENT), message=str(report))))
             return
         if not data:
             self._discard(fds)
@@ -233,6 +252,7 @@ class Connection:
             self.close()
             return
         self._account()
+        self._sync_native()
         if report is not None:
             items.insert(0, report)
         for item in items:
@@ -278,6 +298,10 @@ class Connection:
                 return
             if n > 0:
                 data, fds = data[n:], ()  # the descriptors went with the first byte
+        self._queue(data, fds)
+
+    def _queue(self, data: bytes, fds: Sequence[int]) -> None:
+        """Queue what the socket did not take, with duplicates of ``fds`` (the caller keeps its own)."""
         dups: list[int] = []
         try:
             for fd in fds:
@@ -295,6 +319,8 @@ class Connection:
             self.close()
             return
         self._out.append((data, dups))
+        if self.native is not None:
+            self.native.python_only = True
         self._out_bytes += len(data)
         self._out_fds += len(dups)
         if self._out_bytes > MAX_QUEUED_BYTES or self._out_fds > MAX_QUEUED_FDS:
@@ -332,6 +358,7 @@ class Connection:
         if self._writing and not self.closed:
             self._writing = False
             self.loop.remove_writer(self._fd)
+            self._sync_native()
 
     def _flush_best_effort(self) -> None:
         if self._out:
@@ -355,9 +382,11 @@ class Connection:
         self._out_fds = self._out_bytes = 0
         self._decoder.close()
         self._account()
+        if self.native is not None:
+            self.native.detach()  # it holds this connection: no cycle left behind
         # The socket's receive queue may still hold descriptors a client sent: the last close of the socket
-        # releases them, which can block like closing them one by one.
-        self._discard(self.sock.detach())
+        # releases them, which can block like closing them one by one. On the loop's next turn (_later).
+        _later(self.loop, self._discard, self.sock.detach())
         self._on_close(self)
 
 
@@ -405,6 +434,59 @@ class Listener:
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
+
+
+def _descriptors(
+    data: bytearray,
+    ancdata: list[tuple[int, int, bytes]] | None,
+    flags: int,
+    discard: Callable[[list[int]], None],
+) -> tuple[bytes | bytearray, list[int], ConduitError | None]:
+    """The bytes and descriptors of one read. On bad control data (truncated, foreign) its descriptors go to
+    ``discard`` and the error is returned with the bytes, which still belong to the stream (the frame they start
+    then claims descriptors it did not get: NO_FD)."""
+    if not ancdata and not flags & socket.MSG_CTRUNC:
+        return data, [], None
+    try:
+        return data, fds_from_ancdata(ancdata or [], flags, SCM_MAX_FD, bytes(data), discard), None
+    except ConduitError as err:
+        return err.data, [], err
+
+
+def _later(loop: asyncio.AbstractEventLoop, discard: Callable[[int], None], fd: int) -> None:
+    """``discard(fd)`` on the loop's next turn, once the loop let go of the descriptor (uvloop's libuv releases a
+    watched descriptor only then: one closed and reused before could leave the next connection unwatched)."""
+    try:
+        loop.call_soon(discard, fd)
+    except RuntimeError:  # the loop is closed (shutdown)
+        discard(fd)
+
+
+_REAP_EVERY = 0.25
+_reaped_at = 0.0
+
+
+def reap_errored(conns: Iterable[Connection]) -> None:
+    """Let every connection whose socket has an error pending meet it (its peer reset the connection: it closed
+    with our frames unread), at most every 0.25 s.
+
+    The standard loop reports such a socket readable, and the reader's ``recvmsg`` gets ``ECONNRESET`` and closes
+    the connection. uvloop (libuv) instead stops watching a descriptor that reports ``POLLERR`` and never calls its
+    reader again, which would leave the session open for good: this finds them, with one ``poll`` for all."""
+    global _reaped_at
+    now = time.monotonic()
+    if now - _reaped_at < _REAP_EVERY:
+        return
+    _reaped_at = now
+    live = {c._fd: c for c in conns if not c.closed and not c._paused}  # a paused one looks itself (_resume)
+    if not live:
+        return
+    p = select.poll()
+    for fd in live:
+        p.register(fd, 0)  # POLLERR, POLLHUP and POLLNVAL are reported whatever is asked
+    for fd, ev in p.poll(0):
+        if ev & select.POLLERR:
+            live[fd]._readable()
 
 
 def _hung_up(fd: int) -> bool:

@@ -38,7 +38,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -213,6 +213,10 @@ class Metrics:
         )
         for c in (self.watch_events, self.watch_cutoffs, self.conduit_pauses):
             c.values[()] = 0  # shown from the start: an alert on increase() needs the zero
+        #: The native data plane's counters (``frames_served``, ``fds_served``), read at every scrape: the Redeem
+        #: frames it answers without Python are counted there and folded in here (:meth:`fold_native`).
+        self.native_stats: Callable[[], Mapping[str, int]] | None = None
+        self._native_seen = (0, 0)
         self.registry.register(_EventCollector(self))
 
     # -- the hot paths -------------------------------------------------------------------------------------------
@@ -230,6 +234,21 @@ class Metrics:
     def handoff(self, operation: str, outcome: str, n: int = 1) -> None:
         """``n`` descriptors of ``operation`` with ``outcome``."""
         self.handoffs.inc(operation, outcome, n=n)
+
+    def fold_native(self) -> None:
+        """Count what the native data plane served since the last fold: each Redeem frame as a ``redeem`` frame
+        answered OK, each descriptor as a ``get`` handoff. (Its frames are not timed: the histogram of
+        ``redeem`` covers the frames Python answered.)"""
+        if self.native_stats is None:
+            return
+        stats = self.native_stats()
+        frames, fds = stats.get("frames_served", 0), stats.get("fds_served", 0)
+        seen_frames, seen_fds = self._native_seen
+        if frames > seen_frames:
+            self.frames.inc("redeem", "OK", n=frames - seen_frames)
+        if fds > seen_fds:
+            self.handoffs.inc("get", "ok", n=fds - seen_fds)
+        self._native_seen = (frames, fds)
 
     # -- state and exposition ------------------------------------------------------------------------------------
 
@@ -251,6 +270,7 @@ class _EventCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        self.metrics.fold_native()
         for v in vars(self.metrics).values():
             if isinstance(v, (EventCounter, EventHistogram)):
                 yield v.family()

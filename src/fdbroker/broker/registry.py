@@ -20,7 +20,7 @@ import collections
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fdbroker.broker import closer
 from fdbroker.broker.delivery import item_tail
@@ -72,6 +72,11 @@ class Entry:
     lease: LeaseTable | None = None
     _bytes: bytes | None = field(default=None, repr=False)
     _tail: bytes | None = field(default=None, repr=False)
+    # The entry in the prefetch table (fastpath): its slot there (-1: none yet), the table, and whether the table
+    # has the current tail (it must not once anything changes; :meth:`invalidate` withdraws it).
+    slot: int = field(default=-1, repr=False)
+    slots: Any = field(default=None, repr=False)
+    tail_shown: bool = field(default=False, repr=False)
 
     @property
     def info(self) -> pb.DescriptorInfo:
@@ -84,9 +89,13 @@ class Entry:
         return info_kind(self.info_bytes)
 
     def invalidate(self) -> None:
-        """Drop the cached serialized forms (after any change that shows in them)."""
+        """Drop the cached serialized forms (after any change that shows in them), and withdraw the tail from the
+        prefetch table: until it is shown again its tokens are redeemed in Python, which checks the lease."""
         self._bytes = None
         self._tail = None
+        if self.tail_shown:
+            self.tail_shown = False
+            self.slots.slot_tail(self.slot, None)
 
     def keep_form(self, data: bytes) -> None:
         """Take ``data``, this entry's ``pb.Entry`` as a previous broker process serialized it, as its cached form
@@ -361,6 +370,7 @@ class Registry:
     def close_all(self) -> None:
         """Give up every held descriptor (broker shutdown). No events."""
         for e in self._entries.values():
+            _unslot(e)
             self._discard(e.fd, e.owner.uid)
             e.fd = -1
         self._entries.clear()
@@ -440,8 +450,17 @@ class Registry:
         self._per_uid[e.owner.uid] -= 1
         if not self._per_uid[e.owner.uid]:
             del self._per_uid[e.owner.uid]
+        _unslot(e)  # before the descriptor goes: the prefetch table must not send it any more
         self._discard(e.fd, e.owner.uid)
         e.fd = -1
+
+
+def _unslot(e: Entry) -> None:
+    """Take ``e`` out of the prefetch table: its slot's generation moves on, so the tokens issued for it stop
+    matching (their redeems answer NOT_FOUND, as the registry no longer has the entry)."""
+    if e.slot >= 0:
+        e.slots.slot_drop(e.slot)
+        e.slot, e.slots, e.tail_shown = -1, None, False
 
 
 def _check_room(held: dict[str, Entry], names: list[str], capacity: int) -> None:

@@ -31,9 +31,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fdbroker import __version__
-from fdbroker.broker import closer, logs
+from fdbroker.broker import closer, fastpath, logs
 from fdbroker.broker.core import Broker, BrokerConfig
-from fdbroker.broker.listener import Connection, Listener
+from fdbroker.broker.listener import Connection, Listener, reap_errored
 from fdbroker.broker.metrics import Metrics, MetricsServer, State, check_address
 from fdbroker.broker.notify import Supervision, keeper_channel
 from fdbroker.broker.policy import Identity, Policy
@@ -209,6 +209,7 @@ class BrokerServer:
             metrics=self.metrics,
         )
         self.metrics.attach(self)
+        self.metrics.native_stats = self.broker.tokens.spec.stats  # Redeems the C table answers itself  # Redeems the C table answers itself
         loop = asyncio.get_running_loop()
         if opts.takeover:
             self.rundir = self._take_over()
@@ -364,6 +365,7 @@ class BrokerServer:
             max_frame_bytes=self.opts.max_frame_bytes,
             max_fds_in_flight=lambda: broker.limits.max_fds_in_flight_per_uid,
             on_pause=self.metrics.conduit_pauses.inc,  # no labels
+            native=broker.tokens.spec if fastpath.is_native(broker.tokens.spec) else None,
         )
         try:
             session = self.broker.open_session(identity, conn)
@@ -372,6 +374,8 @@ class BrokerServer:
             conn.close()
             return
         conn.session = session
+        if conn.native is not None:
+            conn.native.key = session.key  # the native reader serves this session's prefetched tokens
         if conn.closed:
             # The peer was gone before its Welcome went out (the send failed and closed the connection before it
             # had a session to end): end it now, or it would hold its uid's session quota for good.
@@ -407,6 +411,7 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            reap_errored(self.connections)  # uvloop never tells a reader that its peer reset the connection
             nxt = self.broker.tick()
             delay = 1.0 if nxt is None else max(0.0, min(1.0, nxt - loop.time()))
             with contextlib.suppress(TimeoutError):
@@ -599,9 +604,24 @@ def run(opts: ServeOptions, log_level: str = "info") -> int:
     """Configure logging and run the broker in the foreground; return the exit code."""
     logs.configure(log_level, opts.log_format)
     try:
-        return asyncio.run(serve(opts))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            return runner.run(serve(opts))
     except KeyboardInterrupt:
         return 0
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The broker's event loop: uvloop's when it is installed (a dependency on Linux x86-64 and aarch64: the
+    gRPC server and the conduit both run on it, measured in docs/performance.md), the standard one otherwise or
+    with ``FDBROKER_LOOP=asyncio``."""
+    if os.environ.get("FDBROKER_LOOP", "").strip().lower() == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def main(argv: list[str] | None = None) -> int:

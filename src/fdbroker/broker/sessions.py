@@ -41,6 +41,7 @@ class Session:
     created: float = field(default_factory=time.time)
     ephemeral: set[str] = field(default_factory=set)
     closed: bool = False
+    key: int = -1  # its key in the prefetch table (fastpath), set by the broker when it opens
 
     def describe(self) -> str:
         i = self.identity

@@ -119,6 +119,15 @@ UNTRUSTED = ExitCode(
     detail="`fdbroker.errors.UntrustedBroker`: its gRPC code, `UNAUTHENTICATED`, would say 7, but 14 tells "
     '"I refused the broker" from "the broker refused me"',
 )
+OUTCOME_UNKNOWN = ExitCode(
+    15,
+    "outcome unknown: the broker went away after the change was sent, and whether it happened could\n"
+    "not be found out (check the entry before you try again)",
+    detail="`fdbroker.errors.OutcomeUnknown` (client side, gRPC code `UNKNOWN`): a put, take or delete whose last "
+    "message reached a broker that was then replaced or restarted; what could be proved done or not done was "
+    "answered or retried instead",
+    per_verb={verb: None for verb in ("ls", "stat", "status", "watch", "get", "exec", "lease")},
+)
 NOT_EXECUTABLE = ExitCode(126, "CMD is not executable", scope=CMD)
 COMMAND_NOT_FOUND = ExitCode(127, "CMD not found", scope=CMD)
 INTERRUPTED = ExitCode(
@@ -145,6 +154,7 @@ TABLE: tuple[ExitCode, ...] = (
     ABORTED,
     OTHER,
     UNTRUSTED,
+    OUTCOME_UNKNOWN,
     NOT_EXECUTABLE,
     COMMAND_NOT_FOUND,
     INTERRUPTED,
@@ -167,12 +177,15 @@ class CliError(Exception):
 
 
 def exit_code_for(err: "BrokerError") -> int:
-    """The exit code for a broker error: :data:`UNTRUSTED` for :class:`~fdbroker.errors.UntrustedBroker`, else
-    the row listing its gRPC status code, else :data:`OTHER`."""
-    from fdbroker.errors import UntrustedBroker
+    """The exit code for a broker error: :data:`UNTRUSTED` for :class:`~fdbroker.errors.UntrustedBroker`,
+    :data:`OUTCOME_UNKNOWN` for :class:`~fdbroker.errors.OutcomeUnknown`, else the row listing its gRPC status code,
+    else :data:`OTHER`."""
+    from fdbroker.errors import OutcomeUnknown, UntrustedBroker
 
     if isinstance(err, UntrustedBroker):
         return UNTRUSTED.code
+    if isinstance(err, OutcomeUnknown):
+        return OUTCOME_UNKNOWN.code
     return _BY_GRPC.get(err.code.name, OTHER.code)
 
 

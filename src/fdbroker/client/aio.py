@@ -7,7 +7,9 @@ The same verbs, results, errors and descriptor ownership as :class:`fdbroker.Cli
 Many tasks share one session. A reader task, started by :meth:`Client.connect` and stopped by
 :meth:`Client.aclose`, reads the conduit continuously and files each answer in the session's
 :class:`~fdbroker.client.session.Mailbox`, waking the task waiting for it. When the conduit breaks, every pending
-call fails with :class:`~fdbroker.errors.Aborted` and the next call that needs a session opens a new one.
+call fails with :class:`~fdbroker.errors.Aborted` and the next call that needs a session opens a new one — or,
+if the broker went away (a takeover, a restart), each call is tried again on a new session where that is safe
+(docs/client.md, "Reconnecting").
 
 Descriptor ownership, for every call:
 
@@ -36,10 +38,12 @@ from fdbroker.client import flows, session, steps
 from fdbroker.client.flows import EventStream, Granted, HeldLease, Opened
 from fdbroker.client.models import Entry, Event, FdLike, Info, Lease, Listing, OwnedFd
 from fdbroker.client.raw import Raw
+from fdbroker.client.reconnect import CHANNEL_OPTIONS
 from fdbroker.client.verbs import AsyncVerbs
 from fdbroker.conduit.aio import AsyncFramedConduit
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import Frame
+from fdbroker.conduit.lean import redeem_frame
 from fdbroker.errors import Aborted, BrokerError, Cancelled, DeadlineExceeded
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -63,12 +67,10 @@ T = TypeVar("T")
 class Client(AsyncVerbs):
     """An asyncio fdbroker client. Use ``async with Client(...) as c:``, or call :meth:`aclose`.
 
-    ``run_dir``: the broker's run directory (default: ``FDBROKER_RUN_DIR``, else the per-user default).
-    ``timeout``: seconds for each call. ``prefetch``: GET tokens to ask for on each ``get`` RPC so repeated gets
-    of the same name cost one conduit round trip instead of an RPC (None: adaptive, as :class:`fdbroker.Client`).
-    ``trust_uids``: who besides root and this process's uid may serve the run directory, checked before anything
-    is sent, as :class:`fdbroker.Client` (default: ``$FDBROKER_TRUST_UID``).
-    Concurrent gets of one name share a prefetching RPC in flight instead of each asking for its own tokens.
+    The arguments are :class:`fdbroker.Client`'s: ``run_dir``, ``timeout`` (seconds for each call, tries again
+    included), ``prefetch`` (GET tokens asked for ahead; concurrent gets of one name share a prefetching RPC in
+    flight), ``trust_uids`` (who besides root and this process's uid may serve the run directory, checked before
+    anything is sent), ``reconnect`` (ride through a takeover or a restart of the broker).
 
     Create and use it inside one event loop. The verbs are the flows of :mod:`fdbroker.client.flows`, driven
     here; :attr:`raw` is the low-level seam. ``stats`` counts ``get_rpcs``, ``batch_get_rpcs`` and ``redeems``.
@@ -91,7 +93,7 @@ class Client(AsyncVerbs):
         ``async with c.watch(...) as w`` opens the stream (a change made after that is seen), then ``async for``
         over it; close it with :meth:`Watch.aclose`. A refusal (``OutOfRange`` naming the oldest revision, a
         quota) is raised by the first read. Call from inside the event loop."""
-        return Watch(self, flows.watch(self._state, prefix, start_revision=start_revision))
+        return Watch(self, prefix, flows.watch(self._state, prefix, start_revision=start_revision))
 
     def _lease_handle(self, granting: Awaitable[Granted]) -> PendingLease:
         return PendingLease(self._hold(granting))
@@ -114,7 +116,7 @@ class Client(AsyncVerbs):
         if self._closed:
             raise Cancelled(f"this {self._public_name} is closed; create a new one")
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._control_target())
+            self._channel = grpc.aio.insecure_channel(self._control_target(), options=CHANNEL_OPTIONS)
             self._stub = pb_grpc.FdBrokerStub(self._channel)
         return self._stub
 
@@ -134,7 +136,7 @@ class Client(AsyncVerbs):
         Pending calls fail with :class:`Aborted`; undelivered descriptors are closed. Lease handles stop their
         keep-alive and count as lost; each still owns (and closes on release) its descriptor. Idempotent.
         """
-        self._closed = True
+        self._closed = self._state.closed = True
         for h in list(self._state.leases):
             if isinstance(h, LeaseHandle):
                 await h._stop_keepalive()
@@ -145,7 +147,7 @@ class Client(AsyncVerbs):
             await channel.close()
         self._close_dir()
 
-    async def connect(self) -> str:
+    async def connect(self, _deadline: float | None = None) -> str:
         """Open the conduit (once; again after it broke) and return the session id. Calls that need a session
         do it implicitly. ``Unavailable`` if no broker answers at the run directory."""
         sid = self._live()
@@ -159,7 +161,7 @@ class Client(AsyncVerbs):
                 raise Cancelled(f"this {self._public_name} is closed; create a new one")
             if self._conduit is not None:
                 await self._end_session(self._box.dead or Aborted("the session was replaced"))
-            conduit, welcome = await self._drive(flows.handshake(self.paths, self.trust))
+            conduit, welcome = await self._drive(flows.handshake(self.paths, self.trust), deadline=_deadline)
             self._conduit = conduit
             self._box.reset()
             self._state.session_began(welcome)
@@ -168,8 +170,9 @@ class Client(AsyncVerbs):
             )
             return welcome.session_id
 
-    async def _end_session(self, why: BrokerError) -> None:
-        """Stop the reader, close the conduit, fail every waiter with ``why``, close undelivered descriptors."""
+    async def _end_session(self, why: BrokerError, *, lost: bool = False) -> None:
+        """Stop the reader, close the conduit, fail every waiter with ``why``, close undelivered descriptors.
+        ``lost``: the broker went away."""
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -178,12 +181,12 @@ class Client(AsyncVerbs):
         conduit, self._conduit = self._conduit, None
         if conduit is not None:
             conduit.close()
-        self._session_over(why)
+        self._session_over(why, lost)
 
-    def _session_over(self, why: BrokerError) -> None:
+    def _session_over(self, why: BrokerError, lost: bool = False) -> None:
         if self._box.dead is None:
             self._wake(self._box.fail(why))
-        self._state.session_ended()
+        self._state.session_ended(lost)
 
     @staticmethod
     def _wake(waits: list[session.Wait]) -> None:
@@ -207,20 +210,22 @@ class Client(AsyncVerbs):
             raise
         except Exception as err:
             if self._conduit is conduit:
-                self._session_over(session.conduit_lost(self.paths, err))
+                self._session_over(session.conduit_lost(self.paths, err), lost=True)
 
     # -- driving flows -------------------------------------------------------------------------------------------
 
-    async def _drive(self, flow: steps.Flow[T], expected: set[bytes] | None = None) -> T:
+    async def _drive(
+        self, flow: steps.Flow[T], expected: set[bytes] | None = None, deadline: float | None = None
+    ) -> T:
         """Run ``flow`` to its end (see :mod:`fdbroker.client.steps`) and return its result."""
-        run = steps.Run(flow, expected)
+        run = steps.Run(flow, expected, deadline)
         try:
             return await steps.drive_async(run, lambda step, run: getattr(self, step.handler)(step, run))
         finally:
             self._box.forget(run.finish())
 
-    async def _metadata(self, who: bool | str | None) -> list[tuple[str, str]]:
-        sid = await self.connect() if who is True else steps.chosen_session(who, self._live())
+    async def _metadata(self, who: bool | str | None, run: steps.Run[Any]) -> list[tuple[str, str]]:
+        sid = await self.connect(run.deadline) if who is True else steps.chosen_session(who, self._live())
         return session.session_metadata(sid)
 
     # An error is raised outside the ``except`` block that caught the gRPC error, so it has no __context__: the
@@ -228,13 +233,15 @@ class Client(AsyncVerbs):
     # open after aclose() for as long as anyone keeps our error (a pytest.raises, a log record).
 
     async def _call_rpc(self, step: steps.CallRpc, run: steps.Run[Any]) -> Any:
-        md = await self._metadata(step.session)
+        md = await self._metadata(step.session, run)
         method = getattr(self.stub, step.method)
+        timeout = step.timeout or run.limit(self.timeout)
         n = self._box.rpc_started()
         resp: Any = None
         error: BrokerError | None = None
         try:
-            resp = await method(step.request, metadata=md, timeout=step.timeout or self.timeout)
+            resp = await method(step.request, metadata=md, timeout=timeout, wait_for_ready=step.ready or None)
+            self._state.saw(resp)
             if md:
                 run.expect(self._box, session.issued_tokens(resp))
         except grpc.RpcError as err:
@@ -246,8 +253,8 @@ class Client(AsyncVerbs):
         return resp
 
     async def _call_stream(self, step: steps.CallStream, run: steps.Run[Any]) -> Any:
-        md = await self._metadata(step.session)
-        call = getattr(self.stub, step.method)(metadata=md, timeout=self.timeout)
+        md = await self._metadata(step.session, run)
+        call = getattr(self.stub, step.method)(metadata=md, timeout=run.limit(self.timeout))
         error: BrokerError | None = None
         resp: Any = None
         try:
@@ -265,10 +272,12 @@ class Client(AsyncVerbs):
         return None if resp is grpc.aio.EOF else resp
 
     async def _open_stream(self, step: steps.OpenStream, run: steps.Run[Any]) -> Any:
-        call = getattr(self.stub, step.method)(step.request, metadata=await self._metadata(step.session))
+        md = await self._metadata(step.session, run)
+        call = getattr(self.stub, step.method)(step.request, metadata=md, wait_for_ready=step.ready or None)
+        limit = run.limit(self.timeout)
         error: BrokerError | None = None
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(limit):
                 first = await call.read()
         except TimeoutError:
             error = DeadlineExceeded(
@@ -287,60 +296,89 @@ class Client(AsyncVerbs):
     async def _send_frame(self, step: steps.SendFrame, run: steps.Run[Any]) -> None:
         if self._box.dead is not None:
             raise self._box.dead
+        self._bound(step.session, step.what, step.name)
         conduit = self._conduit
         if conduit is None:
             raise Aborted(f"no conduit while {step.what}; retry (a new session is opened)", name=step.name)
-        run.expect(
-            self._box, step.expect
-        )  # before sending: the reader may file the answer before we await it
+        # Expected before sending: the reader may file the answer before we await it.
+        run.expect(self._box, step.expect)
         try:
-            await conduit.send(step.frame, step.fds, timeout=self.timeout)
+            await conduit.send(step.frame, step.fds, timeout=run.limit(self.timeout))
         except ConduitError as err:
             dead = session.conduit_broke(step.what, err, step.name)
             if self._conduit is conduit:
-                self._session_over(dead)
+                self._session_over(dead, lost=True)
             raise dead from None
 
     async def _await_answers(self, step: steps.AwaitAnswers, run: steps.Run[Any]) -> list[Any]:
-        limit = step.timeout or self.timeout
+        limit = run.limit(step.timeout or self.timeout)
         w = self._box.wait(step.tokens, asyncio.get_running_loop().create_future())
         try:
+            self._bound(step.session, "awaiting an answer")
             if not self._box.ready(w):
                 try:
                     async with asyncio.timeout(limit):
                         await w.signal
                 except TimeoutError:
-                    raise DeadlineExceeded(f"no answer on the conduit within {limit:g}s") from None
+                    raise DeadlineExceeded(
+                        f"no answer on the conduit within {step.timeout or self.timeout:g}s"
+                    ) from None
                 self._box.ready(w)
         except BaseException:
             run.give_up(self._box, step.tokens)
             raise
         return run.claim(self._box, w)
 
+    async def _redeem(self, step: steps.Redeem, run: steps.Run[Any]) -> Any:
+        return await _redeem(self, step, run)
+
     async def _await_fetch(self, step: steps.AwaitFetch, run: steps.Run[Any]) -> None:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(run.limit(self.timeout)):
                 await step.signal.wait()
 
     async def _pause(self, step: steps.Pause, run: steps.Run[Any]) -> bool:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(step.seconds):
-                await step.until.wait()
-        return bool(step.until.is_set())
+                await (asyncio.Event() if step.until is None else step.until).wait()
+        return step.until is not None and bool(step.until.is_set())
 
     async def _open_session(self, step: steps.OpenSession, run: steps.Run[Any]) -> str:
-        return await self.connect()
+        return await self.connect(run.deadline)
+
+    async def _end_stale(self, step: steps.EndSession, run: steps.Run[Any]) -> None:
+        if self._live() == step.session_id:
+            await self._end_session(session.session_unknown(self.paths), lost=True)
 
     async def _dial(self, step: steps.Dial, run: steps.Run[Any]) -> AsyncFramedConduit:
-        return await AsyncFramedConduit.open(self._conduit_address(), timeout=self.timeout)
+        return await AsyncFramedConduit.open(self._conduit_address(), timeout=run.limit(self.timeout))
 
     async def _read_frame(self, step: steps.ReadFrame, run: steps.Run[Any]) -> Frame:
         try:
-            return await step.conduit.recv(timeout=self.timeout)  # type: ignore[no-any-return]
+            return await step.conduit.recv(timeout=run.limit(self.timeout))  # type: ignore[no-any-return]
         except ConduitError as err:
             if err.type is ErrType.TIMEOUT:
                 raise steps.silent_for(self.timeout) from None
             raise
+
+
+async def _redeem(c: Client, step: steps.Redeem, run: steps.Run[Any]) -> Any:
+    """A ``Redeem`` spliced from bytes and its answer, as the reader task files it."""
+    if c._box.dead is not None:
+        raise c._box.dead
+    c._bound(step.session, "redeeming a prefetched token")
+    conduit = c._conduit
+    if conduit is None:
+        raise Aborted("no conduit while redeeming a prefetched token; retry (a new session is opened)")
+    run.expect(c._box, (step.token,))  # before sending: the reader may file the answer first
+    try:
+        await conduit.send_raw(redeem_frame(step.token), timeout=run.limit(c.timeout))
+    except ConduitError as err:
+        dead = session.conduit_broke("redeeming a prefetched token", err)
+        if c._conduit is conduit:
+            c._session_over(dead, lost=True)
+        raise dead from None
+    return (await c._await_answers(steps.AwaitAnswers((step.token,), session=step.session), run))[0]
 
 
 class PendingLease:
@@ -405,10 +443,12 @@ class LeaseHandle(HeldLease):
 
 class Watch(EventStream):
     """An async iterator of :class:`Event`. Await it (or enter ``async with``) to open it; ``header_revision``
-    (the revision the watch starts after) is known from then. Stops (``StopAsyncIteration``) once closed."""
+    (the revision the watch starts after) is known from then. Stops (``StopAsyncIteration``) once closed. If the
+    broker goes away, the stream resumes on its successor after the last event it delivered
+    (:func:`fdbroker.client.flows.rewatch`)."""
 
-    def __init__(self, client: Client, opening: steps.Flow[Opened]) -> None:
-        super().__init__(client.paths)
+    def __init__(self, client: Client, prefix: str, opening: steps.Flow[Opened]) -> None:
+        super().__init__(client.paths, client._state, prefix)
         self._client = client
         self._opening: steps.Flow[Opened] | None = opening
 
@@ -442,10 +482,13 @@ class Watch(EventStream):
             if error is None:
                 return False
         if error is not None:
+            if await self._client._drive(flows.rewatch(self._client._state, self, error)):
+                return True
             raise error  # outside the except block: see Client._call_rpc
         if resp is grpc.aio.EOF:
-            self._closed = True
-            return False
+            if self._ended_quietly():
+                return False
+            return await self._client._drive(flows.rewatch(self._client._state, self, None))
         self._accept(resp)
         return True
 

@@ -73,6 +73,19 @@ def conduit_broke(what: str, err: Exception, name: str = "") -> Aborted:
     return Aborted(f"the conduit broke while {what}: {err}; retry (a new session is opened)", name=name)
 
 
+def session_gone(what: str, name: str = "") -> Aborted:
+    """The error for a step bound to a session (its tokens) that has ended, though another may be open now."""
+    return Aborted(f"the session ended before {what}; nothing of it is handed over any more", name=name)
+
+
+def session_unknown(paths: Paths) -> Aborted:
+    """Why a session the broker answered ``UNAUTHENTICATED`` for is ended: the broker no longer knows it."""
+    return Aborted(
+        f"the broker at {paths.run_dir} no longer knows this session (it was replaced or restarted); "
+        "nothing pending was handed over; retry (a new session is opened)"
+    )
+
+
 # -- opening a session -----------------------------------------------------------------------------------------
 
 
@@ -165,6 +178,50 @@ def sort_frame(frame: Frame) -> tuple[list[tuple[bytes, Answer]], BrokerError | 
             return [(m.error.token, Answer("error", m.error, -1))], None
         return [], error_from_frame(m.error)
     return [], None
+
+
+class LazyItem:
+    """A ``DeliverItem`` known by its serialized body, parsed the first time a field is read: the lean path's
+    answer to a single ``Redeem`` (a ``get_fd`` never reads it)."""
+
+    __slots__ = ("_msg", "_raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._msg: cpb.DeliverItem | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        msg = self._msg
+        if msg is None:
+            msg = self._msg = cpb.DeliverItem.FromString(self._raw)
+        return getattr(msg, name)
+
+
+class LazyItems(Sequence[Any]):
+    """The items of a batch ``Deliver`` known by its serialized ``ConduitFrame``, parsed on first access (a batch
+    of raw descriptors never reads them)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._items: Sequence[cpb.DeliverItem] | None = None
+
+    def _parsed(self) -> Sequence[cpb.DeliverItem]:
+        if self._items is None:
+            self._items = list(cpb.ConduitFrame.FromString(self._raw).deliver.items)
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._parsed())
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._parsed()[i]
+
+
+def lean_answer(fds: list[int], raw: bytes) -> Answer:
+    """The :class:`Answer` of a ``Deliver`` the lean path recognised: one descriptor and its item, or a batch."""
+    if len(fds) == 1:
+        return Answer("deliver", LazyItem(raw), fds[0])
+    return Answer("batch", (LazyItems(raw), fds), -1)
 
 
 def close_answers(answers: Iterable[Answer]) -> None:

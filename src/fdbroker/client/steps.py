@@ -14,7 +14,9 @@ raised there), and it returns the verb's result. A *driver* (:class:`fdbroker.Cl
             run.failed(err)
     return run.value
 
-Each step names its driver method in ``handler``. Errors reach the flow as :class:`~fdbroker.errors.BrokerError`
+Each step names its driver method in ``handler``, except :class:`Within`, which :class:`Run` takes itself: from
+then on every step of the run is bounded by that deadline (a driver asks :meth:`Run.limit` for each timeout).
+Errors reach the flow as :class:`~fdbroker.errors.BrokerError`
 (a gRPC status mapped by :func:`fdbroker.client.session.error_from_rpc`; a broken conduit as ``Aborted``; a wait
 that ran out as ``DeadlineExceeded``), except for :class:`Dial` and :class:`ReadFrame`, whose ``ConduitError``
 reaches the flow as it is. Cancellation (``KeyboardInterrupt``, ``asyncio.CancelledError``) is raised into the
@@ -26,6 +28,7 @@ every answer a run expected and never took when the run ends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, TypeVar
@@ -59,6 +62,9 @@ class CallRpc:
     foreign or made-up ids). ``name``: the entry the call is about, for error messages. ``timeout``: seconds (None:
     the client's). The tokens the response issues (``handoff``/``handoffs``) are expected by the run from the
     moment it returns, so a ``Deliver`` the broker pushed before it is kept for the run's :class:`AwaitAnswers`.
+    ``ready``: wait (within the timeout) for the control channel to connect instead of failing at once with
+    ``Unavailable`` while it cannot (gRPC's ``wait_for_ready``) — for a call tried again after the broker went
+    away, while its successor comes up.
     """
 
     method: str
@@ -66,6 +72,7 @@ class CallRpc:
     session: bool | str | None = True
     name: str = ""
     timeout: float | None = None
+    ready: bool = False
     handler: ClassVar[str] = "_call_rpc"
 
 
@@ -84,11 +91,13 @@ class CallStream:
 class OpenStream:
     """Open the server-streaming RPC ``method`` with ``request`` and read its first response (within the
     client's timeout). Result: ``(call, first)`` — the driver's call object, to read on from, and the first
-    response (None if the stream ended without one). A stream refused before its first response raises."""
+    response (None if the stream ended without one). A stream refused before its first response raises.
+    ``ready`` as for :class:`CallRpc`."""
 
     method: str
     request: Any
     session: bool | str | None = IF_OPEN
+    ready: bool = False
     handler: ClassVar[str] = "_open_stream"
 
 
@@ -97,13 +106,15 @@ class SendFrame:
     """Send one conduit frame on this session's conduit, with ``fds`` attached (not closed: the caller keeps
     them). ``expect``: the tokens this frame will be answered under, expected by the run before the frame goes
     out. ``what``: what the frame does, for the ``Aborted`` raised (and the session ended) if the conduit
-    breaks. Result: None."""
+    breaks. ``session``: send only as that session (the one whose tokens the frame carries): ``Aborted`` if it
+    has ended, even if another one is open now. Result: None."""
 
     frame: cpb.ConduitFrame
     fds: Sequence[int] = ()
     expect: Sequence[bytes] = ()
     what: str = "sending a frame"
     name: str = ""
+    session: str | None = None
     handler: ClassVar[str] = "_send_frame"
 
 
@@ -112,11 +123,34 @@ class AwaitAnswers:
     """Wait until every one of ``tokens`` has its answer on the conduit (``timeout``: seconds, None: the
     client's). Result: the :class:`~fdbroker.client.session.Answer` of each, in order; the flow owns their
     descriptors. ``DeadlineExceeded`` if they do not all come in time, the session's end if it ends first;
-    either way whatever arrived for them is closed."""
+    either way whatever arrived for them is closed. ``session``: the session the tokens belong to (answers come
+    only on its conduit): its end if it has ended already, even if another one is open now."""
 
     tokens: Sequence[bytes]
     timeout: float | None = None
+    session: str | None = None
     handler: ClassVar[str] = "_await_answers"
+
+
+@dataclass(frozen=True, slots=True)
+class Redeem:
+    """Redeem the prefetched GET ``token`` on the conduit and wait for its answer: a ``Deliver`` of ``count``
+    descriptors (1, or a batch token's batch) or an ``Error`` naming it. Result: that
+    :class:`~fdbroker.client.session.Answer` (the flow owns its descriptors); failures as :class:`SendFrame` and
+    :class:`AwaitAnswers`.
+
+    The same as ``SendFrame(Redeem)`` + ``AwaitAnswers``, which a driver may do instead; the blocking driver does
+    it in one exchange (:meth:`FramedConduit.exchange <fdbroker.conduit.frames.FramedConduit.exchange>`: spliced
+    bytes, one receive, no protobuf parse of the expected ``Deliver``) when no other caller reads the conduit.
+    ``session``: the session the token belongs to, as for :class:`SendFrame`."""
+
+    token: bytes
+    count: int = 1
+    session: str | None = None
+    handler: ClassVar[str] = "_redeem"
+
+    def frame(self) -> cpb.ConduitFrame:
+        return cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[self.token]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +164,11 @@ class AwaitFetch:
 
 @dataclass(frozen=True, slots=True)
 class Pause:
-    """Sleep ``seconds``, or less if ``until`` (a :class:`~fdbroker.client.prefetch.Signal`) is set first.
-    Result: True if ``until`` is set."""
+    """Sleep ``seconds``, or less if ``until`` (a :class:`~fdbroker.client.prefetch.Signal`, or None) is set
+    first. Result: True if ``until`` is set."""
 
     seconds: float
-    until: Any
+    until: Any = None
     handler: ClassVar[str] = "_pause"
 
 
@@ -143,6 +177,26 @@ class OpenSession:
     """Open this client's session if none is open (connecting the conduit). Result: the session id."""
 
     handler: ClassVar[str] = "_open_session"
+
+
+@dataclass(frozen=True, slots=True)
+class EndSession:
+    """The broker no longer knows session ``session_id`` (it went away; a successor answered ``UNAUTHENTICATED``):
+    end it if it is still this client's — close its conduit, fail the calls waiting on it, mark its leases lost —
+    so that the next :class:`OpenSession` opens a new one. Nothing if it has ended already. Result: None."""
+
+    session_id: str
+    handler: ClassVar[str] = "_end_stale"
+
+
+@dataclass(frozen=True, slots=True)
+class Within:
+    """Every later step of this run must be done by ``deadline`` (``time.monotonic()``): a driver bounds each
+    step's timeout by what is left (:meth:`Run.limit`). Taken by :class:`Run` itself, never by a driver; a run
+    keeps the earliest deadline it was given. Result: None."""
+
+    deadline: float
+    handler: ClassVar[str] = ""  # no driver method: Run.next_step takes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +223,12 @@ Step = (
     | OpenStream
     | SendFrame
     | AwaitAnswers
+    | Redeem
     | AwaitFetch
     | Pause
     | OpenSession
+    | EndSession
+    | Within
     | Dial
     | ReadFrame
 )
@@ -187,14 +244,20 @@ class Run(Generic[T]):
     ``expected`` are the tokens whose answers this run may still claim. A run makes its own set, and the driver
     forgets what is left in it (closing any answer nobody took) when the run ends; a caller that wants answers
     to outlive one run (:class:`fdbroker.client.raw.Raw`) passes a set of its own, which is then left alone.
+
+    ``deadline`` (``time.monotonic()``; None: none) bounds every step (:meth:`limit`); a :class:`Within` step
+    brings it forward.
     """
 
-    def __init__(self, flow: Flow[T], expected: set[bytes] | None = None) -> None:
+    def __init__(
+        self, flow: Flow[T], expected: set[bytes] | None = None, deadline: float | None = None
+    ) -> None:
         self._flow = flow
         self._result: Any = None
         self._error: BaseException | None = None
         self.owns_expected = expected is None
         self.expected: set[bytes] = set() if expected is None else expected
+        self.deadline = deadline
         self.value: T
 
     def next_step(self) -> Step | None:
@@ -203,16 +266,29 @@ class Run(Generic[T]):
             if self._error is not None:
                 error, self._error = self._error, None
                 try:
-                    return self._flow.throw(error)
+                    step = self._flow.throw(error)
                 finally:
                     # The error's traceback holds this frame: no cycle through it (a gRPC call in that
                     # traceback holds its channel's connection open until the cycle is collected).
                     del error
-            result, self._result = self._result, None
-            return self._flow.send(result)
+            else:
+                result, self._result = self._result, None
+                step = self._flow.send(result)
+            while isinstance(step, Within):
+                if self.deadline is None or step.deadline < self.deadline:
+                    self.deadline = step.deadline
+                step = self._flow.send(None)
+            return step
         except StopIteration as stop:
             self.value = stop.value
             return None
+
+    def limit(self, seconds: float) -> float:
+        """``seconds``, or what is left before the run's deadline if that is less (never below 1 ms, so that a
+        step that is out of time fails with its own timeout)."""
+        if self.deadline is None:
+            return seconds
+        return max(0.001, min(seconds, self.deadline - time.monotonic()))
 
     def ok(self, result: Any) -> None:
         """The last step succeeded with ``result``."""

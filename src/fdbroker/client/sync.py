@@ -27,9 +27,11 @@ from fdbroker.client import flows, session, steps
 from fdbroker.client.flows import EventStream, Granted, HeldLease
 from fdbroker.client.models import Entry, Event, FdLike, Info, Lease, Listing, OwnedFd
 from fdbroker.client.raw import Raw
+from fdbroker.client.reconnect import CHANNEL_OPTIONS
 from fdbroker.client.verbs import BlockingVerbs
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import Frame, FramedConduit
+from fdbroker.conduit.lean import redeem_frame
 from fdbroker.errors import Aborted, BrokerError, DeadlineExceeded
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -43,16 +45,18 @@ class Client(BlockingVerbs):
     """A blocking fdbroker client. Use as a context manager, or call :meth:`close`.
 
     ``run_dir``: the broker's run directory (default: ``FDBROKER_RUN_DIR``, else the per-user default).
-    ``timeout``: seconds for each call. ``prefetch``: GET tokens to ask for on each ``get`` RPC so repeated gets
-    of the same name cost one conduit round trip instead of an RPC (None: adaptive, 0 after the first get of a
-    name, up to 256 while a name keeps being fetched); concurrent gets of one name share a request in flight.
+    ``timeout``: seconds for each call, tries again included. ``reconnect`` (default True): ride through a
+    takeover or a restart of the broker (docs/client.md, "Reconnecting"): a call the broker went away under is
+    tried again on a new session where that is safe, else it raises :class:`~fdbroker.errors.OutcomeUnknown`.
+    ``prefetch``: GET tokens to ask for on each ``get`` RPC so repeated gets of a name cost one conduit round trip
+    instead of an RPC (None: adaptive, 0 after the first get of a name, up to 256 while a name keeps being
+    fetched); concurrent gets of one name share a request in flight.
     ``trust_uids``: uids (or user names) besides root and this process's own uid that may serve the run
     directory (default: ``$FDBROKER_TRUST_UID``, comma-separated). Before it sends anything, the client checks
     the run directory's owners, the conduit's ``SO_PEERCRED`` and ``control.sock``'s owner against them, and
     raises :class:`~fdbroker.errors.UntrustedBroker` otherwise (see :class:`fdbroker.client.trust.Trust`).
 
     The verbs are the flows of :mod:`fdbroker.client.flows`, driven here; :attr:`raw` is the low-level seam.
-    ``stats`` counts ``get_rpcs``, ``batch_get_rpcs`` and ``redeems`` (prefetched tokens used).
     """
 
     _new_signal = threading.Event
@@ -73,7 +77,7 @@ class Client(BlockingVerbs):
         """Registry events under ``prefix`` from ``start_revision`` (0: from now): an iterator of :class:`Event`,
         returned once the stream is open, so a change made after this returns is seen. Close it when done. A
         refusal (``OutOfRange`` naming the oldest revision, a quota) is raised by the first ``next``."""
-        w = Watch(self.paths)
+        w = Watch(self, prefix)
         w._opened(self._drive(flows.watch(self._state, prefix, start_revision=start_revision)))
         return w
 
@@ -95,7 +99,7 @@ class Client(BlockingVerbs):
         if stub is None:
             with self._setup_lock:
                 if self._stub is None:
-                    self._channel = grpc.insecure_channel(self._control_target())
+                    self._channel = grpc.insecure_channel(self._control_target(), options=CHANNEL_OPTIONS)
                     self._stub = pb_grpc.FdBrokerStub(self._channel)
                 stub = self._stub
         return stub
@@ -117,6 +121,7 @@ class Client(BlockingVerbs):
 
         Calls still waiting fail with ``Aborted``; undelivered descriptors are closed; lease handles stop their
         keep-alive and count as lost (each still owns, and closes on release, its descriptor). Idempotent."""
+        self._state.closed = True
         for h in list(self._state.leases):
             if isinstance(h, LeaseHandle):
                 h._stop.set()
@@ -128,7 +133,7 @@ class Client(BlockingVerbs):
                 self._channel = self._stub = None
             self._close_dir()
 
-    def connect(self) -> str:
+    def connect(self, _deadline: float | None = None) -> str:
         """Open the conduit (once; again after it broke) and return the session id. Calls that need a session
         do it implicitly. ``Unavailable`` if no broker answers at the run directory."""
         sid = self._live()
@@ -140,33 +145,38 @@ class Client(BlockingVerbs):
                 return sid
             if self._conduit is not None:
                 self._end_session(self._box.dead or Aborted("the session was replaced"))
-            conduit, welcome = self._drive(flows.handshake(self.paths, self.trust))
+            conduit, welcome = self._drive(flows.handshake(self.paths, self.trust), deadline=_deadline)
             with self._cond:
                 self._conduit = conduit
                 self._box.reset()
                 self._state.session_began(welcome)
             return welcome.session_id
 
-    def _end_session(self, why: BrokerError) -> None:
-        """Close the conduit; every waiting call fails with ``why``; undelivered descriptors are closed."""
+    def _end_session(self, why: BrokerError, *, lost: bool = False, only: str | None = None) -> None:
+        """Close the conduit; every waiting call fails with ``why``; undelivered descriptors are closed. ``lost``:
+        the broker went away. ``only``: nothing unless that is the session open now."""
         with self._cond:
+            if only is not None and self._live() != only:
+                return
             conduit, self._conduit = self._conduit, None
-            self._session_over(why)
+            self._session_over(why, lost)
         if conduit is not None:
             conduit.close()
 
-    def _session_over(self, why: BrokerError) -> None:
+    def _session_over(self, why: BrokerError, lost: bool = False) -> None:
         """Call with ``_cond`` held."""
         if self._box.dead is None:
             self._box.fail(why)
-        self._state.session_ended()
+        self._state.session_ended(lost)
         self._cond.notify_all()
 
     # -- driving flows -------------------------------------------------------------------------------------------
 
-    def _drive(self, flow: steps.Flow[T], expected: set[bytes] | None = None) -> T:
+    def _drive(
+        self, flow: steps.Flow[T], expected: set[bytes] | None = None, deadline: float | None = None
+    ) -> T:
         """Run ``flow`` to its end (see :mod:`fdbroker.client.steps`) and return its result."""
-        run = steps.Run(flow, expected)
+        run = steps.Run(flow, expected, deadline)
         try:
             return steps.drive(run, lambda step, run: getattr(self, step.handler)(step, run))
         finally:
@@ -175,20 +185,22 @@ class Client(BlockingVerbs):
                 with self._cond:
                     self._box.forget(left)
 
-    def _metadata(self, who: bool | str | None) -> list[tuple[str, str]]:
+    def _metadata(self, who: bool | str | None, run: steps.Run[Any]) -> list[tuple[str, str]]:
         return session.session_metadata(
-            self.connect() if who is True else steps.chosen_session(who, self._live())
+            self.connect(run.deadline) if who is True else steps.chosen_session(who, self._live())
         )
 
     def _call_rpc(self, step: steps.CallRpc, run: steps.Run[Any]) -> Any:
-        md = self._metadata(step.session)
+        md = self._metadata(step.session, run)
+        timeout = step.timeout or run.limit(self.timeout)
         with self._cond:
             n = self._box.rpc_started()
         resp = None
         try:
             resp = getattr(self.stub, step.method)(
-                step.request, metadata=md, timeout=step.timeout or self.timeout
+                step.request, metadata=md, timeout=timeout, wait_for_ready=step.ready or None
             )
+            self._state.saw(resp)
         except grpc.RpcError as err:
             raise session.error_from_rpc(err, self.paths, step.name) from None
         finally:
@@ -199,8 +211,10 @@ class Client(BlockingVerbs):
         return resp
 
     def _call_stream(self, step: steps.CallStream, run: steps.Run[Any]) -> Any:
-        md = self._metadata(step.session)
-        call = getattr(self.stub, step.method)(iter(step.requests), metadata=md, timeout=self.timeout)
+        md = self._metadata(step.session, run)
+        call = getattr(self.stub, step.method)(
+            iter(step.requests), metadata=md, timeout=run.limit(self.timeout)
+        )
         try:
             return next(call, None)
         except grpc.RpcError as err:
@@ -209,7 +223,9 @@ class Client(BlockingVerbs):
             call.cancel()
 
     def _open_stream(self, step: steps.OpenStream, run: steps.Run[Any]) -> Any:
-        call = getattr(self.stub, step.method)(step.request, metadata=self._metadata(step.session))
+        md = self._metadata(step.session, run)
+        call = getattr(self.stub, step.method)(step.request, metadata=md, wait_for_ready=step.ready or None)
+        limit = run.limit(self.timeout)
         lock = threading.Lock()
         opened = expired = False
 
@@ -220,7 +236,7 @@ class Client(BlockingVerbs):
                     expired = True
                     call.cancel()
 
-        timer = threading.Timer(self.timeout, expire)
+        timer = threading.Timer(limit, expire)
         timer.start()
         try:
             first = next(call, None)
@@ -240,29 +256,31 @@ class Client(BlockingVerbs):
         with self._cond:
             if self._box.dead is not None:
                 raise self._box.dead
+            self._bound(step.session, step.what, step.name)
             conduit = self._conduit
             run.expect(self._box, step.expect)
         if conduit is None:
             raise Aborted(f"no conduit while {step.what}; retry (a new session is opened)", name=step.name)
         try:
-            conduit.send(step.frame, step.fds, timeout=self.timeout)
+            conduit.send(step.frame, step.fds, timeout=run.limit(self.timeout))
         except ConduitError as err:
             dead = session.conduit_broke(step.what, err, step.name)
             with self._cond:
                 if self._conduit is conduit:
-                    self._session_over(dead)
+                    self._session_over(dead, lost=True)
             raise dead from None
 
     def _await_answers(self, step: steps.AwaitAnswers, run: steps.Run[Any]) -> list[Any]:
-        limit = step.timeout or self.timeout
-        deadline = time.monotonic() + limit
+        wanted = step.timeout or self.timeout
+        deadline = time.monotonic() + run.limit(wanted)
         with self._cond:
             w = self._box.wait(step.tokens)
             try:
+                self._bound(step.session, "awaiting an answer")
                 while not self._box.ready(w):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise DeadlineExceeded(f"no answer on the conduit within {limit:g}s")
+                        raise DeadlineExceeded(f"no answer on the conduit within {wanted:g}s")
                     if self._reading:
                         self._cond.wait(remaining)
                     else:
@@ -271,6 +289,9 @@ class Client(BlockingVerbs):
                 run.give_up(self._box, step.tokens)
                 raise
             return run.claim(self._box, w)
+
+    def _redeem(self, step: steps.Redeem, run: steps.Run[Any]) -> Any:
+        return _redeem(self, step, run)
 
     def _read_one(self, timeout: float) -> None:
         """Read one frame and file it, releasing ``_cond`` while reading (other callers wait, then re-check)."""
@@ -292,30 +313,77 @@ class Client(BlockingVerbs):
             self._cond.notify_all()
         if frame is not None:
             self._box.file(frame)
+            if self._box.dead is not None and self._conduit is conduit:
+                self._session_over(self._box.dead)  # a frame nobody could be answered by ended it
         if broken is not None and self._conduit is conduit:
-            self._session_over(broken)
+            self._session_over(broken, lost=True)
 
     def _await_fetch(self, step: steps.AwaitFetch, run: steps.Run[Any]) -> None:
-        step.signal.wait(self.timeout)
+        step.signal.wait(run.limit(self.timeout))
 
     def _pause(self, step: steps.Pause, run: steps.Run[Any]) -> bool:
-        return bool(step.until.wait(step.seconds))
+        return bool((step.until or threading.Event()).wait(step.seconds))
 
     def _open_session(self, step: steps.OpenSession, run: steps.Run[Any]) -> str:
-        return self.connect()
+        return self.connect(run.deadline)
+
+    def _end_stale(self, step: steps.EndSession, run: steps.Run[Any]) -> None:
+        self._end_session(session.session_unknown(self.paths), lost=True, only=step.session_id)
 
     def _dial(self, step: steps.Dial, run: steps.Run[Any]) -> FramedConduit:
         with self._setup_lock:
             address = self._conduit_address()
-        return FramedConduit.connect(address, timeout=self.timeout)
+        return FramedConduit.connect(address, timeout=run.limit(self.timeout))
 
     def _read_frame(self, step: steps.ReadFrame, run: steps.Run[Any]) -> Frame:
         try:
-            return step.conduit.recv(timeout=self.timeout)  # type: ignore[no-any-return]
+            return step.conduit.recv(timeout=run.limit(self.timeout))  # type: ignore[no-any-return]
         except ConduitError as err:
             if err.type is ErrType.TIMEOUT:
                 raise steps.silent_for(self.timeout) from None
             raise
+
+
+def _redeem(c: Client, step: steps.Redeem, run: steps.Run[Any]) -> Any:
+    """The lean path when nobody else reads the conduit (:func:`_redeem_lean`); else send and await."""
+    with c._cond:
+        conduit, sid = c._conduit, step.session
+        lean = not c._reading and c._box.dead is None and len(step.token) == 32
+        lean = lean and conduit is not None and (sid is None or c._live() == sid)
+        if lean:
+            c._reading = True
+    if conduit is None or not lean:
+        what = "redeeming a prefetched token"
+        c._send_frame(steps.SendFrame(step.frame(), expect=(step.token,), what=what, session=sid), run)
+        return c._await_answers(steps.AwaitAnswers((step.token,), session=sid), run)[0]
+    return _redeem_lean(c, conduit, step, run)
+
+
+def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: steps.Run[Any]) -> Any:
+    """A ``Redeem`` by the caller that holds the reader's role (``c._reading``, given back here): spliced from
+    bytes, sent, and its ``Deliver`` recognised in the one read that follows (:meth:`FramedConduit.exchange`),
+    without the mailbox. When that read brought anything else, it was decoded into the conduit's queue, which only
+    the reader files: the token is expected before the role is given back, and its answer awaited as usual."""
+    token = step.token
+    got: tuple[list[int], bytes] | None = None
+    broken: BrokerError | None = None
+    try:
+        got = conduit.exchange(redeem_frame(token), token, step.count, run.limit(c.timeout))
+    except ConduitError as err:
+        broken = session.conduit_broke("redeeming a prefetched token", err)
+    finally:
+        with c._cond:
+            if got is None:
+                run.expect(c._box, (token,))
+            c._reading = False
+            if broken is not None and c._conduit is conduit:
+                c._session_over(broken, lost=True)
+            c._cond.notify_all()
+    if broken is not None:
+        raise broken
+    if got is not None:
+        return session.lean_answer(*got)
+    return c._await_answers(steps.AwaitAnswers((token,), session=step.session), run)[0]
 
 
 class LeaseHandle(HeldLease):
@@ -351,7 +419,12 @@ class LeaseHandle(HeldLease):
 
 class Watch(EventStream):
     """An iterator of :class:`Event`; ``header_revision`` is the revision the watch starts after. Stops once
-    closed (:meth:`close`, or the client's :meth:`Client.close`)."""
+    closed (:meth:`close`, or the client's :meth:`Client.close`). If the broker goes away, the stream resumes on
+    its successor after the last event it delivered (:func:`fdbroker.client.flows.rewatch`)."""
+
+    def __init__(self, client: Client, prefix: str) -> None:
+        super().__init__(client.paths, client._state, prefix)
+        self._client = client
 
     def __iter__(self) -> Watch:
         return self
@@ -363,15 +436,21 @@ class Watch(EventStream):
             try:
                 resp = next(self._call)
             except StopIteration:
-                self._closed = True
-                raise
+                if self._ended_quietly() or not self._resume(None):
+                    raise
+                continue
             except grpc.RpcError as err:
                 error = self._end(err)
-                if error is not None:
+                if error is None:
+                    raise StopIteration from None
+                if not self._resume(error):
                     raise error from None
-                raise StopIteration from None
+                continue
             self._accept(resp)
         return self._buf.popleft()
+
+    def _resume(self, error: BrokerError | None) -> bool:
+        return self._client._drive(flows.rewatch(self._client._state, self, error))
 
     def close(self) -> None:
         """Cancel the stream (idempotent)."""

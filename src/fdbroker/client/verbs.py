@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar,
 from fdbroker.client import flows
 from fdbroker.client.flows import Granted, State
 from fdbroker.client.prefetch import Signal
-from fdbroker.client.session import Mailbox
+from fdbroker.client.session import Mailbox, session_gone
 from fdbroker.client.steps import Flow
 from fdbroker.client.trust import Paths, Trust, TrustUids, socket_address
 from fdbroker.errors import Cancelled
@@ -139,12 +139,12 @@ class Verbs:
         timeout: float = 10.0,
         prefetch: int | None = None,
         trust_uids: TrustUids | None = None,
+        reconnect: bool = True,
     ) -> None:
         self.paths = Paths.resolve(run_dir)
         self.trust = Trust(trust_uids)
-        self.timeout = timeout
         self.prefetch = prefetch
-        self._state = State(prefetch, self._new_signal)
+        self._state = State(prefetch, self._new_signal, timeout=timeout, reconnect=reconnect)
         self._box = Mailbox()  # the session's answers on the conduit
         self._dir_fd = -1  # the run directory, opened (and checked) on first use; we connect through it
         self._stub: Any = None
@@ -153,6 +153,24 @@ class Verbs:
 
     def _init_io(self) -> None:
         """Set up the driver's own state (called at the end of the constructor)."""
+
+    @property
+    def timeout(self) -> float:
+        """Seconds each call may take, tries again after the broker went away included."""
+        return self._state.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._state.timeout = seconds
+
+    @property
+    def reconnect(self) -> bool:
+        """Whether calls ride through a takeover or a restart of the broker (docs/client.md, "Reconnecting")."""
+        return self._state.reconnect
+
+    @reconnect.setter
+    def reconnect(self, on: bool) -> None:
+        self._state.reconnect = on
 
     @property
     def session_id(self) -> str | None:
@@ -174,13 +192,20 @@ class Verbs:
     @property
     def stats(self) -> collections.Counter[str]:
         """Counters (a ``collections.Counter``): ``get_rpcs``, ``batch_get_rpcs``, ``redeems`` (prefetched
-        tokens used), for the curious and for tests."""
+        tokens used); after the broker went away ``retries`` (tries again), ``reconnects`` (new sessions),
+        ``found_done`` and ``found_not_done`` (changes in doubt, found out on the new session), ``unknown``
+        (``OutcomeUnknown`` raised) and
+        ``rewatches`` (watch streams resumed). For the curious and for tests."""
         return self._state.stats
 
     def _live(self) -> str | None:
         """The session id while the session lives."""
-        s = self._state.session
-        return s.session_id if s is not None and self._box.dead is None else None
+        return self._state.live_id() if self._box.dead is None else None
+
+    def _bound(self, session_id: str | None, what: str, name: str = "") -> None:
+        """For a step bound to session ``session_id`` (its tokens): raise if that session has ended."""
+        if session_id is not None and self._live() != session_id:
+            raise self._box.dead or session_gone(what, name)
 
     def _run_dir_fd(self) -> int:
         """The run directory's descriptor, opened (and checked: :meth:`Trust.open_run_dir`) once."""
@@ -212,6 +237,7 @@ class Verbs:
     get = Verb(flows.get)
     get_fd = Verb(flows.get_fd)
     get_many = Verb(flows.get_many)
+    get_many_fds = Verb(flows.get_many_fds)
     take = Verb(flows.take)
     delete = Verb(flows.delete)
     stat = Verb(flows.stat)

@@ -200,7 +200,11 @@ class AsyncFramedConduit:
     ) -> None:
         """Sends one frame with ``fds`` (not closed: the caller keeps its copies). Errors as
         :meth:`FramedConduit.send`; ``timeout`` (seconds, ``None`` = none) gives ``TIMEOUT``."""
-        data = encode_frame(message, len(fds), self.max_frame_bytes)
+        await self.send_raw(encode_frame(message, len(fds), self.max_frame_bytes), fds, timeout)
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = (), timeout: float | None = None) -> None:
+        """Sends one frame already encoded (length prefix included; ``fd_count`` must be ``len(fds)``), as
+        :meth:`send` does: for frames spliced from bytes. Nothing checks ``data``."""
         async with self._send_lock:
             if self._send_broken is not None:
                 raise self._send_broken

@@ -35,12 +35,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
+from fdbroker import native
 from fdbroker.v1 import conduit_pb2 as cpb
 
+from . import lean
 from .conduit import Credentials, _connect, peer_credentials
 from .errors import ConduitError, ErrType, error_from_oserror
-from .receive import SCM_MAX_FD, close_fds, recv_fds_into
+from .receive import SCM_MAX_FD, ancbufsize, close_fds, fds_from_ancdata
 from .send import send_with_fds
 
 __all__ = [
@@ -58,6 +61,8 @@ MAX_FRAME_BYTES = 65536
 
 _PREFIX = struct.Struct(">I")
 _RECV_BYTES = 65536 + 4
+_ANCBUF = ancbufsize(SCM_MAX_FD)
+_NATIVE = native.load()
 
 
 def encode_frame(
@@ -320,23 +325,42 @@ class FrameReader:
             raise self.eof
         return None
 
+    @property
+    def quiet(self) -> bool:
+        """Nothing received and not yet returned: no frame or problem queued, no partial frame, no end."""
+        return not self.ready and self.eof is None and not self.decoder.pending_bytes
+
     def read(self) -> bool:
         """One non-blocking ``recvmsg``; False when there is nothing to read yet (wait until readable)."""
         try:
-            n, fds = recv_fds_into(self.sock, self._buf, SCM_MAX_FD)
-            data: bytes | bytearray = self._buf[:n]
+            n, ancdata, flags, _ = self.sock.recvmsg_into((self._buf,), _ANCBUF, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return False
-        except ConduitError as exc:
-            self.ready.append(exc)
-            data, fds = exc.data, []
-            if not data:
-                return True
         except OSError as exc:
-            err = error_from_oserror(exc, "recvmsg")
-            if err.type is ErrType.PEER_CLOSED:
-                self.set_eof(err)
-            raise err from None
+            raise self.failed(exc) from None
+        self.consume(n, ancdata, flags)
+        return True
+
+    def failed(self, exc: OSError) -> ConduitError:
+        """The error a failed ``recvmsg`` stands for (the end of the stream, when the peer is gone)."""
+        err = error_from_oserror(exc, "recvmsg")
+        if err.type is ErrType.PEER_CLOSED:
+            self.set_eof(err)
+        return err
+
+    def consume(self, n: int, ancdata: list[tuple[int, int, bytes]], flags: int) -> None:
+        """Decode one ``recvmsg`` into the buffer (``n`` bytes, its ancillary data and flags, as
+        ``recvmsg_into`` returns them), whoever did it; the decoder owns its descriptors."""
+        data: bytes | bytearray = self._buf[:n]
+        fds: list[int] = []
+        if ancdata or flags & socket.MSG_CTRUNC:
+            try:
+                fds = fds_from_ancdata(ancdata, flags, SCM_MAX_FD, bytes(data))
+            except ConduitError as exc:
+                self.ready.append(exc)
+                data, fds = exc.data, []
+                if not data:
+                    return
         if not data:
             pending = self.decoder.pending_bytes
             self.set_eof(
@@ -347,9 +371,8 @@ class FrameReader:
                     else "the peer closed the conduit",
                 )
             )
-            return True
+            return
         self.ready.extend(self.decoder.feed(data, fds))
-        return True
 
     def set_eof(self, err: ConduitError) -> None:
         self.eof = err
@@ -477,6 +500,69 @@ class FramedConduit:
                         f"a frame was cut off after {sent} bytes ({err.message}); the conduit is unusable",
                     )
                 raise err from None
+
+    def exchange(
+        self, data: bytes, token: bytes, count: int = 1, timeout: float | None = None
+    ) -> tuple[list[int], bytes] | None:
+        """Send ``data`` — a ``Redeem`` of ``token`` (:func:`lean.redeem_frame`) — and do one receive: when that
+        is exactly the ``Deliver`` answering ``token`` with ``count`` descriptors, return them (the caller owns
+        them) and the serialized item (one descriptor) or frame (a batch). Otherwise None: what arrived (if
+        anything) is decoded as :meth:`recv` would, and the answer is to be read from there.
+
+        For one reader that knows nothing else is pending: with frames already decoded and not yet returned, the
+        frame is only sent. Errors as :meth:`send` and :meth:`recv`.
+        """
+        with self._send_lock, self._recv_lock:
+            if self._send_broken is not None:
+                raise self._send_broken
+            reader = self._reader
+            if not reader.quiet:
+                self._send_all(data, self._deadline(timeout))
+                return None
+            t = self.timeout if timeout is None else timeout
+            wait = -1.0 if t is None else t
+            got: Any
+            try:
+                if _NATIVE is not None:
+                    got = _NATIVE.exchange(self._fd, data, token, count, reader._buf, wait)
+                else:
+                    got = lean.exchange(self._sock, data, token, count, reader._buf, wait)
+            except OSError as exc:
+                raise reader.failed(exc) from None
+            if got is None:
+                return None
+            if len(got) == 2:
+                fds, body = got
+                return fds, body
+            if got[0] < 0:
+                _, sent, errnum = got
+                err = error_from_oserror(OSError(errnum, os.strerror(errnum)), "sendmsg")
+                if sent:
+                    self._send_broken = ConduitError(
+                        err.type,
+                        f"a frame was cut off after {sent} bytes ({err.message}); the conduit is unusable",
+                    )
+                raise err
+            reader.consume(*got)
+            return None
+
+    def _send_all(self, data: bytes, deadline: float | None) -> None:
+        sent = 0
+        view = memoryview(data)
+        try:
+            while sent < len(data):
+                try:
+                    sent += send_with_fds(self._sock, view[sent:], ())
+                except BlockingIOError:
+                    self._wait(self._wpoll, deadline, "send")
+        except (ConduitError, OSError) as exc:
+            err = exc if isinstance(exc, ConduitError) else error_from_oserror(exc, "sendmsg")
+            if sent:
+                self._send_broken = ConduitError(
+                    err.type,
+                    f"a frame was cut off after {sent} bytes ({err.message}); the conduit is unusable",
+                )
+            raise err from None
 
     def recv(self, timeout: float | None = None) -> Frame:
         """Receives the next frame; the caller owns its ``fds`` (exactly ``fd_count``, close-on-exec).

@@ -34,8 +34,12 @@ BATCH_CONT = b"C"
 
 
 @lru_cache(maxsize=64)
-def _ancbufsize(maxfds: int) -> int:
+def ancbufsize(maxfds: int) -> int:
+    """The control buffer for ``maxfds`` descriptors (what every receive here passes to ``recvmsg``)."""
     return socket.CMSG_SPACE(maxfds * _FD_SIZE)
+
+
+_ancbufsize = ancbufsize
 
 
 def close_fds(fds: list[int] | tuple[int, ...]) -> None:
@@ -67,7 +71,7 @@ def recv_fds_nonblocking(sock: socket.socket, bufsize: int, maxfds: int) -> tupl
     data, ancdata, flags, _ = sock.recvmsg(bufsize, _ancbufsize(maxfds), socket.MSG_CMSG_CLOEXEC)
     if not ancdata and not flags & socket.MSG_CTRUNC:
         return data, []
-    return data, _fds_from_ancdata(ancdata, flags, maxfds, data)
+    return data, fds_from_ancdata(ancdata, flags, maxfds, data)
 
 
 def recv_fds_into(
@@ -87,16 +91,19 @@ def recv_fds_into(
     n, ancdata, flags, _ = sock.recvmsg_into((buf,), _ancbufsize(maxfds), socket.MSG_CMSG_CLOEXEC)
     if not ancdata and not flags & socket.MSG_CTRUNC:
         return n, []
-    return n, _fds_from_ancdata(ancdata, flags, maxfds, bytes(buf[:n]), close)
+    return n, fds_from_ancdata(ancdata, flags, maxfds, bytes(buf[:n]), close)
 
 
-def _fds_from_ancdata(
+def fds_from_ancdata(
     ancdata: list[tuple[int, int, bytes]],
     flags: int,
     maxfds: int,
     data: bytes,
     close: Callable[[list[int]], None] = close_fds,
 ) -> list[int]:
+    """The descriptors of one ``recvmsg``'s ancillary data (as ``socket.recvmsg`` returns it), checked as every
+    receive here checks them: on bad control data (``MSG_CTRUNC``, a foreign or second control message, more than
+    ``maxfds``) every descriptor goes to ``close`` and ``ConduitError(BAD_CTRL_MESG, data=data)`` is raised."""
     fds: list[int] = []
     foreign = 0
     for level, ctype, cdata in ancdata:
