@@ -195,8 +195,7 @@ class Handoffs:
         return h, (token, op, e)
 
     def deliver(self, s: Session, items: Sequence[Item]) -> None:
-        """Send the entries' descriptors in Deliver frames of at most 253, tagged with their tokens (all of one
-        operation)."""
+        """Send the entries' descriptors (all of one operation) in Deliver frames of at most 253, tagged."""
         if items:
             self._count(_OPERATION_NAMES[items[0][1]], "ok", len(items))
         send = s.conn.send_raw
@@ -259,8 +258,7 @@ class Handoffs:
     # -- Deposit -------------------------------------------------------------------------------------------------
 
     def on_deposit(self, s: Session, frame: Frame) -> int:
-        """Store each descriptor of a ``Deposit`` under its token and answer ``Deposited``; return the first
-        error's code (0: none).
+        """Store each descriptor of a ``Deposit`` under its token, answer ``Deposited``, return the first error code.
 
         A frame whose descriptors do not match its tokens one to one is refused whole: every descriptor goes to
         the closer, every token is spent, and each token gets an ``Error`` frame naming it (one ``Error`` without

@@ -111,9 +111,8 @@ class Connection:
         native: Any = None,
     ) -> None:
         """``max_fds_in_flight`` returns the uid's cap on descriptors in flight (read on every ``recvmsg``, so a
-        policy reload applies at once); default: :class:`~fdbroker.broker.policy.Limits`' default. ``on_pause``
-        is called each time the connection's reads pause at that cap (a metric). ``native``: the C table of
-        prefetched tokens, whose reader then serves this connection's ``Redeem`` frames."""
+        policy reload applies at once; default: ``Limits``' default). ``on_pause``: called at each pause at that
+        cap (a metric). ``native``: the C table of prefetched tokens; its reader serves ``Redeem`` frames."""
         self.loop = loop
         self.sock = sock
         self.identity = identity

@@ -335,8 +335,7 @@ class TokenBook:
         """Live explicit (not speculative) tokens issued to sessions of ``uid`` (for the pending-token quota)."""
         return self._by_uid.get(uid, 0)
 
-    def counts(self) -> tuple[int, int]:
-        """Live tokens in the book: (explicit, speculative)."""
+    def counts(self) -> tuple[int, int]:  # live tokens: (explicit, speculative)
         return sum(self._by_uid.values()), len(self.spec)
 
     def speculative_for_uid(self, uid: int) -> int:
