@@ -213,9 +213,7 @@ class Metrics:
         )
         for c in (self.watch_events, self.watch_cutoffs, self.conduit_pauses):
             c.values[()] = 0  # shown from the start: an alert on increase() needs the zero
-        #: The native data plane's counters (``frames_served``, ``fds_served``), read at every scrape: the Redeem
-        #: frames it answers without Python are counted there and folded in here (:meth:`fold_native`).
-        self.native_stats: Callable[[], Mapping[str, int]] | None = None
+        self.native_stats: Callable[[], Mapping[str, int]] | None = None  # see attach
         self._native_seen = (0, 0)
         self.registry.register(_EventCollector(self))
 
@@ -252,8 +250,10 @@ class Metrics:
 
     # -- state and exposition ------------------------------------------------------------------------------------
 
-    def attach(self, view: StateView) -> None:
-        """Read ``view`` at every scrape for the state gauges."""
+    def attach(self, view: StateView, native_stats: Callable[[], Mapping[str, int]] | None = None) -> None:
+        """Read ``view`` at every scrape for the state gauges, and ``native_stats`` (the C table's counters of the
+        Redeem frames it answers itself) for :meth:`fold_native`."""
+        self.native_stats = native_stats
         self.registry.register(_StateCollector(view))
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:

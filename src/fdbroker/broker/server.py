@@ -208,10 +208,7 @@ class BrokerServer:
             wakeup=self._wake.set,
             metrics=self.metrics,
         )
-        self.metrics.attach(self)
-        self.metrics.native_stats = (
-            self.broker.tokens.spec.stats
-        )  # Redeems the C table answers itself  # Redeems the C table answers itself
+        self.metrics.attach(self, native_stats=self.broker.tokens.spec.stats)
         loop = asyncio.get_running_loop()
         if opts.takeover:
             self.rundir = self._take_over()
