@@ -205,14 +205,20 @@ class BrokerProcess:
         return len(names)
 
     def assert_no_leak(self, timeout: float = 5.0) -> None:
-        """Fail unless the broker's descriptors come back to baseline + held entries (clients must be closed).
+        """Fail unless the broker's descriptors come back to baseline + held entries (clients must be closed);
+        fewer lowers the baseline (it was taken while a connection was still closing).
 
         When they do not, the message says whether a client is still open (sessions at the broker, and this
         process's descriptors connected to it) before it lists the broker's descriptors."""
         assert self.baseline is not None, "call settle_baseline() first"
         held = self.held()
         expected = self.baseline + held
-        n = self._settled(lambda n: n == expected, timeout)
+        n = self._settled(lambda n: n <= expected, timeout)
+        if n < expected:
+            # Fewer than the baseline: it was taken while a connection (the baseline's own client, or an earlier
+            # test's) was still closing on the broker's side. Not a leak; the lower count is the true baseline.
+            self.baseline -= expected - n
+            return
         if n != expected:
             fds = {}
             for fd in os.listdir(f"/proc/{self.pid}/fd"):
