@@ -572,3 +572,108 @@ def test_malformed_requests_are_invalid_argument(fdbroker_broker) -> None:
             assert "page_token" in ei.value.details()
     finally:
         channel.close()
+
+
+# -- a refusal does not say whether a name exists ---------------------------------------------------------------
+
+HIDDEN_NAMES = """
+# Nobody but root may do anything under secret/: every refusal is decided by the name alone.
+[[rule]]
+names = ["secret/**"]
+deny = ["*"]
+
+# hidden/ may not be seen; get, take, delete, lease are left to the built-in rule (own entries only), which
+# depends on the owner: the refusal must still not depend on whether the entry is there.
+[[rule]]
+names = ["hidden/**"]
+deny = ["stat", "list", "watch"]
+
+[anonymous]
+names = ["public/**"]
+"""
+
+_PROBE_NAMES = f"""
+    import sys, json
+    sys.path.insert(0, {str(HELPERS.parent)!r})
+    import grpc
+    from google.protobuf import duration_pb2
+    from secutil import Control, RawConduit
+    from fdbroker.v1 import broker_pb2 as pb
+    from fdbroker.v1 import conduit_pb2 as cpb
+    run_dir, names = RUN_DIR, NAMES
+"""
+
+
+def test_a_refused_caller_cannot_tell_whether_a_name_exists(nobody: list[str], tmp_path: Path) -> None:
+    """uid 65534 asks for every by-name operation on names root holds and on names nobody holds, where the
+    policy refuses it: the answers (code and message, the name aside) are the same, and never NOT_FOUND. Before,
+    the broker looked the entry up first: NOT_FOUND for an absent name, PERMISSION_DENIED for a present one."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(HIDDEN_NAMES)
+    os.chmod(tmp_path, 0o755)
+    code = (
+        _PROBE_NAMES
+        + """
+    out = {}
+    ttl = duration_pb2.Duration(seconds=5)
+    with Control(run_dir) as ctl, RawConduit(run_dir) as rc:
+        sid = rc.session_id
+        calls = {
+            "stat": lambda n: ctl.call("Stat", pb.StatRequest(name=n), sid),
+            "anonymous stat": lambda n: ctl.call("Stat", pb.StatRequest(name=n)),
+            "anonymous delete": lambda n: ctl.call("Delete", pb.DeleteRequest(name=n)),
+            "get": lambda n: ctl.call("Get", pb.GetRequest(name=n), sid),
+            "batch get": lambda n: ctl.call("BatchGet", pb.BatchGetRequest(names=[n]), sid),
+            "take": lambda n: ctl.call("Take", pb.TakeRequest(name=n), sid),
+            "delete": lambda n: ctl.call("Delete", pb.DeleteRequest(name=n), sid),
+            "lease": lambda n: ctl.call("Lease", pb.LeaseRequest(name=n, ttl=ttl), sid),
+        }
+        for n in names:
+            for what, call in calls.items():
+                try:
+                    call(n)
+                    out[f"{what} {n}"] = "OK"
+                except grpc.RpcError as e:
+                    out[f"{what} {n}"] = e.code().name + ": " + e.details().replace(n, "NAME")
+            rc.send(cpb.ConduitFrame(query=cpb.Query(id=1, stat=pb.StatRequest(name=n))))
+            (res, _) = rc.recv_kind("query_result")
+            out[f"query stat {n}"] = str(res.error.code) + ": " + res.error.message.replace(n, "NAME")
+    print(json.dumps(out))
+"""
+    )
+    names = ["secret/there", "secret/absent", "hidden/there", "hidden/absent"]
+    r, w = os.pipe()
+    try:
+        with custom_broker(["--socket-mode", "0666", "--policy", str(policy)]) as b:
+            with Client(b.run_dir) as c:
+                c.put("secret/there", r)
+                c.put("hidden/there", r)
+            answers = json.loads(
+                run_as(
+                    nobody,
+                    code.replace("RUN_DIR", repr(str(b.run_dir))).replace("NAMES", repr(names)),
+                    timeout=60,
+                ).stdout
+            )
+            with Client(b.run_dir) as c:
+                c.connect()  # listed as root: anonymous callers see only public/
+                assert sorted(e.name for e in c.list()) == ["hidden/there", "secret/there"]  # nothing changed
+    finally:
+        os.close(r)
+        os.close(w)
+    for prefix in ("secret", "hidden"):
+        for what in (
+            "stat",
+            "anonymous stat",
+            "anonymous delete",
+            "get",
+            "batch get",
+            "take",
+            "delete",
+            "lease",
+            "query stat",
+        ):
+            there, absent = answers[f"{what} {prefix}/there"], answers[f"{what} {prefix}/absent"]
+            assert there == absent, (what, there, absent)
+            assert not there.startswith(("NOT_FOUND", "5:")), (what, there)
+            assert "uid 0" not in there, (what, there)  # nor who owns it

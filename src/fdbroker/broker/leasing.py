@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fdbroker import limits
+from fdbroker.broker.access import entry_for
 from fdbroker.broker.policy import Identity, Policy
 from fdbroker.broker.registry import Entry, PutOptions, Registry
 from fdbroker.broker.sessions import Session
@@ -285,8 +286,7 @@ class Leasing:
         answer (naming the holders) and never races a grant the caller would not see.
         """
         mode, ttl = _lease_terms(req)
-        e = self._registry.get(req.name)
-        self._policy().check(s.identity, "lease", req.name, e.owner.uid)
+        e = entry_for(self._policy(), self._registry, s.identity, "lease", req.name)
         lt = e.lease
         if lt is None:
             lt = e.lease = LeaseTable()

@@ -188,11 +188,12 @@ class Policy:
 
     # -- decisions
 
-    def allows(
-        self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
-    ) -> bool:
-        """Whether ``identity`` may do ``action`` on entry ``name`` (owned by ``owner_uid``; None for a name
-        that does not exist yet). Unknown actions are never allowed."""
+    def verdict(self, identity: Identity | None, action: str, name: str = "") -> bool | None:
+        """What the policy says about ``action`` on ``name`` before anyone looks at the entry: True (allowed),
+        False (refused), or None when it depends on who owns the entry (the built-in rules for entries: a new
+        name may be put, an owned entry may be used). Anonymous callers, root and the broker's uid, every rule
+        and the built-in read access decide without the entry: the broker asks this first, so that a refusal
+        says nothing about whether the name exists."""
         if identity is None:
             if action not in self.anonymous_allow:
                 return False
@@ -218,13 +219,23 @@ class Policy:
                     if action in rule.deny:
                         return False
                     allowed = True
-        if allowed:
+        if allowed or action in READ_ACTIONS:
             return True
-        if action in READ_ACTIONS:
-            return True
+        if action not in _ALL:
+            return False
+        return None
+
+    def allows(
+        self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
+    ) -> bool:
+        """Whether ``identity`` may do ``action`` on entry ``name`` (owned by ``owner_uid``; None for a name
+        that does not exist yet). Unknown actions are never allowed."""
+        v = self.verdict(identity, action, name)
+        if v is not None:
+            return v
         if owner_uid is None:
             return action == "put"
-        return owner_uid == uid and action in _ALL
+        return identity is not None and owner_uid == identity.uid
 
     def check(
         self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
@@ -234,10 +245,17 @@ class Policy:
         and the action, and says what to do. :attr:`on_denied` hears of every refusal before it is raised."""
         if self.allows(identity, action, name, owner_uid):
             return
+        raise self.refuse(identity, action, name, owner_uid)
+
+    def refuse(
+        self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
+    ) -> PermissionDenied | Unauthenticated:
+        """The refusal :meth:`check` raises (``owner_uid`` None: the message names no owner), reported to
+        :attr:`on_denied`; the caller raises it."""
         err = self._refusal(identity, action, name, owner_uid)
         if self.on_denied is not None:
             self.on_denied(identity, action, name, err)
-        raise err
+        return err
 
     def _refusal(
         self, identity: Identity | None, action: str, name: str, owner_uid: int | None
