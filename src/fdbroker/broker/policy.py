@@ -69,6 +69,9 @@ class Limits:
     # At the limit the broker stops reading that uid's connections (no error: it just waits), see
     # docs/conduit-protocol.md.
     max_fds_in_flight_per_uid: int = 1024
+    # Leases a uid holds at once, and its Lease requests queued (waiting) at once, over all its sessions.
+    max_leases_per_uid: int = 1024
+    max_lease_waiters_per_uid: int = 256
 
 
 @dataclass(slots=True, frozen=True)
