@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from fdbroker.errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
+from fdbroker.protocol import SESSION_METADATA_KEY
 
 ACTIONS: tuple[str, ...] = ("info", "list", "stat", "watch", "put", "get", "take", "delete", "lease")
 READ_ACTIONS: frozenset[str] = frozenset({"info", "list", "stat", "watch"})
@@ -270,8 +271,8 @@ class Policy:
             if action in MOVING_ACTIONS:
                 return Unauthenticated(
                     f"{what} needs a session: descriptors never move for anonymous callers; connect to the "
-                    "conduit first (fdbroker.Client does this) and send the session id as metadata 'fdbroker-session' "
-                    "metadata",
+                    "conduit first (fdbroker.Client does this) and send the session id as metadata "
+                    f"{SESSION_METADATA_KEY!r}",
                     name=name,
                 )
             allowed = ", ".join(a for a in ACTIONS if a in self.anonymous_allow) or "nothing"
