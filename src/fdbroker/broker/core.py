@@ -89,6 +89,7 @@ class Broker:
         self._handoffs = Handoffs(
             self._tokens, reg, lambda: self._policy.limits, self, audit, clock=clock, wakeup=wakeup
         )
+        self._handoffs.max_frame_bytes = config.max_frame_bytes  # what Welcome announces
         self._leasing = Leasing(reg, self._handoffs, lambda: self._policy, audit, clock=clock, wakeup=wakeup)
         self._entries = Entries(
             reg, self._sessions, self._handoffs, self._leasing, lambda: self._policy, audit, wakeup=wakeup

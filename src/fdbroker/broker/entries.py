@@ -154,8 +154,10 @@ class Entries:
             raise InvalidArgument(f"batch prefetch is at most {limits.MAX_BATCH_PREFETCH}, got {prefetch}")
         entries = [self._readable(s, n, "get") for n in names]
         resp = pb.BatchGetResponse(entries=[e.to_pb() for e in entries])
-        if prefetch and 0 < len(entries) <= SCM_MAX_FD:
-            plan = BatchPlan.of(entries)  # shared by every token of this batch
+        plan = BatchPlan.of(entries) if prefetch and 0 < len(entries) <= SCM_MAX_FD else None
+        if plan is not None and plan.fits(
+            self._handoffs.max_frame_bytes
+        ):  # shared by every token of this batch
             toks, expire_ns = self._handoffs.prefetch(s, prefetch, entries, plan)
             if toks:
                 resp.prefetch_tokens.extend(toks)
