@@ -322,7 +322,8 @@ class Handoffs:
                 results.append(self._deposit_one(s, t, waiting.popleft()))  # it owns the descriptor now
         finally:
             closer.discard(waiting, uid)  # left over only if a deposit raised: nobody took them
-        for a, b in in_frames([field_bytes(r.ByteSize()) for r in results], self.max_frame_bytes):
+        # A Deposit of no tokens is answered too: by one empty Deposited.
+        for a, b in in_frames([field_bytes(r.ByteSize()) for r in results], self.max_frame_bytes) or [(0, 0)]:
             s.conn.send(cpb.ConduitFrame(deposited=cpb.Deposited(results=results[a:b])))
         return next((r.error.code for r in results if r.error.code), 0)
 
