@@ -429,8 +429,8 @@ class Leasing:
 
         w = Waiter(session_id=s.id, mode=mode, grant=grant)
         lt.waiters.append(w)
-        self._quota.queued(s.identity.uid, +1)
         e.invalidate()
+        self._quota.queued(s.identity.uid, +1)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except BaseException as exc:
