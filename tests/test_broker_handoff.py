@@ -302,3 +302,77 @@ def test_repeated_batch_gets_use_batch_tokens_and_see_replacements(fdbroker_brok
     finally:
         for fd in fds:
             os.close(fd)
+
+
+# -- every frame fits the negotiated max_frame_bytes ------------------------------------------------------------
+
+
+def _deep_file() -> tuple[int, str]:
+    """A file opened at a path of ~3,800 bytes (each Deliver item and each Entry carries it), open read-only."""
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp(prefix="fdb-deep-", dir="/tmp"))
+    for i in range(15):
+        d = d / (f"{i:02d}" + "d" * 248)
+    d.mkdir(parents=True)
+    (d / "f").write_bytes(b"deep")
+    return os.open(d / "f", os.O_RDONLY), str(d / "f")
+
+
+def test_batches_of_long_names_and_big_entries_come_in_frames_that_fit(fdbroker_broker):
+    """253 entries with names of 249 bytes, 16 labels of 255-byte values and a ~3.8 KiB path: their Deposited
+    answer (~2 MiB) and their BatchGet's Deliver (~1 MiB) are split into frames of at most the 65536 bytes the
+    broker announced. Before, the Deliver went out as one frame the client had to refuse (the session ended) and
+    the Deposited was never sent (the client timed out)."""
+    import shutil
+
+    from secutil import Control, RawConduit
+
+    from fdbroker.v1 import broker_pb2 as pb
+    from fdbroker.v1 import conduit_pb2 as cpb
+
+    fd, path = _deep_file()
+    names = [f"long/{i:03d}/" + "n" * 240 for i in range(253)]
+    labels = {f"k{j:02d}": "v" * 255 for j in range(16)}
+    try:
+        with fdbroker_broker.client(timeout=30) as c:
+            assert c.raw.call("GetInfo", pb.GetInfoRequest()).max_frame_bytes == 65536
+            entries = c.put_many([(n, fd) for n in names], labels=labels)
+            assert [e.name for e in entries] == names
+            assert all(dict(e.raw.labels) == labels and e.raw.info.path == path for e in entries)
+            for _ in range(3):  # the first BatchGet, then the prefetched batch (if any was given)
+                got = c.get_many_fds(names)
+                try:
+                    assert len(got) == 253
+                    assert all(os.fstat(g).st_ino == os.fstat(fd).st_ino for g in got)
+                finally:
+                    for g in got:
+                        os.close(g)
+        # By hand: the frames themselves (RawConduit's decoder refuses any frame over 65536 bytes).
+        with RawConduit(fdbroker_broker.run_dir) as rc, Control(fdbroker_broker.run_dir) as ctl:
+            r = ctl.call("BatchGet", pb.BatchGetRequest(names=names), rc.session_id)
+            items: list[bytes] = []
+            while len(items) < 253:
+                f = rc.recv()
+                assert f.message.WhichOneof("body") == "deliver", f.message
+                assert 4 + f.message.ByteSize() <= 4 + 65536 and len(f.fds) == len(f.message.deliver.items)
+                items += [i.token for i in f.message.deliver.items]
+                f.close_fds()
+            assert items == [h.token for h in r.handoffs]  # in order, each under its token
+            assert len(rc.queue) == 0
+            toks = [ctl.put_token(rc.session_id, n, replace=True) for n in names[:253]]
+            rc.send(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=toks)), [fd] * 253)
+            results: list[cpb.DepositResult] = []
+            frames = 0
+            while len(results) < 253:
+                (d, _) = rc.recv_kind("deposited")
+                results += list(d.results)
+                frames += 1
+            assert frames > 1 and [x.token for x in results] == toks
+            assert all(not x.HasField("error") and x.entry.labels == {} for x in results)
+            for n in names:
+                ctl.call("Delete", pb.DeleteRequest(name=n), rc.session_id)
+    finally:
+        os.close(fd)
+        shutil.rmtree(path.split("/00")[0], ignore_errors=True)

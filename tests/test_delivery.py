@@ -7,7 +7,14 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fdbroker.broker.delivery import encode_deliver, item_tail, varint
+from fdbroker.broker.delivery import (
+    FRAME_OVERHEAD,
+    deliver_frames,
+    encode_deliver,
+    in_frames,
+    item_tail,
+    varint,
+)
 from fdbroker.conduit.frames import Frame, FrameDecoder
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -64,3 +71,34 @@ def test_decoder_accepts_spliced_frame():
     (frame,) = FrameDecoder().feed(data, [])
     assert isinstance(frame, Frame), frame
     assert frame.message.deliver.items[0].name == "a/b"
+
+
+@given(
+    st.lists(st.integers(1, 70_000), max_size=600),
+    st.sampled_from([1024, 4096, 65536]),
+)
+def test_answers_are_split_into_frames_that_fit_in_order(costs: list[int], max_frame_bytes: int) -> None:
+    """Every part in exactly one run, in order; at most 253 per run; a run of several fits the frame (with the
+    frame's own fields); a run is cut only where the next part would not fit or the count is full."""
+    runs = in_frames(costs, max_frame_bytes)
+    assert [i for a, b in runs for i in range(a, b)] == list(range(len(costs)))
+    for k, (a, b) in enumerate(runs):
+        assert 0 < b - a <= 253
+        body = sum(costs[a:b])
+        assert b - a == 1 or body + FRAME_OVERHEAD <= max_frame_bytes
+        if k + 1 < len(runs) and b - a < 253:
+            assert body + costs[b] + FRAME_OVERHEAD > max_frame_bytes
+
+
+def test_deliver_frames_parse_back_whole_and_fit() -> None:
+    info = pb.DescriptorInfo(kind=pb.KIND_TCP_LISTENER, path="p" * 4000).SerializeToString()
+    items = [(bytes([i]) * 32, 2, item_tail(f"n/{i:03d}" + "x" * 240, info, i + 1)) for i in range(253)]
+    frames = deliver_frames(items, 65536)
+    assert len(frames) > 1
+    got = []
+    for data, a, b in frames:
+        assert struct.unpack(">I", data[:4])[0] == len(data) - 4 <= 65536
+        m = cpb.ConduitFrame.FromString(data[4:])
+        assert m.fd_count == b - a == len(m.deliver.items)
+        got += [(i.token, i.name) for i in m.deliver.items]
+    assert got == [(t, f"n/{i:03d}" + "x" * 240) for i, (t, _, _) in enumerate(items)]

@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import subprocess
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from google.protobuf import duration_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from secutil import (
+    NOBODY,
     Control,
     RawConduit,
     custom_broker,
@@ -572,3 +574,211 @@ def test_malformed_requests_are_invalid_argument(fdbroker_broker) -> None:
             assert "page_token" in ei.value.details()
     finally:
         channel.close()
+
+
+# -- a refusal does not say whether a name exists ---------------------------------------------------------------
+
+HIDDEN_NAMES = """
+# Nobody but root may do anything under secret/: every refusal is decided by the name alone.
+[[rule]]
+names = ["secret/**"]
+deny = ["*"]
+
+# hidden/ may not be seen; get, take, delete, lease are left to the built-in rule (own entries only), which
+# depends on the owner: the refusal must still not depend on whether the entry is there.
+[[rule]]
+names = ["hidden/**"]
+deny = ["stat", "list", "watch"]
+
+[anonymous]
+names = ["public/**"]
+"""
+
+_PROBE_NAMES = f"""
+    import sys, json
+    sys.path.insert(0, {str(HELPERS.parent)!r})
+    import grpc
+    from google.protobuf import duration_pb2
+    from secutil import Control, RawConduit
+    from fdbroker.v1 import broker_pb2 as pb
+    from fdbroker.v1 import conduit_pb2 as cpb
+    run_dir, names = RUN_DIR, NAMES
+"""
+
+
+def test_a_refused_caller_cannot_tell_whether_a_name_exists(nobody: list[str], tmp_path: Path) -> None:
+    """uid 65534 asks for every by-name operation on names root holds and on names nobody holds, where the
+    policy refuses it: the answers (code and message, the name aside) are the same, and never NOT_FOUND. Before,
+    the broker looked the entry up first: NOT_FOUND for an absent name, PERMISSION_DENIED for a present one."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(HIDDEN_NAMES)
+    os.chmod(tmp_path, 0o755)
+    code = (
+        _PROBE_NAMES
+        + """
+    out = {}
+    ttl = duration_pb2.Duration(seconds=5)
+    with Control(run_dir) as ctl, RawConduit(run_dir) as rc:
+        sid = rc.session_id
+        calls = {
+            "stat": lambda n: ctl.call("Stat", pb.StatRequest(name=n), sid),
+            "anonymous stat": lambda n: ctl.call("Stat", pb.StatRequest(name=n)),
+            "anonymous delete": lambda n: ctl.call("Delete", pb.DeleteRequest(name=n)),
+            "get": lambda n: ctl.call("Get", pb.GetRequest(name=n), sid),
+            "batch get": lambda n: ctl.call("BatchGet", pb.BatchGetRequest(names=[n]), sid),
+            "take": lambda n: ctl.call("Take", pb.TakeRequest(name=n), sid),
+            "delete": lambda n: ctl.call("Delete", pb.DeleteRequest(name=n), sid),
+            "lease": lambda n: ctl.call("Lease", pb.LeaseRequest(name=n, ttl=ttl), sid),
+        }
+        for n in names:
+            for what, call in calls.items():
+                try:
+                    call(n)
+                    out[f"{what} {n}"] = "OK"
+                except grpc.RpcError as e:
+                    out[f"{what} {n}"] = e.code().name + ": " + e.details().replace(n, "NAME")
+            rc.send(cpb.ConduitFrame(query=cpb.Query(id=1, stat=pb.StatRequest(name=n))))
+            (res, _) = rc.recv_kind("query_result")
+            out[f"query stat {n}"] = str(res.error.code) + ": " + res.error.message.replace(n, "NAME")
+    print(json.dumps(out))
+"""
+    )
+    names = ["secret/there", "secret/absent", "hidden/there", "hidden/absent"]
+    r, w = os.pipe()
+    try:
+        with custom_broker(["--socket-mode", "0666", "--policy", str(policy)]) as b:
+            with Client(b.run_dir) as c:
+                c.put("secret/there", r)
+                c.put("hidden/there", r)
+            answers = json.loads(
+                run_as(
+                    nobody,
+                    code.replace("RUN_DIR", repr(str(b.run_dir))).replace("NAMES", repr(names)),
+                    timeout=60,
+                ).stdout
+            )
+            with Client(b.run_dir) as c:
+                c.connect()  # listed as root: anonymous callers see only public/
+                assert sorted(e.name for e in c.list()) == ["hidden/there", "secret/there"]  # nothing changed
+    finally:
+        os.close(r)
+        os.close(w)
+    for prefix in ("secret", "hidden"):
+        for what in (
+            "stat",
+            "anonymous stat",
+            "anonymous delete",
+            "get",
+            "batch get",
+            "take",
+            "delete",
+            "lease",
+            "query stat",
+        ):
+            there, absent = answers[f"{what} {prefix}/there"], answers[f"{what} {prefix}/absent"]
+            assert there == absent, (what, there, absent)
+            assert not there.startswith(("NOT_FOUND", "5:")), (what, there)
+            assert "uid 0" not in there, (what, there)  # nor who owns it
+
+
+# -- leases per uid are capped ----------------------------------------------------------------------------------
+
+LEASE_LIMITS = """
+[[rule]]
+uids = [65534]
+names = ["l/**"]
+allow = ["lease"]
+
+[limits]
+max_leases_per_uid = 2
+max_lease_waiters_per_uid = 2
+"""
+
+_LEASE_HOG = f"""
+    import sys, json
+    sys.path.insert(0, {str(HELPERS.parent)!r})
+    import grpc
+    from google.protobuf import duration_pb2
+    from secutil import Control, RawConduit
+    from fdbroker.v1 import broker_pb2 as pb
+    out = {{}}
+    ttl = duration_pb2.Duration(seconds=60)
+    with Control(RUN_DIR) as ctl, RawConduit(RUN_DIR) as rc:
+        md = [("fdbroker-session", rc.session_id)]
+        def lease(key, name, wait=False):
+            try:
+                out[key] = "OK " + ctl.call("Lease", pb.LeaseRequest(name=name, ttl=ttl, wait=wait), rc.session_id).lease_id
+            except grpc.RpcError as e:
+                out[key] = e.code().name + ": " + e.details()
+        lease("a", "l/a")
+        lease("b", "l/b")
+        lease("c", "l/c")  # a third held lease: refused
+        ctl.call("Release", pb.ReleaseRequest(lease_id=out["b"][3:]), rc.session_id)
+        waiters = [ctl.stub.Lease.future(pb.LeaseRequest(name="l/busy", ttl=ttl, wait=True), metadata=md, timeout=60)
+                   for _ in range(2)]
+        while ctl.call("Stat", pb.StatRequest(name="l/busy"), rc.session_id).entry.lease.waiters < 2:
+            pass
+        lease("third waiter", "l/busy", wait=True)  # a third queued request: refused
+        lease("c again", "l/c")  # held: a and c, the limit
+        print("queued", flush=True)
+        sys.stdin.readline()  # root releases l/busy: each waiter in turn would be a third held lease
+        for i, w in enumerate(waiters):
+            try:
+                out[f"waiter {{i}}"] = "OK " + w.result().lease_id
+            except grpc.RpcError as e:
+                out[f"waiter {{i}}"] = e.code().name + ": " + e.details()
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_leases_and_queued_lease_requests_are_capped_per_uid(nobody: list[str], tmp_path: Path) -> None:
+    """uid 65534 may hold max_leases_per_uid leases and queue max_lease_waiters_per_uid requests, no more: past
+    either it is RESOURCE_EXHAUSTED naming the limit, counted as a quota refusal and audited; a queued request
+    whose turn comes while its uid holds the limit is refused the same way, and the next in line is served.
+    Before, a uid could hold and queue without bound."""
+    from opsutil import audit_records, matching, scrape, tcp_metrics_address
+
+    policy = tmp_path / "p.toml"
+    policy.write_text(LEASE_LIMITS)
+    os.chmod(tmp_path, 0o755)
+    args = ["--socket-mode", "0666", "--policy", str(policy), "--log-format", "json"]
+    r, w = os.pipe()
+    try:
+        with custom_broker([*args, "--metrics-listen", "127.0.0.1:0"]) as b, Client(b.run_dir) as root:
+            for name in ("l/a", "l/b", "l/c", "l/busy"):
+                root.put(name, r)
+            busy = root.lease("l/busy", ttl=60, keepalive=False)
+            code = textwrap.dedent(_LEASE_HOG).replace("RUN_DIR", repr(str(b.run_dir)))
+            hog = subprocess.Popen(
+                [*nobody, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/"
+            )
+            try:
+                assert hog.stdout is not None and hog.stdin is not None
+                assert hog.stdout.readline().strip() == "queued"
+                busy.release()
+                hog.stdin.write("go\n")
+                hog.stdin.flush()
+                out = json.loads(hog.stdout.readline())
+            finally:
+                hog.kill()
+                hog.wait()
+            refusals = scrape(tcp_metrics_address(b)).value
+            log = b.log()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert out["a"].startswith("OK") and out["b"].startswith("OK") and out["c again"].startswith("OK"), out
+    assert out["c"].startswith("RESOURCE_EXHAUSTED") and "max_leases_per_uid" in out["c"], out
+    assert "uid 65534 holds 2 leases" in out["c"], out
+    assert out["third waiter"].startswith("RESOURCE_EXHAUSTED"), out
+    assert "max_lease_waiters_per_uid" in out["third waiter"], out
+    for i in range(2):
+        assert (
+            out[f"waiter {i}"].startswith("RESOURCE_EXHAUSTED") and "max_leases_per_uid" in out[f"waiter {i}"]
+        )
+    assert refusals("fdbroker_quota_refusals_total", quota="max_leases_per_uid") == 3
+    assert refusals("fdbroker_quota_refusals_total", quota="max_lease_waiters_per_uid") == 1
+    audited = matching(audit_records(log), verb="lease", outcome="refused", uid=NOBODY)
+    assert (
+        sorted(rec["quota"] for rec in audited) == ["max_lease_waiters_per_uid"] + ["max_leases_per_uid"] * 3
+    )

@@ -21,6 +21,7 @@ from fdbroker.broker.policy import (
     glob_to_regex,
 )
 from fdbroker.errors import Code, InvalidArgument, PermissionDenied, Unauthenticated
+from fdbroker.protocol import SESSION_METADATA_KEY
 
 BROKER_UID = 999
 ROOT = Identity(1, 0, 0)
@@ -87,6 +88,9 @@ def test_check_errors_name_entry_identity_and_action() -> None:
             pol.check(None, action, "web")
         assert "needs a session" in str(ua.value)
         assert ua.value.code == Code.UNAUTHENTICATED
+        # the key clients actually send, named once (not "metadata 'fdbroker-session' metadata")
+        assert ua.value.message.endswith(f"as metadata {SESSION_METADATA_KEY!r}"), ua.value.message
+        assert ua.value.message.count("metadata") == 1
     with pytest.raises(PermissionDenied) as pd:
         pol.check(None, "delete", "web", owner_uid=0)
     assert "anonymous callers may not delete 'web'" in str(pd.value)

@@ -469,3 +469,11 @@ def test_default_socket_modes_keep_other_uids_out(fdbroker_broker, nobody_python
             check=False,
         )
         assert "REFUSED" in r.stdout and "Permission denied" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_a_deposit_of_no_tokens_is_answered_by_an_empty_deposited(fdbroker_broker):
+    """Splitting answers by size must not drop the answer to an empty Deposit (the conduit fuzz found it)."""
+    with RawConduit(fdbroker_broker.run_dir) as rc:
+        rc.send(cpb.ConduitFrame(deposit=cpb.Deposit()))
+        (d, fds) = rc.recv_kind("deposited")
+        assert list(d.results) == [] and fds == []

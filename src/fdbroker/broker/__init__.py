@@ -8,8 +8,9 @@ The map (data flows down: RPCs and frames in at the top, the tables at the botto
     listener.py      the conduit socket: one non-blocking connection per session, frames in and out
     core.py          Broker, the facade: owns the tables, sessions, housekeeping (tick), conduit-frame dispatch
     entries.py       put, get, take, delete, stat, list; remove(), the one way an entry leaves
+    access.py        a by-name operation decided policy first, so a refusal hides whether the name exists
     handoffs.py      handoff tokens issued and redeemed, deliveries, the prefetch pool, batch plans
-    delivery.py      the wire encoding of Deliver frames from bytes cached per entry
+    delivery.py      the wire encoding of Deliver frames from bytes cached per entry; answers split to fit a frame
     leasing.py       lease arbitration per entry and the lease life cycle (one end_lease)
     watch.py         watch streams: fan-out, visibility, cut-off
     registry.py      the named entries and the revision counter

@@ -89,6 +89,7 @@ class Broker:
         self._handoffs = Handoffs(
             self._tokens, reg, lambda: self._policy.limits, self, audit, clock=clock, wakeup=wakeup
         )
+        self._handoffs.max_frame_bytes = config.max_frame_bytes  # what Welcome announces
         self._leasing = Leasing(reg, self._handoffs, lambda: self._policy, audit, clock=clock, wakeup=wakeup)
         self._entries = Entries(
             reg, self._sessions, self._handoffs, self._leasing, lambda: self._policy, audit, wakeup=wakeup
@@ -132,12 +133,12 @@ class Broker:
 
     def next_epoch(self) -> int:
         """Draw the next fencing epoch (a handover gives it to the successor to continue above)."""
-        return self._leasing.next_epoch()
+        return self._leasing.epochs.next()
 
     def continue_epochs(self, above: int) -> None:
         """Make every later fencing epoch higher than ``above`` (a predecessor's or a crashed broker's last one),
         still following the clock."""
-        self._leasing.continue_epochs(above)
+        self._leasing.epochs.continue_above(above)
 
     def end_handed_over_sessions(self, leases: Sequence[tuple[str, pb.LeaseHolder]]) -> None:
         """After a handover: the predecessor's sessions did not come along, so their leases end (reason

@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 from fdbroker import limits
+from fdbroker.broker.access import check_put, entry_for
 from fdbroker.broker.audit import Audit, Who
 from fdbroker.broker.delivery import encode_repeated
 from fdbroker.broker.handoffs import BatchPlan, Handoffs
@@ -64,7 +65,7 @@ class Entries:
     def _check_put(self, s: Session, name: str, opts: PutOptions, extra_pending: int = 0) -> None:
         uid = s.identity.uid
         old = self._registry.find(name)
-        self._policy().check(s.identity, "put", name, None if old is None else old.owner.uid)
+        check_put(self._policy(), s.identity, name, old)
         if old is not None and (opts.replace or opts.if_revision):  # without replace: ALREADY_EXISTS below
             check_lease_free(old, s, "replace")
         try:
@@ -125,9 +126,7 @@ class Entries:
     # -- get / take ----------------------------------------------------------------------------------------------
 
     def _readable(self, s: Session, name: str, action: str) -> Entry:
-        validate_name(name)
-        e = self._registry.get(name)
-        self._policy().check(s.identity, action, name, e.owner.uid)
+        e = entry_for(self._policy(), self._registry, s.identity, action, name)
         check_lease_free(e, s, action)
         return e
 
@@ -155,8 +154,10 @@ class Entries:
             raise InvalidArgument(f"batch prefetch is at most {limits.MAX_BATCH_PREFETCH}, got {prefetch}")
         entries = [self._readable(s, n, "get") for n in names]
         resp = pb.BatchGetResponse(entries=[e.to_pb() for e in entries])
-        if prefetch and 0 < len(entries) <= SCM_MAX_FD:
-            plan = BatchPlan.of(entries)  # shared by every token of this batch
+        plan = BatchPlan.of(entries) if prefetch and 0 < len(entries) <= SCM_MAX_FD else None
+        if plan is not None and plan.fits(
+            self._handoffs.max_frame_bytes
+        ):  # shared by every token of this batch
             toks, expire_ns = self._handoffs.prefetch(s, prefetch, entries, plan)
             if toks:
                 resp.prefetch_tokens.extend(toks)
@@ -210,14 +211,13 @@ class Entries:
 
     def delete(self, s: Session | None, name: str, if_revision: int = 0) -> pb.DeleteResponse:
         validate_name(name)
-        e = self._registry.get(name)
         if s is None:
             err = Unauthenticated(
                 f"deleting {name!r} needs a session (the policy decides by the caller's uid): connect the conduit",
                 name=name,
             )
             raise self._audit.denied(None, "delete", name, err)
-        self._policy().check(s.identity, "delete", name, e.owner.uid)
+        e = entry_for(self._policy(), self._registry, s.identity, "delete", name)
         check_lease_free(e, s, "delete")
         if if_revision and e.revision != if_revision:
             raise FailedPrecondition(
@@ -231,9 +231,7 @@ class Entries:
         return pb.DeleteResponse()
 
     def stat(self, identity: Identity | None, name: str) -> pb.StatResponse:
-        validate_name(name)
-        e = self._registry.get(name)
-        self._policy().check(identity, "stat", name, e.owner.uid)
+        e = entry_for(self._policy(), self._registry, identity, "stat", name)
         return pb.StatResponse(entry=e.to_pb())
 
     def list(self, identity: Identity | None, req: pb.ListRequest, *, max_bytes: int = 0) -> pb.ListResponse:

@@ -24,13 +24,21 @@ from typing import Any, Protocol
 from fdbroker import fdinfo
 from fdbroker.broker import closer, fastpath
 from fdbroker.broker.audit import Audit
-from fdbroker.broker.delivery import encode_deliver, encode_item, frame_from_items
+from fdbroker.broker.delivery import (
+    FRAME_OVERHEAD,
+    deliver_frames,
+    encode_deliver,
+    encode_item,
+    field_bytes,
+    frame_from_items,
+    in_frames,
+)
 from fdbroker.broker.leasing import check_lease_free
 from fdbroker.broker.policy import Limits
 from fdbroker.broker.registry import Entry, Registry
 from fdbroker.broker.sessions import Session
 from fdbroker.broker.tokens import Token, TokenBook, TokenError, operation_name, short
-from fdbroker.conduit.frames import SCM_MAX_FD, Frame
+from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame
 from fdbroker.errors import BrokerError, Code, Internal, NotFound, ResourceExhausted
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
@@ -76,6 +84,7 @@ class BatchPlan:
     ids: tuple[int, ...]
     revisions: tuple[int, ...]
     rest: bytes
+    first: int  # bytes of the first item's tail
 
     @classmethod
     def of(cls, entries: Sequence[Entry]) -> BatchPlan:
@@ -84,7 +93,31 @@ class BatchPlan:
             ids=tuple(e.id for e in entries),
             revisions=tuple(e.revision for e in entries),
             rest=b"".join([encode_item(b"", OP.OPERATION_GET, e.deliver_tail()) for e in entries[1:]]),
+            first=len(entries[0].deliver_tail()),
         )
+
+    def fits(self, max_frame_bytes: int) -> bool:
+        """Whether the plan's one ``Deliver`` frame fits ``max_frame_bytes`` now and after any later change of
+        revisions (a revision is a varint of at most 10 bytes). A batch token's answer cannot be split (its items
+        after the first carry no token), so a batch that does not fit gets no batch tokens."""
+        body = field_bytes(64 + self.first) + len(self.rest) + 10 * len(self.names)
+        return body + FRAME_OVERHEAD <= max_frame_bytes
+
+    def current(self, find: Callable[[str], Entry | None], s: Session) -> list[Entry]:
+        """The plan's entries, found again: NOT_FOUND if one was deleted or replaced since, FAILED_PRECONDITION if
+        one is under another session's exclusive lease."""
+        entries: list[Entry] = []
+        for name, eid in zip(self.names, self.ids, strict=True):
+            e = find(name)
+            if e is None or e.id != eid:
+                raise NotFound(
+                    f"entry {name!r} was deleted or replaced since the batch token was issued; get the batch again",
+                    name=name,
+                )
+            if e.lease is not None:
+                check_lease_free(e, s, "get")
+            entries.append(e)
+        return entries
 
     def frame(self, token: bytes, entries: Sequence[Entry]) -> bytes:
         """The Deliver frame of ``entries`` (the plan's, found again), its first item tagged with ``token``."""
@@ -122,6 +155,8 @@ class Handoffs:
         clock: Callable[[], float],
         wakeup: Callable[[], None],
     ) -> None:
+        #: Every frame sent fits it (:func:`delivery.in_frames`); the broker sets what its ``Welcome`` announces.
+        self.max_frame_bytes = MAX_FRAME_BYTES
         self._audit = audit
         self._count = audit.metrics.handoff
         self._tokens = tokens
@@ -195,14 +230,13 @@ class Handoffs:
         return h, (token, op, e)
 
     def deliver(self, s: Session, items: Sequence[Item]) -> None:
-        """Send the entries' descriptors (all of one operation) in Deliver frames of at most 253, tagged."""
+        """Send the entries' descriptors in Deliver frames of at most 253 items and ``max_frame_bytes``, tagged with
+        their tokens (all of one operation)."""
         if items:
             self._count(_OPERATION_NAMES[items[0][1]], "ok", len(items))
-        send = s.conn.send_raw
-        for i in range(0, len(items), SCM_MAX_FD):
-            chunk = items[i : i + SCM_MAX_FD]
-            data = encode_deliver([(t, op, e.deliver_tail()) for t, op, e in chunk], len(chunk))
-            send(data, [e.fd for _, _, e in chunk])
+        tails = [(t, op, e.deliver_tail()) for t, op, e in items]
+        for data, a, b in deliver_frames(tails, self.max_frame_bytes):
+            s.conn.send_raw(data, [e.fd for _, _, e in items[a:b]])
 
     # -- reservations and tokens that leave unredeemed -----------------------------------------------------------
 
@@ -287,7 +321,9 @@ class Handoffs:
                 results.append(self._deposit_one(s, t, waiting.popleft()))  # it owns the descriptor now
         finally:
             closer.discard(waiting, uid)  # left over only if a deposit raised: nobody took them
-        s.conn.send(cpb.ConduitFrame(deposited=cpb.Deposited(results=results)))
+        # A Deposit of no tokens is answered too: by one empty Deposited.
+        for a, b in in_frames([field_bytes(r.ByteSize()) for r in results], self.max_frame_bytes) or [(0, 0)]:
+            s.conn.send(cpb.ConduitFrame(deposited=cpb.Deposited(results=results[a:b])))
         return next((r.error.code for r in results if r.error.code), 0)
 
     def _deposit_one(self, s: Session, token: bytes, fd: int) -> cpb.DepositResult:
@@ -370,18 +406,7 @@ class Handoffs:
 
     def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
         """Deliver every entry of a prefetched batch in one frame, the first item tagged with ``token``."""
-        find = self._registry.find
-        entries: list[Entry] = []
-        for name, eid in zip(plan.names, plan.ids, strict=True):
-            e = find(name)
-            if e is None or e.id != eid:
-                raise NotFound(
-                    f"entry {name!r} was deleted or replaced since the batch token was issued; get the batch again",
-                    name=name,
-                )
-            if e.lease is not None:
-                check_lease_free(e, s, "get")
-            entries.append(e)
+        entries = plan.current(self._registry.find, s)
         s.conn.send_raw(plan.frame(token, entries), [e.fd for e in entries])
         self._count("get", "ok", len(entries))
         for e in entries:
@@ -406,6 +431,7 @@ class Handoffs:
                 code = code or err.code
                 continue
             acked.append(t)
-        if acked:
-            s.conn.send(cpb.ConduitFrame(acked=cpb.Acked(tokens=acked, revision=self._registry.revision)))
+        rev = self._registry.revision
+        for a, b in in_frames([field_bytes(len(t)) for t in acked], self.max_frame_bytes, most=len(acked)):
+            s.conn.send(cpb.ConduitFrame(acked=cpb.Acked(tokens=acked[a:b], revision=rev)))
         return code

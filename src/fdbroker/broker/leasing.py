@@ -32,11 +32,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fdbroker import limits
-from fdbroker.broker.policy import Identity, Policy
+from fdbroker.broker.access import entry_for
+from fdbroker.broker.policy import Identity, Limits, Policy
 from fdbroker.broker.registry import Entry, PutOptions, Registry
 from fdbroker.broker.sessions import Session
 from fdbroker.broker.tokens import Token
-from fdbroker.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unauthenticated
+from fdbroker.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from fdbroker.names import validate_name
 from fdbroker.protocol import lease_wait_reserve
 from fdbroker.v1 import broker_pb2 as pb
@@ -60,6 +68,10 @@ class EpochCounter:
     def next(self) -> int:
         self._last = max(self._last + 1, int(time.time() * 1_000_000))
         return self._last
+
+    def continue_above(self, above: int) -> None:
+        """Make every later epoch higher than ``above`` (still following the clock)."""
+        self._last = max(self._last, above, int(time.time() * 1_000_000))
 
 
 @dataclass(slots=True, eq=False)
@@ -237,6 +249,61 @@ def check_lease_free(e: Entry, s: Session | None, action: str) -> None:
         )
 
 
+class LeaseQuota:
+    """Per uid: leases held and lease requests queued, against the policy's ``max_leases_per_uid`` and
+    ``max_lease_waiters_per_uid``. A refusal is RESOURCE_EXHAUSTED naming the limit, counted and audited like every
+    quota refusal (:meth:`Audit.exhausted`)."""
+
+    def __init__(self, limits: Callable[[], Limits], audit: Audit) -> None:
+        self._limits = limits
+        self._audit = audit
+        self._held: collections.Counter[int] = collections.Counter()
+        self._queued: collections.Counter[int] = collections.Counter()
+
+    def held(self, uid: int, change: int) -> None:
+        self._count(self._held, uid, change)
+
+    def queued(self, uid: int, change: int) -> None:
+        self._count(self._queued, uid, change)
+
+    @staticmethod
+    def _count(counts: collections.Counter[int], uid: int, change: int) -> None:
+        n = counts[uid] + change
+        if n > 0:
+            counts[uid] = n
+        else:
+            del counts[uid]  # no key left behind for a uid that holds nothing
+
+    def full(self, s: Session, name: str) -> ResourceExhausted | None:
+        """The refusal (already counted) if the session's uid holds ``max_leases_per_uid`` leases, else None."""
+        limit = self._limits().max_leases_per_uid
+        uid = s.identity.uid
+        if self._held[uid] < limit:
+            return None
+        err = ResourceExhausted(
+            f"uid {uid} holds {self._held[uid]} leases, its limit ({limit}); cannot lease {name!r}: release some, "
+            "or raise max_leases_per_uid in the policy",
+            name=name,
+        )
+        return self._audit.exhausted(s, "lease", "max_leases_per_uid", err)
+
+    def check(self, s: Session, name: str, *, queue: bool) -> None:
+        """Raise RESOURCE_EXHAUSTED if the session's uid may not hold one more lease or (``queue``) queue one more
+        request."""
+        full = self.full(s, name)
+        if full is not None:
+            raise full
+        limit = self._limits().max_lease_waiters_per_uid
+        uid = s.identity.uid
+        if queue and self._queued[uid] >= limit:
+            err = ResourceExhausted(
+                f"uid {uid} has {self._queued[uid]} lease requests queued, its limit ({limit}); cannot queue for "
+                f"{name!r}: retry later, or raise max_lease_waiters_per_uid in the policy",
+                name=name,
+            )
+            raise self._audit.exhausted(s, "lease", "max_lease_waiters_per_uid", err)
+
+
 class Leasing:
     """Every lease of a broker, from grant to end.
 
@@ -260,20 +327,13 @@ class Leasing:
         self._policy = policy
         self._clock = clock
         self._wakeup = wakeup
-        self._epochs = EpochCounter()
+        self.epochs = EpochCounter()  # the broker's fencing epochs (a handover continues them)
+        self._quota = LeaseQuota(lambda: policy().limits, audit)
         self._holders: dict[str, Holder] = {}  # the record: lease id -> holder
         self._by_session: dict[str, dict[str, Holder]] = {}  # a view: session id -> its holders
 
     def __len__(self) -> int:
         return len(self._holders)
-
-    def next_epoch(self) -> int:
-        """Draw the next fencing epoch."""
-        return self._epochs.next()
-
-    def continue_epochs(self, above: int) -> None:
-        """Make every later epoch higher than ``above`` (still following the clock)."""
-        self._epochs = EpochCounter(seed=max(above, int(time.time() * 1_000_000)))
 
     # -- granting ------------------------------------------------------------------------------------------------
 
@@ -285,12 +345,13 @@ class Leasing:
         answer (naming the holders) and never races a grant the caller would not see.
         """
         mode, ttl = _lease_terms(req)
-        e = self._registry.get(req.name)
-        self._policy().check(s.identity, "lease", req.name, e.owner.uid)
+        e = entry_for(self._policy(), self._registry, s.identity, "lease", req.name)
         lt = e.lease
         if lt is None:
             lt = e.lease = LeaseTable()
-        if lt.grantable(mode):
+        grantable = lt.grantable(mode)
+        self._quota.check(s, req.name, queue=not grantable and req.wait)
+        if grantable:
             h = self._grant(s, e, lt, mode, ttl)
         elif not req.wait:
             raise FailedPrecondition(
@@ -327,7 +388,7 @@ class Leasing:
             identity=s.identity,
             mode=mode,
             ttl=ttl,
-            epochs=self._epochs,
+            epochs=self.epochs,
             now=self._clock(),
             wall=time.time(),
         )
@@ -341,6 +402,7 @@ class Leasing:
         """Add ``h`` (already in its entry's table) to the record and the per-session view."""
         self._holders[h.lease_id] = h
         self._by_session.setdefault(h.session_id, {})[h.lease_id] = h
+        self._quota.held(h.identity.uid, +1)
 
     async def _wait(
         self, s: Session, e: Entry, lt: LeaseTable, mode: int, ttl: float, timeout: float | None
@@ -360,12 +422,15 @@ class Leasing:
                 )
             elif s.closed:
                 fut.set_exception(Unauthenticated(f"the session ended while waiting for a lease on {name!r}"))
+            elif (full := self._quota.full(s, name)) is not None:
+                fut.set_exception(full)  # the next in line is considered at once
             else:
                 fut.set_result(self._grant(s, cur, lt, mode, ttl))
 
         w = Waiter(session_id=s.id, mode=mode, grant=grant)
         lt.waiters.append(w)
         e.invalidate()
+        self._quota.queued(s.identity.uid, +1)
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except BaseException as exc:
@@ -383,6 +448,8 @@ class Leasing:
                     name=name,
                 ) from None
             raise
+        finally:
+            self._quota.queued(s.identity.uid, -1)
 
     # -- keeping and giving back ---------------------------------------------------------------------------------
 
@@ -484,6 +551,7 @@ class Leasing:
         """
         if self._holders.pop(h.lease_id, None) is None:
             return
+        self._quota.held(h.identity.uid, -1)
         self._audit.lease_ended(h, reason, self._registry.find(h.name), checked_in=checked_in)
         mine = self._by_session.get(h.session_id)
         if mine is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import functools
 import logging
 import os
 import select
@@ -120,6 +121,8 @@ class Connection:
         self._on_close = on_close
         self._max_in_flight = max_fds_in_flight or (lambda: DEFAULT_MAX_FDS_IN_FLIGHT)
         self._on_pause = on_pause
+        # Client descriptors go to the closer (off the event loop), counted against our uid until closed.
+        self._discard = functools.partial(closer.discard, uid=identity.uid)
         self._decoder = FrameDecoder(max_frame_bytes, close=self._discard)
         self._held = 0  # descriptors of our decoder counted in in_flight
         self._paused = False  # reader removed until _resume
@@ -148,10 +151,6 @@ class Connection:
             self.native.python_only = bool(self._out) or self._decoder.pending_bytes > 0
 
     # -- receiving -----------------------------------------------------------------------------------------------
-
-    def _discard(self, fds: Iterable[int] | int) -> None:
-        """Close client-supplied descriptors off the event loop, counted against our uid until closed."""
-        closer.discard(fds, self.identity.uid)
 
     def _account(self) -> None:
         held = self._decoder.pending_fds

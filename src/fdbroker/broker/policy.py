@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from fdbroker.errors import BrokerError, InvalidArgument, PermissionDenied, Unauthenticated
+from fdbroker.protocol import SESSION_METADATA_KEY
 
 ACTIONS: tuple[str, ...] = ("info", "list", "stat", "watch", "put", "get", "take", "delete", "lease")
 READ_ACTIONS: frozenset[str] = frozenset({"info", "list", "stat", "watch"})
@@ -69,6 +70,9 @@ class Limits:
     # At the limit the broker stops reading that uid's connections (no error: it just waits), see
     # docs/conduit-protocol.md.
     max_fds_in_flight_per_uid: int = 1024
+    # Leases a uid holds at once, and its Lease requests queued (waiting) at once, over all its sessions.
+    max_leases_per_uid: int = 1024
+    max_lease_waiters_per_uid: int = 256
 
 
 @dataclass(slots=True, frozen=True)
@@ -188,11 +192,12 @@ class Policy:
 
     # -- decisions
 
-    def allows(
-        self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
-    ) -> bool:
-        """Whether ``identity`` may do ``action`` on entry ``name`` (owned by ``owner_uid``; None for a name
-        that does not exist yet). Unknown actions are never allowed."""
+    def verdict(self, identity: Identity | None, action: str, name: str = "") -> bool | None:
+        """What the policy says about ``action`` on ``name`` before anyone looks at the entry: True (allowed),
+        False (refused), or None when it depends on who owns the entry (the built-in rules for entries: a new
+        name may be put, an owned entry may be used). Anonymous callers, root and the broker's uid, every rule
+        and the built-in read access decide without the entry: the broker asks this first, so that a refusal
+        says nothing about whether the name exists."""
         if identity is None:
             if action not in self.anonymous_allow:
                 return False
@@ -218,13 +223,23 @@ class Policy:
                     if action in rule.deny:
                         return False
                     allowed = True
-        if allowed:
+        if allowed or action in READ_ACTIONS:
             return True
-        if action in READ_ACTIONS:
-            return True
+        if action not in _ALL:
+            return False
+        return None
+
+    def allows(
+        self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
+    ) -> bool:
+        """Whether ``identity`` may do ``action`` on entry ``name`` (owned by ``owner_uid``; None for a name
+        that does not exist yet). Unknown actions are never allowed."""
+        v = self.verdict(identity, action, name)
+        if v is not None:
+            return v
         if owner_uid is None:
             return action == "put"
-        return owner_uid == uid and action in _ALL
+        return identity is not None and owner_uid == identity.uid
 
     def check(
         self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
@@ -234,10 +249,17 @@ class Policy:
         and the action, and says what to do. :attr:`on_denied` hears of every refusal before it is raised."""
         if self.allows(identity, action, name, owner_uid):
             return
+        raise self.refuse(identity, action, name, owner_uid)
+
+    def refuse(
+        self, identity: Identity | None, action: str, name: str = "", owner_uid: int | None = None
+    ) -> PermissionDenied | Unauthenticated:
+        """The refusal :meth:`check` raises (``owner_uid`` None: the message names no owner), reported to
+        :attr:`on_denied`; the caller raises it."""
         err = self._refusal(identity, action, name, owner_uid)
         if self.on_denied is not None:
             self.on_denied(identity, action, name, err)
-        raise err
+        return err
 
     def _refusal(
         self, identity: Identity | None, action: str, name: str, owner_uid: int | None
@@ -249,8 +271,8 @@ class Policy:
             if action in MOVING_ACTIONS:
                 return Unauthenticated(
                     f"{what} needs a session: descriptors never move for anonymous callers; connect to the "
-                    "conduit first (fdbroker.Client does this) and send the session id as metadata 'fdbroker-session' "
-                    "metadata",
+                    "conduit first (fdbroker.Client does this) and send the session id as metadata "
+                    f"{SESSION_METADATA_KEY!r}",
                     name=name,
                 )
             allowed = ", ".join(a for a in ACTIONS if a in self.anonymous_allow) or "nothing"

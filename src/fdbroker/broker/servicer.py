@@ -289,26 +289,28 @@ class FdBrokerServicer(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
         )
 
     async def Watch(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.WatchResponse]:
+        # Errors are mapped like every other RPC's (a bug is INTERNAL, never grpc's UNKNOWN), whether they come
+        # from opening the stream, its first response or any later read.
         try:
             _, ident = self._caller(context)
             w = self.broker.watch(ident, request.prefix, request.start_revision)
         except BrokerError as err:
             await _abort(context, err)
             return
+        except Exception:
+            await _internal(context)
+            return
         try:
             yield self.broker.stamp(pb.WatchResponse(header_revision=w.header))
             while True:
-                try:
-                    data = w.read_encoded()
-                except BrokerError as err:
-                    await _abort(context, err)
-                    return
-                except Exception:
-                    await _internal(context)
-                    return
+                data = w.read_encoded()
                 if data is not None:
                     yield data  # type: ignore[misc]  # a serialized WatchResponse, shared (see add_to_server)
                 else:
                     await w.wait()
+        except BrokerError as err:
+            await _abort(context, err)
+        except Exception:
+            await _internal(context)
         finally:
             w.close()

@@ -116,6 +116,15 @@ class Token:
         )
 
 
+def _expired(tok: Token) -> TokenError:
+    return TokenError(
+        f"handoff token {short(tok.token)} for {operation_name(tok.operation)} of {tok.name!r} "
+        "has expired; ask the broker for a new one and send the frame within the token's lifetime",
+        reason="expired",
+        name=tok.name,
+    )
+
+
 def _spec_token(token: bytes, payload: tuple[Any, ...]) -> Token:
     """A prefetched token as a :class:`Token`, from the payload it was issued with (see ``issue_prefetch``)."""
     name, entry_id, plan, session_id, uid = payload
@@ -365,7 +374,7 @@ class TokenBook:
                     tok.session_id = ""  # not the presenter's, whoever's it is
                 return tok
             if status == fastpath.EXPIRED:
-                raise self._expired(_spec_token(token, payload))
+                raise _expired(_spec_token(token, payload))
             if status in (fastpath.REUSED, fastpath.EXPIRED_BEFORE):
                 what = "was already used" if status == fastpath.REUSED else "has expired"
                 raise TokenError(
@@ -391,17 +400,8 @@ class TokenBook:
         tok = found[0]
         if tok.expires_at <= self._clock():
             self._remove(tok, "expired")
-            raise self._expired(tok)
+            raise _expired(tok)
         return tok
-
-    @staticmethod
-    def _expired(tok: Token) -> TokenError:
-        return TokenError(
-            f"handoff token {short(tok.token)} for {operation_name(tok.operation)} of {tok.name!r} "
-            "has expired; ask the broker for a new one and send the frame within the token's lifetime",
-            reason="expired",
-            name=tok.name,
-        )
 
     def _remove(self, tok: Token, remember: str | None) -> None:
         lookup = tok.token[:LOOKUP_BYTES]

@@ -266,7 +266,8 @@ class FdBrokerServicer:
         Errors: INVALID_ARGUMENT (an undecodable request; a bad name; an unknown mode; `ttl` unset or out of range),
         UNAUTHENTICATED (no session, or an unknown one; the session ended while waiting), NOT_FOUND (no such entry;
         it was removed while waiting or as the lease was granted), PERMISSION_DENIED, FAILED_PRECONDITION (a conflict,
-        without `wait`), DEADLINE_EXCEEDED (the wait ran out), CANCELLED (the caller gave up: it leaves the queue),
+        without `wait`), RESOURCE_EXHAUSTED (the uid holds max_leases_per_uid leases, also when a queued request's turn
+        comes; or, to queue, has max_lease_waiters_per_uid requests queued), DEADLINE_EXCEEDED (the wait ran out), CANCELLED (the caller gave up: it leaves the queue),
         INTERNAL, UNAVAILABLE; ABORTED (client side: the conduit closed before the `Deliver`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
