@@ -155,3 +155,18 @@ def test_the_keeper_stays_small() -> None:
     assert {m for m in loaded if m.startswith("fdbroker")} <= allowed | {"fdbroker.broker.survival.keeper"}, (
         loaded
     )
+
+
+def test_every_test_helper_module_is_type_checked_like_src() -> None:
+    """mypy-tests.ini lists the helper modules (everything in tests/ that is not a test or conftest) under the
+    strict section: a new helper left out of it would be checked only as loosely as test functions."""
+    import configparser
+
+    tests = Path(__file__).resolve().parent
+    ini = configparser.ConfigParser()
+    ini.read(tests.parent / "mypy-tests.ini")
+    strict = next(s for s in ini.sections() if s.startswith("mypy-secutil"))
+    listed = set(strict.removeprefix("mypy-").split(","))
+    helpers = {p.stem for p in [*tests.glob("*.py"), *tests.glob("helpers/*.py")]}
+    helpers -= {p for p in helpers if p.startswith("test_")} | {"conftest"}
+    assert sorted(helpers - listed) == []
