@@ -209,7 +209,7 @@ class BrokerServer:
             metrics=self.metrics,
         )
         self.metrics.attach(self)
-        self.metrics.native_stats = self.broker.tokens.spec.stats  # Redeems the C table answers itself  # Redeems the C table answers itself
+        self.metrics.native_stats = self.broker.tokens.spec.stats  # Redeems the C table answers itself
         loop = asyncio.get_running_loop()
         if opts.takeover:
             self.rundir = self._take_over()
