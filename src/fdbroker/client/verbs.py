@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import types
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -77,17 +78,20 @@ class _Binding(Generic[P, T]):
 
 
 def _verb_function(
-    flow: Callable[..., Flow[Any]], then: str, hot: Callable[..., Any] | None = None
+    flow: Callable[..., Flow[Any]], then: str, hot: types.FunctionType | None = None
 ) -> Callable[..., Any]:
     """The method of a verb: what the driver's ``_drive`` makes of the flow — its result (a blocking driver) or a
     coroutine of it (an asyncio driver) — passed through the driver's method ``then`` if one is named; or the
     driver's hot path ``hot`` (its function), if it has one."""
     if hot is not None:
-
-        def verb(self: Any, /, *args: Any, **kwargs: Any) -> Any:
-            return hot(self, *args, **kwargs)
-
-    elif then:
+        # A copy of the hot path itself (verb_method gives it the verb's name, signature and documentation): no
+        # wrapper frame, no packing of arguments, on the path that exists to be cheap.
+        copy = types.FunctionType(
+            hot.__code__, hot.__globals__, hot.__name__, hot.__defaults__, hot.__closure__
+        )
+        copy.__kwdefaults__ = hot.__kwdefaults__
+        return copy
+    if then:
 
         def verb(self: Any, /, *args: Any, **kwargs: Any) -> Any:
             return getattr(self, then)(self._drive(flow(self._state, *args, **kwargs)))
