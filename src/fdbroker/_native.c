@@ -776,21 +776,29 @@ typedef struct {
     PyObject *rbuf;  /* its reused bytearray */
     int fd;
     int python_only; /* set by Python while its decoder holds a partial frame or its output is queued */
-    int ask_size;    /* set by Python while the uid is at its cap on descriptors in flight */
     long long key;   /* the session's key in the table; -1 before the Welcome */
     Py_ssize_t recv_bytes, max_frame;
     PyObject *accounts; /* a tuple of dicts, all empty when no descriptor is in flight for anyone; or NULL */
 } Reader;
 
-/* Nothing in flight for any uid: every dict of the accounts is empty (anything else: ask Python). */
+static PyObject *str_throttled; /* "_throttled", interned at import */
+
+/* Nothing in flight for any uid (every dict of the accounts is empty) and the connection not throttled (its
+ * _throttled is False: a pause episode ends in _read_size, which logs it); anything else: ask Python. */
 static int nothing_in_flight(Reader *R) {
-    if (!R->accounts || R->ask_size) return 0;
+    if (!R->accounts) return 0;
     Py_ssize_t n = PyTuple_GET_SIZE(R->accounts);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *d = PyTuple_GET_ITEM(R->accounts, i);
         if (!PyDict_Check(d) || PyDict_GET_SIZE(d) != 0) return 0;
     }
-    return 1;
+    PyObject *th = PyObject_GetAttr(R->conn, str_throttled);
+    if (!th) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(th);
+    return th == Py_False;
 }
 
 static uint32_t be32(const uint8_t *b) {
@@ -1136,7 +1144,6 @@ static PyObject *Table_reader(Table *T, PyObject *args) {
     R->rbuf = rbuf;
     R->fd = fd;
     R->python_only = 0;
-    R->ask_size = 0;
     Py_XINCREF(accounts);
     R->accounts = accounts;
     R->key = -1;
@@ -1156,7 +1163,6 @@ static PyObject *Reader_detach(Reader *R, PyObject *unused) {
 static PyMemberDef Reader_members[] = {
     {"python_only", T_INT, offsetof(Reader, python_only), 0, "Python reads this connection (partial frame, queued output)"},
     {"key", T_LONGLONG, offsetof(Reader, key), 0, "the session's key in the table (-1: none)"},
-    {"ask_size", T_INT, offsetof(Reader, ask_size), 0, "ask conn._read_size before every read (throttled)"},
     {NULL},
 };
 
@@ -1413,6 +1419,8 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&TableType) < 0 || PyType_Ready(&ReaderType) < 0) return NULL;
+    str_throttled = PyUnicode_InternFromString("_throttled");
+    if (!str_throttled) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&TableType);

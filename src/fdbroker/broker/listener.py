@@ -83,14 +83,18 @@ class FdsInFlight:
 
     def accounts(self) -> tuple[dict[int, int], ...]:
         """The dicts behind :meth:`total` for every uid — held per uid, waiting in the closer per uid — which are
-        all empty when no uid has a descriptor in flight (a uid is in them only while it has some). The native
-        reader looks at them before each read and asks :meth:`Connection._read_size` only when one is not empty;
-        never to be written."""
+        all empty when no uid has a descriptor in flight (a uid is in them only while it has some); never to be
+        written."""
         return (self._held, closer.per_uid_counts())
 
 
 in_flight = FdsInFlight()
 """The process's account of descriptors in flight, shared by every :class:`Connection`."""
+
+ACCOUNTS = in_flight.accounts()
+"""What the native reader looks at before each read: while every dict is empty and the connection is not
+throttled (``_throttled``), :meth:`Connection._read_size` would answer a full read (every cap is at least 1:
+:class:`~fdbroker.broker.policy.Limits` refuses less), so it is not asked."""
 
 
 class Connection:
@@ -146,11 +150,7 @@ class Connection:
         #: The native reader (``native.reader``), whose ``key`` is the session's in the table; or None.
         self.native: Any = None
         if native is not None:
-            # _read_size is asked only when some uid has descriptors in flight or this one is throttled (ask_size):
-            # otherwise its answer is RECV_BYTES (every cap is at least 1: Limits refuses less).
-            self.native = native.reader(
-                self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES, in_flight.accounts()
-            )
+            self.native = native.reader(self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES, ACCOUNTS)
         self._reader = self.native or self._readable
         loop.add_reader(self._fd, self._reader)
 
@@ -187,8 +187,6 @@ class Connection:
         if used < cap:
             if self._throttled:
                 self._throttled = False
-                if self.native is not None:
-                    self.native.ask_size = 0
                 log.info("uid %d is below its descriptor cap again; reading pid %d", uid, self.identity.pid)
             return RECV_BYTES
         if used < cap + SCM_MAX_FD:
@@ -198,8 +196,6 @@ class Connection:
     def _pause(self) -> None:
         if not self._throttled:
             self._throttled = True
-            if self.native is not None:
-                self.native.ask_size = 1  # so that the pause episode ends here, logged (_read_size)
             self._on_pause()
             log.warning(
                 "uid %d has %d descriptors in flight (limit %d); pausing reads from pid %d",

@@ -23,15 +23,14 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from fdbroker.client import flows, session, steps
+from fdbroker.client import flows, hot, session, steps
 from fdbroker.client.flows import EventStream, Granted, HeldLease
-from fdbroker.client.models import Entry, Event, FdLike, Info, Lease, Listing, OwnedFd, Received, wrap_fd
+from fdbroker.client.models import Entry, Event, FdLike, Info, Lease, Listing, OwnedFd
 from fdbroker.client.raw import Raw
 from fdbroker.client.reconnect import CHANNEL_OPTIONS
 from fdbroker.client.verbs import BlockingVerbs
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import Frame, FramedConduit
-from fdbroker.conduit.lean import TOKEN_BYTES, redeem_frame
 from fdbroker.errors import Aborted, BrokerError, DeadlineExceeded
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -63,12 +62,9 @@ class Client(BlockingVerbs):
     _public_name = "fdbroker.Client"
 
     def _init_io(self) -> None:
-        # _lock guards _box, _conduit, _reading and _waiting; _cond is on it. The hot path takes _lock itself (a
-        # Condition's own __enter__ is Python code) and wakes waiters only when there are some (_waiting).
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards _box, _conduit, _reading, _waiting (hot.py takes it bare)
         self._cond = threading.Condition(self._lock)
-        self._reading = False
-        self._waiting = 0  # callers in _cond.wait
+        self._reading, self._waiting = False, 0  # _waiting: callers in _cond.wait (hot.wait)
         self._conduit: FramedConduit | None = None
         self._connect_lock = threading.Lock()
         self._setup_lock = threading.Lock()  # guards the channel and the run directory's descriptor
@@ -286,11 +282,7 @@ class Client(BlockingVerbs):
                     if remaining <= 0:
                         raise DeadlineExceeded(f"no answer on the conduit within {wanted:g}s")
                     if self._reading:
-                        self._waiting += 1
-                        try:
-                            self._cond.wait(remaining)
-                        finally:
-                            self._waiting -= 1
+                        hot.wait(self, remaining)
                     else:
                         self._read_one(remaining)
             except BaseException:
@@ -298,86 +290,7 @@ class Client(BlockingVerbs):
                 raise
             return run.claim(self._box, w)
 
-    def _redeem(self, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-        return _redeem(self, step, run)
-
-    # -- the hot path of a repeated get -------------------------------------------------------------------------
-
-    def _get_hot(self, name: str, fd_only: bool = False) -> Received:
-        """``get`` (``get_fd`` with ``fd_only``), served here when the flow's first steps are known in advance: the
-        session is open, a prefetched token for ``name`` is held and no other caller reads the conduit. Then the
-        flow would open no session, take that token and redeem it in one exchange (:func:`_redeem_lean`): this
-        does the same without the flow's generators, the run and the steps. Whatever the exchange brings but the
-        expected ``Deliver`` — an ``Error`` for the token, another frame first, a broken conduit, nothing in time
-        — goes on in the flow itself from that ``Redeem`` (:func:`flows.get_resumed`, :meth:`_resume`), so every
-        outcome is the verb's. Otherwise the verb's flow is driven from the start. The caller owns the returned
-        descriptor (``get``: a socket, a file object or an :class:`OwnedFd`)."""
-        st = self._state
-        tok: bytes | None = None
-        sid: str | None = None
-        with self._lock:
-            conduit = self._conduit
-            if not self._reading and conduit is not None and self._box.dead is None:
-                sid = st.live_id()
-                if sid is not None:
-                    tok = st.prefetch.pop(name)
-                    if tok is not None and len(tok) == TOKEN_BYTES:
-                        self._reading = True
-        if tok is None:
-            return self._drive(flows.get_fd(st, name) if fd_only else flows.get(st, name))
-        assert conduit is not None and sid is not None
-        timeout = st.timeout
-        deadline = time.monotonic() + timeout
-        if len(tok) != TOKEN_BYTES:  # not one of the broker's: sent as it is, as the flow's Redeem would
-            held = flows.Held(tok, sid, deadline)
-            return self._resume(flows.get_resumed(st, name, held, fd_only=fd_only), held, None, set())
-        expected: set[bytes] = set()
-        try:
-            got, broken = _lean_exchange(self, conduit, tok, 1, timeout, expected)
-        except BaseException:
-            if expected:
-                with self._cond:
-                    self._box.forget(expected)
-            raise
-        if got is None:
-            held = flows.Held(tok, sid, deadline)
-            flow = flows.get_resumed(st, name, held, fd_only=fd_only)
-            return self._resume(flow, held, (None, broken), expected)
-        st.stats["redeems"] += 1
-        fd = got[0][0]
-        return OwnedFd(fd) if fd_only else wrap_fd(fd, session.LazyItem(got[1]).info)
-
-    def _get_fd_hot(self, name: str) -> OwnedFd:
-        return self._get_hot(name, True)  # type: ignore[return-value]
-
-    def _resume(
-        self,
-        flow: steps.Flow[T],
-        held: flows.Held,
-        outcome: tuple[None, BrokerError | None] | None,
-        expected: set[bytes],
-    ) -> T:
-        """Drive ``flow``, which begins with the ``Redeem`` of ``held.token`` that :meth:`_get_hot` made:
-        ``outcome`` is what :func:`_lean_exchange` returned for it (None: it was not made; the step does it), the
-        token already expected in ``expected`` if its answer is to be awaited."""
-        run = steps.Run(flow)
-        run.expected.update(expected)
-        first = [outcome]
-
-        def do(step: steps.Step, run: steps.Run[T]) -> Any:
-            if first and isinstance(step, steps.Redeem) and step.token is held.token:
-                out = first.pop()
-                if out is not None:
-                    return _lean_rest(self, step, run, *out)
-            return getattr(self, step.handler)(step, run)
-
-        try:
-            return steps.drive(run, do)
-        finally:
-            left = run.finish()
-            if left:
-                with self._cond:
-                    self._box.forget(left)
+    _redeem, _get_hot, _get_fd_hot, _resume = hot.redeem, hot.get, hot.get_fd, hot.resume  # client/hot.py
 
     def _read_one(self, timeout: float) -> None:
         """Read one frame and file it, releasing ``_cond`` while reading (other callers wait, then re-check)."""
@@ -428,73 +341,6 @@ class Client(BlockingVerbs):
             if err.type is ErrType.TIMEOUT:
                 raise steps.silent_for(self.timeout) from None
             raise
-
-
-def _redeem(c: Client, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-    """The lean path when nobody else reads the conduit (:func:`_redeem_lean`); else send and await."""
-    with c._cond:
-        conduit, sid = c._conduit, step.session
-        lean = not c._reading and c._box.dead is None and len(step.token) == TOKEN_BYTES
-        lean = lean and conduit is not None and (sid is None or c._live() == sid)
-        if lean:
-            c._reading = True
-    if conduit is None or not lean:
-        what = "redeeming a prefetched token"
-        c._send_frame(steps.SendFrame(step.frame(), expect=(step.token,), what=what, session=sid), run)
-        return c._await_answers(steps.AwaitAnswers((step.token,), session=sid), run)[0]
-    return _redeem_lean(c, conduit, step, run)
-
-
-def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-    """A ``Redeem`` by the caller that holds the reader's role (``c._reading``): :func:`_lean_exchange`, then
-    :func:`_lean_rest`."""
-    got, broken = _lean_exchange(c, conduit, step.token, step.count, run.limit(c.timeout), run.expected)
-    return _lean_rest(c, step, run, got, broken)
-
-
-def _lean_exchange(
-    c: Client, conduit: FramedConduit, token: bytes, count: int, timeout: float, expected: set[bytes]
-) -> tuple[tuple[list[int], bytes] | None, BrokerError | None]:
-    """The ``Redeem`` of ``token`` by the caller that holds the reader's role (``c._reading``, given back here):
-    spliced from bytes, sent, and its ``Deliver`` recognised in the one read that follows
-    (:meth:`FramedConduit.exchange`), without the mailbox. Returns ``(fds, body)`` when it was (the caller owns
-    ``fds``), else None and, if the conduit broke, the error (the session is over then). When the read brought
-    anything else it was decoded into the conduit's queue, which only the reader files: the token is expected
-    (in the mailbox, and added to ``expected``, the caller's to forget) before the role is given back, and its
-    answer is to be awaited as usual (:func:`_lean_rest`)."""
-    got: tuple[list[int], bytes] | None = None
-    broken: BrokerError | None = None
-    try:
-        got = conduit.exchange(redeem_frame(token), token, count, timeout)
-    except ConduitError as err:
-        broken = session.conduit_broke("redeeming a prefetched token", err)
-    finally:
-        with c._lock:
-            if got is None:
-                expected.add(token)
-                c._box.expect((token,))
-            c._reading = False
-            if broken is not None and c._conduit is conduit:
-                c._session_over(broken, lost=True)
-            if c._waiting:
-                c._cond.notify_all()
-    return got, broken
-
-
-def _lean_rest(
-    c: Client,
-    step: steps.Redeem,
-    run: steps.Run[Any],
-    got: tuple[list[int], bytes] | None,
-    broken: BrokerError | None,
-) -> Any:
-    """The ``Redeem`` step's result after :func:`_lean_exchange`: its error, the recognised answer, or the answer
-    awaited in the mailbox."""
-    if broken is not None:
-        raise broken
-    if got is not None:
-        return session.lean_answer(*got)
-    return c._await_answers(steps.AwaitAnswers((step.token,), session=step.session), run)[0]
 
 
 class LeaseHandle(HeldLease):
