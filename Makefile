@@ -75,7 +75,8 @@ pytest: $(STAMP) $(DEPLOY_TOOLS)
 ## native-both: the handoff and security tests again with the pure-Python data plane (FDBROKER_NATIVE=0), after
 ## pytest ran everything with the C one (FDBROKER_NATIVE=1 when it is built); both must pass
 BOTH_WAYS := tests/test_broker_handoff.py tests/test_broker_inprocess.py tests/test_tokens.py tests/test_hardening.py \
-	tests/test_security.py tests/test_hoarding.py tests/test_fuzz_conduit.py tests/test_client_core.py
+	tests/test_security.py tests/test_hoarding.py tests/test_fuzz_conduit.py tests/test_client_core.py \
+	tests/test_client_hot.py
 native-both: $(STAMP) $(DEPLOY_TOOLS)
 	FDBROKER_NATIVE=0 $(VENV)/bin/pytest -q $(BOTH_WAYS) $(PYTEST_ARGS)
 

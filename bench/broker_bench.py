@@ -30,7 +30,9 @@ ok|MISS` (and appended to the file named by $FDBROKER_BENCH_GOALS, which bench/r
 CPU per operation (client and server, from /proc/PID/task/*/schedstat) is printed next to each latency: the
 machines are shared, and CPU varies much less than wall-clock latency with the load.
 
-usage: python bench/broker_bench.py [--quick] [--rounds N]
+usage: python bench/broker_bench.py [--quick] [--rounds N] [--p1]
+  --p1  only raw-1, get-fast and s6's retrieve, interleaved, then the P1 line (a few minutes less per try when
+        working on P1; the figures are those of the full run's same rows)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -317,6 +320,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=0)
+    ap.add_argument("--p1", action="store_true", help="only raw-1, get-fast and s6's retrieve; the P1 line")
     a = ap.parse_args()
     rounds = a.rounds or (2 if a.quick else 7)
     scale = 0.1 if a.quick else 1.0
@@ -369,6 +373,8 @@ def main() -> int:
         time_raw(raw, 253, 20)
 
         keys = ["raw-1", "grpc-unary", "get-rpc", "get-fast", "put", "raw-253", "batch-rpc", "batch-fast"]
+        if a.p1:
+            keys = ["raw-1", "get-fast"]
         if s6 is not None:
             keys.append("s6-retrieve")
         else:
@@ -386,16 +392,17 @@ def main() -> int:
         bp = broker.pid
         print(f"rounds={rounds} single={n_single} rpc={n_rpc} batch={n_batch} (interleaved)")
         for rnd in range(rounds):
-            t = {
-                "raw-1": time_raw(raw, 1, n_single, raw_pid),
-                "grpc-unary": time_grpc(echo, n_rpc, gsrv.pid),
-                "get-rpc": time_get(c_rpc, "bench/one", n_rpc, bp),
-                "get-fast": time_get(c_fast, "bench/one", n_single, bp),
-                "put": time_put(c_rpc, w, n_rpc, bp),
-                "raw-253": time_raw(raw, 253, n_batch, raw_pid),
-                "batch-rpc": time_batch(c_rpc, names, max(3, n_batch // 5), bp),
-                "batch-fast": time_batch(c_fast, names, n_batch, bp),
+            timers: dict[str, Callable[[], Timed]] = {
+                "raw-1": lambda: time_raw(raw, 1, n_single, raw_pid),
+                "grpc-unary": lambda: time_grpc(echo, n_rpc, gsrv.pid),
+                "get-rpc": lambda: time_get(c_rpc, "bench/one", n_rpc, bp),
+                "get-fast": lambda: time_get(c_fast, "bench/one", n_single, bp),
+                "put": lambda: time_put(c_rpc, w, n_rpc, bp),
+                "raw-253": lambda: time_raw(raw, 253, n_batch, raw_pid),
+                "batch-rpc": lambda: time_batch(c_rpc, names, max(3, n_batch // 5), bp),
+                "batch-fast": lambda: time_batch(c_fast, names, n_batch, bp),
             }
+            t = {k: timers[k]() for k in keys if k in timers}
             if s6 is not None:
                 t["s6-retrieve"] = time_s6(s6[1], s6[2], n_single, s6[0].pid)
                 ratios["get-fast/s6"].append(t["get-fast"][0] / t["s6-retrieve"][0])
@@ -403,9 +410,12 @@ def main() -> int:
                 res[k].append(us)
                 cpu[k].append((c_us, s_us))
             us_of = {k: v[0] for k, v in t.items()}
-            ratios["get-rpc/(unary+raw)"].append(us_of["get-rpc"] / (us_of["grpc-unary"] + us_of["raw-1"]))
             ratios["get-fast/raw"].append(us_of["get-fast"] / us_of["raw-1"])
-            ratios["batch/raw-253 rate"].append(us_of["raw-253"] / us_of["batch-fast"])
+            if not a.p1:
+                ratios["get-rpc/(unary+raw)"].append(
+                    us_of["get-rpc"] / (us_of["grpc-unary"] + us_of["raw-1"])
+                )
+                ratios["batch/raw-253 rate"].append(us_of["raw-253"] / us_of["batch-fast"])
             print(f"  round {rnd + 1}: " + "  ".join(f"{k}={v:.1f}us" for k, v in us_of.items()), flush=True)
 
         print("\n== per-op latency and CPU per op (client / server), median [min-max] over rounds")
@@ -419,9 +429,11 @@ def main() -> int:
                 f"cpu {c_med:7.1f} + {s_med:7.1f} us/op"
             )
         print("\n== ratios per round, median [min-max]")
-        print(f"  get-rpc / (grpc-unary + raw-1)     {fmt_range(ratios['get-rpc/(unary+raw)'], '.2f')}")
+        if not a.p1:
+            print(f"  get-rpc / (grpc-unary + raw-1)     {fmt_range(ratios['get-rpc/(unary+raw)'], '.2f')}")
         print(f"  get-fast / raw-1                   {fmt_range(ratios['get-fast/raw'], '.2f')}")
-        print(f"  batch-fast fds/s / raw-253 fds/s   {fmt_range(ratios['batch/raw-253 rate'], '.2f')}")
+        if not a.p1:
+            print(f"  batch-fast fds/s / raw-253 fds/s   {fmt_range(ratios['batch/raw-253 rate'], '.2f')}")
         if s6 is not None:
             print(f"  get-fast / s6-fdholderd C-API retrieve  {fmt_range(ratios['get-fast/s6'], '.2f')}")
             goal("1", "get-fast/s6-retrieve", ratios["get-fast/s6"], "<=", 1.0)
@@ -430,6 +442,12 @@ def main() -> int:
                 f"  get-fast vs s6-fdholderd C-API retrieve (anchor 71.9 us unpinned, not this run): "
                 f"{med(res['get-fast']):.1f} us -> {med(res['get-fast']) / 71.9:.2f} x"
             )
+        if a.p1:
+            c_fast.close()
+            c_rpc.close()
+            channel.close()
+            print("\n== goals\n" + "\n".join(GOALS))
+            return 0  # the finally below stops the servers
         goal("2", "get-rpc/(grpc-unary+raw-1)", ratios["get-rpc/(unary+raw)"], "<=", 1.1)
         goal("3", "batch-fast/raw-253-rate", ratios["batch/raw-253 rate"], ">=", 0.5)
 

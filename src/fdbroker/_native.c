@@ -778,7 +778,28 @@ typedef struct {
     int python_only; /* set by Python while its decoder holds a partial frame or its output is queued */
     long long key;   /* the session's key in the table; -1 before the Welcome */
     Py_ssize_t recv_bytes, max_frame;
+    PyObject *accounts; /* a tuple of dicts, all empty when no descriptor is in flight for anyone; or NULL */
 } Reader;
+
+static PyObject *str_throttled; /* "_throttled", interned at import */
+
+/* Nothing in flight for any uid (every dict of the accounts is empty) and the connection not throttled (its
+ * _throttled is False: a pause episode ends in _read_size, which logs it); anything else: ask Python. */
+static int nothing_in_flight(Reader *R) {
+    if (!R->accounts) return 0;
+    Py_ssize_t n = PyTuple_GET_SIZE(R->accounts);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *d = PyTuple_GET_ITEM(R->accounts, i);
+        if (!PyDict_Check(d) || PyDict_GET_SIZE(d) != 0) return 0;
+    }
+    PyObject *th = PyObject_GetAttr(R->conn, str_throttled);
+    if (!th) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(th);
+    return th == Py_False;
+}
 
 static uint32_t be32(const uint8_t *b) {
     return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) | ((uint32_t)b[2] << 8) | (uint32_t)b[3];
@@ -1029,11 +1050,16 @@ static PyObject *ancdata_list(struct msghdr *msg) {
 static PyObject *Reader_call(Reader *R, PyObject *args, PyObject *kw) {
     Table *T = R->table;
     if (R->key < 0 || R->python_only || R->fd < 0) return PyObject_CallMethod(R->conn, "_readable", NULL);
-    PyObject *sz = PyObject_CallMethod(R->conn, "_read_size", NULL);
-    if (!sz) return NULL;
-    Py_ssize_t size = PyLong_AsSsize_t(sz);
-    Py_DECREF(sz);
-    if (size == -1 && PyErr_Occurred()) return NULL;
+    /* The cap on descriptors in flight (Connection._read_size): with none in flight anywhere and the connection
+     * not throttled, its answer is a full read (a cap is at least 1), so it is not asked. */
+    Py_ssize_t size = R->recv_bytes;
+    if (!nothing_in_flight(R)) {
+        PyObject *sz = PyObject_CallMethod(R->conn, "_read_size", NULL);
+        if (!sz) return NULL;
+        size = PyLong_AsSsize_t(sz);
+        Py_DECREF(sz);
+        if (size == -1 && PyErr_Occurred()) return NULL;
+    }
     if (size != R->recv_bytes || PyByteArray_GET_SIZE(R->rbuf) < size)
         return PyObject_CallMethod(R->conn, "_readable", NULL);
     uint8_t *buf = (uint8_t *)PyByteArray_AS_STRING(R->rbuf);
@@ -1080,6 +1106,7 @@ static int Reader_traverse(Reader *R, visitproc visit, void *arg) {
     Py_VISIT(R->table);
     Py_VISIT(R->conn);
     Py_VISIT(R->rbuf);
+    Py_VISIT(R->accounts);
     return 0;
 }
 
@@ -1087,6 +1114,7 @@ static int Reader_clear(Reader *R) {
     Py_CLEAR(R->table);
     Py_CLEAR(R->conn);
     Py_CLEAR(R->rbuf);
+    Py_CLEAR(R->accounts);
     return 0;
 }
 
@@ -1096,12 +1124,14 @@ static void Reader_dealloc(Reader *R) {
     Py_TYPE(R)->tp_free((PyObject *)R);
 }
 
-/* reader(conn, fd, rbuf, max_frame_bytes, recv_bytes) -> Reader */
+/* reader(conn, fd, rbuf, max_frame_bytes, recv_bytes[, accounts]) -> Reader. ``accounts``: a tuple of dicts that
+ * are all empty when no uid has a descriptor in flight (then conn._read_size is not asked; without it, always). */
 static PyObject *Table_reader(Table *T, PyObject *args) {
-    PyObject *conn, *rbuf;
+    PyObject *conn, *rbuf, *accounts = NULL;
     int fd;
     Py_ssize_t max_frame, recv_bytes;
-    if (!PyArg_ParseTuple(args, "OiO!nn", &conn, &fd, &PyByteArray_Type, &rbuf, &max_frame, &recv_bytes))
+    if (!PyArg_ParseTuple(args, "OiO!nn|O!", &conn, &fd, &PyByteArray_Type, &rbuf, &max_frame, &recv_bytes,
+                          &PyTuple_Type, &accounts))
         return NULL;
     if (recv_bytes < 4 || max_frame < 1) return PyErr_Format(PyExc_ValueError, "bad sizes");
     Reader *R = PyObject_GC_New(Reader, &ReaderType);
@@ -1114,6 +1144,8 @@ static PyObject *Table_reader(Table *T, PyObject *args) {
     R->rbuf = rbuf;
     R->fd = fd;
     R->python_only = 0;
+    Py_XINCREF(accounts);
+    R->accounts = accounts;
     R->key = -1;
     R->recv_bytes = recv_bytes;
     R->max_frame = max_frame;
@@ -1281,11 +1313,10 @@ static PyObject *native_exchange(PyObject *mod, PyObject *args) {
     }
     double deadline = timeout < 0 ? -1 : mono() + timeout;
     Py_ssize_t sent = 0;
+    /* The GIL is kept across the send and the recvmsg: with MSG_DONTWAIT they never block, and giving it up and
+     * taking it back costs more than they do. It is given up only while waiting (wait_fd). */
     while (sent < data.len) {
-        ssize_t r;
-        Py_BEGIN_ALLOW_THREADS
-        r = send(fd, (char *)data.buf + sent, (size_t)(data.len - sent), MSG_NOSIGNAL | MSG_DONTWAIT);
-        Py_END_ALLOW_THREADS
+        ssize_t r = send(fd, (char *)data.buf + sent, (size_t)(data.len - sent), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (r >= 0) {
             sent += r;
             continue;
@@ -1326,9 +1357,7 @@ static PyObject *native_exchange(PyObject *mod, PyObject *args) {
         msg.msg_control = u.buf;
         msg.msg_controllen = sizeof u.buf;
         msg.msg_flags = 0;
-        Py_BEGIN_ALLOW_THREADS
         n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-        Py_END_ALLOW_THREADS
         if (n >= 0) break;
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) break;
@@ -1390,6 +1419,8 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&TableType) < 0 || PyType_Ready(&ReaderType) < 0) return NULL;
+    str_throttled = PyUnicode_InternFromString("_throttled");
+    if (!str_throttled) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     Py_INCREF(&TableType);

@@ -82,9 +82,20 @@ class FdsInFlight:
         """``uid``'s descriptors in flight: :meth:`held` plus its descriptors waiting in the closer."""
         return self._held.get(uid, 0) + closer.pending_for_uid(uid)
 
+    def accounts(self) -> tuple[dict[int, int], ...]:
+        """The dicts behind :meth:`total` for every uid — held per uid, waiting in the closer per uid — which are
+        all empty when no uid has a descriptor in flight (a uid is in them only while it has some); never to be
+        written."""
+        return (self._held, closer.per_uid_counts())
+
 
 in_flight = FdsInFlight()
 """The process's account of descriptors in flight, shared by every :class:`Connection`."""
+
+ACCOUNTS = in_flight.accounts()
+"""What the native reader looks at before each read: while every dict is empty and the connection is not
+throttled (``_throttled``), :meth:`Connection._read_size` would answer a full read (every cap is at least 1:
+:class:`~fdbroker.broker.policy.Limits` refuses less), so it is not asked."""
 
 
 class Connection:
@@ -141,7 +152,7 @@ class Connection:
         #: The native reader (``native.reader``), whose ``key`` is the session's in the table; or None.
         self.native: Any = None
         if native is not None:
-            self.native = native.reader(self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES)
+            self.native = native.reader(self, self._fd, self._rbuf, max_frame_bytes, RECV_BYTES, ACCOUNTS)
         self._reader = self.native or self._readable
         loop.add_reader(self._fd, self._reader)
 

@@ -74,6 +74,14 @@ class Limits:
     max_leases_per_uid: int = 1024
     max_lease_waiters_per_uid: int = 256
 
+    def __post_init__(self) -> None:
+        # A cap of 0 would stop every read: refused here as in a policy file. The native reader counts on a cap
+        # of at least 1 (with nothing in flight, a full read: see listener.FdsInFlight.accounts).
+        if self.max_fds_in_flight_per_uid < 1:
+            raise PolicyError(
+                f"max_fds_in_flight_per_uid must be a positive integer, got {self.max_fds_in_flight_per_uid!r}"
+            )
+
 
 @dataclass(slots=True, frozen=True)
 class Rule:

@@ -639,10 +639,11 @@ Copies = tuple[list[int], Sequence[Any]]
 lean answer are parsed only when read)."""
 
 
-def _redeem(state: State, sid: str, key: str, count: int) -> Flow[Copies | None]:
+def _redeem(state: State, sid: str, key: str, count: int, first: bytes | None = None) -> Flow[Copies | None]:
     """``count`` copies through one prefetched token for ``key`` (one of session ``sid``'s), or None when there is
-    no usable token."""
-    while (tok := state.prefetch.pop(key)) is not None:
+    no usable token. ``first``: a token already taken from the prefetched ones, to redeem first."""
+    tok = first if first is not None else state.prefetch.pop(key)
+    while tok is not None:
         a = yield Redeem(tok, count, session=sid)
         state.stats["redeems"] += 1
         if a.kind == "batch" and len(a.message[1]) == count:
@@ -652,14 +653,19 @@ def _redeem(state: State, sid: str, key: str, count: int) -> Flow[Copies | None]
             return [a.fd], [a.message]
         close_answers([a])
         state.prefetch.drop(key)  # replaced, deleted or leased away since: ask the control plane again
+        tok = state.prefetch.pop(key)
     return None
 
 
-def _redeem_shared(state: State, sid: str, key: str, count: int) -> Flow[Copies | None]:
-    """Redeem a prefetched token for ``key``; while another caller's RPC is fetching tokens for it, wait for that
-    RPC and use its tokens instead of asking for more (concurrent gets of one name share them)."""
+def _redeem_shared(
+    state: State, sid: str, key: str, count: int, first: bytes | None = None
+) -> Flow[Copies | None]:
+    """Redeem a prefetched token for ``key`` (``first``, if given, then the ones held); while another caller's RPC
+    is fetching tokens for it, wait for that RPC and use its tokens instead of asking for more (concurrent gets of
+    one name share them)."""
     while True:
-        got = yield from _redeem(state, sid, key, count)
+        got = yield from _redeem(state, sid, key, count, first)
+        first = None
         if got is not None:
             return got
         fetching = state.prefetch.in_flight(key)
@@ -668,13 +674,32 @@ def _redeem_shared(state: State, sid: str, key: str, count: int) -> Flow[Copies 
         yield AwaitFetch(fetching)
 
 
-def _get_one(state: State, name: str) -> Flow[Delivered]:
+class Held(NamedTuple):
+    """A get a driver began outside its flow (the blocking client's hot path, :meth:`fdbroker.Client.get_fd`):
+    the prefetched ``token`` it took for the name and redeemed as session ``session``, and the call's
+    ``deadline`` (``time.monotonic()``). :func:`get_resumed` goes on from that ``Redeem``, whose outcome the
+    driver gives as the result of the flow's first :class:`~fdbroker.client.steps.Redeem` step (of ``token``)."""
+
+    token: bytes
+    session: str
+    deadline: float
+
+
+def _get_one(state: State, name: str, held: Held | None = None) -> Flow[Delivered]:
     """A copy of ``name``'s descriptor; tried again (on a new session) while the broker goes away: a get changes
-    nothing."""
+    nothing. ``held``: go on from a ``Redeem`` the driver made (:class:`Held`), as this flow would have made it
+    in its first try, within the deadline the call began with."""
 
     def once(a: Attempt) -> Flow[Delivered]:
-        sid = str((yield from _as(state, a, need=True)))
-        got = yield from _redeem_shared(state, sid, name, 1)
+        nonlocal held
+        first: bytes | None = None
+        if held is not None:
+            # What _as did for the first try, before the driver's Redeem: the session was open.
+            sid, first, held = held.session, held.token, None
+            a.session = sid
+        else:
+            sid = str((yield from _as(state, a, need=True)))
+        got = yield from _redeem_shared(state, sid, name, 1, first)
         if got is not None:
             return got[0][0], got[1][0]
         prefetch = state.prefetch.plan(name, state.token_ttl)
@@ -686,7 +711,12 @@ def _get_one(state: State, name: str) -> Flow[Delivered]:
                 state.prefetch.keep(name, resp, state.token_ttl)
         return deliveries((yield AwaitAnswers([resp.handoffs[0].token], session=sid)), [name])[0]
 
-    return (yield from _retrying(state, once))
+    budget = None
+    if held is not None:
+        budget = Budget(state.timeout, state.reconnect)
+        budget.deadline = held.deadline
+        yield Within(budget.deadline)
+    return (yield from _retrying(state, once, budget=budget))
 
 
 def get(state: State, name: str) -> Flow[Received]:
@@ -699,6 +729,14 @@ def get_fd(state: State, name: str) -> Flow[OwnedFd]:
     """Like ``get``, but always an :class:`OwnedFd` (the caller owns it)."""
     fd, _ = yield from _get_one(state, name)
     return OwnedFd(fd)
+
+
+def get_resumed(state: State, name: str, held: Held, *, fd_only: bool) -> Flow[Received]:
+    """``get`` (``get_fd`` with ``fd_only``) going on from the driver's ``Redeem`` of ``held.token``
+    (:class:`Held`): what the verb does from there, to the letter — the answer taken, another token or the
+    ``Get`` RPC after a refusal, a try again on a new session after the broker went away."""
+    fd, item = yield from _get_one(state, name, held)
+    return OwnedFd(fd) if fd_only else wrap_fd(fd, item.info)
 
 
 def get_many(state: State, names: Sequence[str], *, raw: bool = False) -> Flow[list[Any]]:

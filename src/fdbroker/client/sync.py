@@ -23,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from fdbroker.client import flows, session, steps
+from fdbroker.client import flows, hot, session, steps
 from fdbroker.client.flows import EventStream, Granted, HeldLease
 from fdbroker.client.models import Entry, Event, FdLike, Info, Lease, Listing, OwnedFd
 from fdbroker.client.raw import Raw
@@ -31,7 +31,6 @@ from fdbroker.client.reconnect import CHANNEL_OPTIONS
 from fdbroker.client.verbs import BlockingVerbs
 from fdbroker.conduit.errors import ConduitError, ErrType
 from fdbroker.conduit.frames import Frame, FramedConduit
-from fdbroker.conduit.lean import redeem_frame
 from fdbroker.errors import Aborted, BrokerError, DeadlineExceeded
 from fdbroker.v1 import broker_pb2_grpc as pb_grpc
 
@@ -63,8 +62,9 @@ class Client(BlockingVerbs):
     _public_name = "fdbroker.Client"
 
     def _init_io(self) -> None:
-        self._cond = threading.Condition()  # guards _box, _conduit and _reading
-        self._reading = False
+        self._lock = threading.RLock()  # guards _box, _conduit, _reading, _waiting (hot.py takes it bare)
+        self._cond = threading.Condition(self._lock)
+        self._reading, self._waiting = False, 0  # _waiting: callers in _cond.wait (hot.wait)
         self._conduit: FramedConduit | None = None
         self._connect_lock = threading.Lock()
         self._setup_lock = threading.Lock()  # guards the channel and the run directory's descriptor
@@ -282,7 +282,7 @@ class Client(BlockingVerbs):
                     if remaining <= 0:
                         raise DeadlineExceeded(f"no answer on the conduit within {wanted:g}s")
                     if self._reading:
-                        self._cond.wait(remaining)
+                        hot.wait(self, remaining)
                     else:
                         self._read_one(remaining)
             except BaseException:
@@ -290,8 +290,7 @@ class Client(BlockingVerbs):
                 raise
             return run.claim(self._box, w)
 
-    def _redeem(self, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-        return _redeem(self, step, run)
+    _redeem, _get_hot, _get_fd_hot, _resume = hot.redeem, hot.get, hot.get_fd, hot.resume  # client/hot.py
 
     def _read_one(self, timeout: float) -> None:
         """Read one frame and file it, releasing ``_cond`` while reading (other callers wait, then re-check)."""
@@ -342,48 +341,6 @@ class Client(BlockingVerbs):
             if err.type is ErrType.TIMEOUT:
                 raise steps.silent_for(self.timeout) from None
             raise
-
-
-def _redeem(c: Client, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-    """The lean path when nobody else reads the conduit (:func:`_redeem_lean`); else send and await."""
-    with c._cond:
-        conduit, sid = c._conduit, step.session
-        lean = not c._reading and c._box.dead is None and len(step.token) == 32
-        lean = lean and conduit is not None and (sid is None or c._live() == sid)
-        if lean:
-            c._reading = True
-    if conduit is None or not lean:
-        what = "redeeming a prefetched token"
-        c._send_frame(steps.SendFrame(step.frame(), expect=(step.token,), what=what, session=sid), run)
-        return c._await_answers(steps.AwaitAnswers((step.token,), session=sid), run)[0]
-    return _redeem_lean(c, conduit, step, run)
-
-
-def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-    """A ``Redeem`` by the caller that holds the reader's role (``c._reading``, given back here): spliced from
-    bytes, sent, and its ``Deliver`` recognised in the one read that follows (:meth:`FramedConduit.exchange`),
-    without the mailbox. When that read brought anything else, it was decoded into the conduit's queue, which only
-    the reader files: the token is expected before the role is given back, and its answer awaited as usual."""
-    token = step.token
-    got: tuple[list[int], bytes] | None = None
-    broken: BrokerError | None = None
-    try:
-        got = conduit.exchange(redeem_frame(token), token, step.count, run.limit(c.timeout))
-    except ConduitError as err:
-        broken = session.conduit_broke("redeeming a prefetched token", err)
-    finally:
-        with c._cond:
-            if got is None:
-                run.expect(c._box, (token,))
-            c._reading = False
-            if broken is not None and c._conduit is conduit:
-                c._session_over(broken, lost=True)
-            c._cond.notify_all()
-    if broken is not None:
-        raise broken
-    if got is not None:
-        return session.lean_answer(*got)
-    return c._await_answers(steps.AwaitAnswers((token,), session=step.session), run)[0]
 
 
 class LeaseHandle(HeldLease):

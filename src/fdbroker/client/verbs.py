@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import types
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -50,11 +51,14 @@ def verb_method(method: F, flow: Callable[..., Any], name: str | None = None) ->
 
 class _Binding(Generic[P, T]):
     """A flow as a method of whichever driver it is read from: one function per driver class, made on first use;
-    its result goes through the driver's method ``then`` if one is named."""
+    its result goes through the driver's method ``then`` if one is named. A driver that has the method named
+    ``hot`` serves the verb with it instead (same arguments): a hot path that must do exactly what the flow does,
+    and drives the flow for everything it does not do itself."""
 
-    def __init__(self, flow: Callable[Concatenate[State, P], Flow[T]], then: str = "") -> None:
+    def __init__(self, flow: Callable[Concatenate[State, P], Flow[T]], then: str = "", hot: str = "") -> None:
         self.flow = flow
         self.then = then
+        self.hot = hot
         self.name = flow.__name__
         self._methods: dict[type, Callable[..., Any]] = {}
 
@@ -67,14 +71,26 @@ class _Binding(Generic[P, T]):
         if method is None:
             if not issubclass(cls, (BlockingVerbs, AsyncVerbs)):
                 return self  # read from Verbs itself
-            method = verb_method(_verb_function(self.flow, self.then), self.flow, self.name)
+            hot = getattr(cls, self.hot, None) if self.hot else None
+            method = verb_method(_verb_function(self.flow, self.then, hot), self.flow, self.name)
             self._methods[cls] = method
         return method if obj is None else method.__get__(obj, cls)
 
 
-def _verb_function(flow: Callable[..., Flow[Any]], then: str) -> Callable[..., Any]:
+def _verb_function(
+    flow: Callable[..., Flow[Any]], then: str, hot: types.FunctionType | None = None
+) -> Callable[..., Any]:
     """The method of a verb: what the driver's ``_drive`` makes of the flow — its result (a blocking driver) or a
-    coroutine of it (an asyncio driver) — passed through the driver's method ``then`` if one is named."""
+    coroutine of it (an asyncio driver) — passed through the driver's method ``then`` if one is named; or the
+    driver's hot path ``hot`` (its function), if it has one."""
+    if hot is not None:
+        # A copy of the hot path itself (verb_method gives it the verb's name, signature and documentation): no
+        # wrapper frame, no packing of arguments, on the path that exists to be cheap.
+        copy = types.FunctionType(
+            hot.__code__, hot.__globals__, hot.__name__, hot.__defaults__, hot.__closure__
+        )
+        copy.__kwdefaults__ = hot.__kwdefaults__
+        return copy
     if then:
 
         def verb(self: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -234,8 +250,8 @@ class Verbs:
     info = Verb(flows.info)
     put = Verb(flows.put)
     put_many = Verb(flows.put_many)
-    get = Verb(flows.get)
-    get_fd = Verb(flows.get_fd)
+    get = Verb(flows.get, hot="_get_hot")  # the blocking client's hot path of a prefetched get
+    get_fd = Verb(flows.get_fd, hot="_get_fd_hot")
     get_many = Verb(flows.get_many)
     get_many_fds = Verb(flows.get_many_fds)
     take = Verb(flows.take)
