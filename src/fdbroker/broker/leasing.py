@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -435,6 +436,10 @@ class Leasing:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except BaseException as exc:
             w.cancelled = True
+            # Out of the queue now, not when it reaches the head: a live waiter ahead would keep it there, and the
+            # per-uid limit counts only live requests, so queue-and-give-up would grow the queue without bound.
+            with contextlib.suppress(ValueError):
+                lt.waiters.remove(w)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.end_lease(fut.result(), EV.REASON_RELEASED)  # granted as we gave up: pass it on
             lt.pump()
