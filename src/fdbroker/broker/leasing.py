@@ -193,6 +193,14 @@ class LeaseTable:
             self.waiters.popleft()
             w.grant()
 
+    def give_up(self, w: Waiter) -> None:
+        """``w`` stops waiting: cancelled, and out of the queue now rather than when it reaches the head (a live
+        waiter ahead would keep it there, and the per-uid limit counts only live requests, so queueing and giving
+        up would grow the queue without bound)."""
+        w.cancelled = True
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(w)
+
     def fill_pb(self, m: pb.LeaseState) -> None:
         m.epoch = self.epoch
         m.waiters = sum(1 for w in self.waiters if not w.cancelled)
@@ -435,11 +443,7 @@ class Leasing:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except BaseException as exc:
-            w.cancelled = True
-            # Out of the queue now, not when it reaches the head: a live waiter ahead would keep it there, and the
-            # per-uid limit counts only live requests, so queue-and-give-up would grow the queue without bound.
-            with contextlib.suppress(ValueError):
-                lt.waiters.remove(w)
+            lt.give_up(w)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.end_lease(fut.result(), EV.REASON_RELEASED)  # granted as we gave up: pass it on
             lt.pump()
