@@ -595,3 +595,38 @@ def test_a_deposit_whose_descriptor_never_arrived_answers_an_error_naming_each_t
     assert all(e.code == 3 and "1 descriptors for 2 tokens" in e.message for e in errors)
     assert len(h.broker.tokens) == 0 and h.broker.pending_puts == 0  # both tokens are spent
     assert "miss/0" not in h.broker.registry and "miss/1" not in h.broker.registry
+
+
+def test_cancelled_lease_requests_leave_no_waiter_behind(clock: Clock) -> None:
+    """max_lease_waiters_per_uid counts live requests; a cancelled or timed-out one used to stay in the entry's
+    queue (marked cancelled) until it reached the head, which a live waiter ahead of it prevents. One uid could
+    queue and cancel without bound: the queue grew by one per request, and every Stat, List, scrape and grant
+    walked it. A request that gives up now leaves the queue at once."""
+    h = _small(clock, max_lease_waiters_per_uid=2)
+    try:
+        owner, sink = h.session()
+        h.put(owner, sink, "l/x")
+        h.lease(owner, "l/x")
+        hog, _ = h.session()  # any uid the policy lets lease the entry; the queue limit is per uid
+        first = h.wait_lease(hog, "l/x")  # live, at the head: it stays
+        for i in range(50):
+            if i % 2:
+                t = h.wait_lease(hog, "l/x")
+                t.cancel()
+                h.settle()
+                assert t.cancelled()
+            else:
+                t = h.wait_lease(hog, "l/x", timeout=0.0)
+                h.settle()
+                with pytest.raises(DeadlineExceeded):
+                    t.result()
+        e = h.broker.registry.find("l/x")
+        assert e is not None and e.lease is not None
+        assert list(e.lease.waiters) == [w for w in e.lease.waiters if not w.cancelled]
+        assert len(e.lease.waiters) == 1
+        assert h.broker.stat(None, "l/x").entry.lease.waiters == 1
+        first.cancel()
+        h.settle()
+        assert len(e.lease.waiters) == 0
+    finally:
+        h.close()

@@ -176,7 +176,7 @@ def _put_to_deposit(hand: ByHand, revision: int = 10) -> Any:
 
 def _mine(name: str, revision: int, **kw: Any) -> pb.StatResponse:
     e = pb.Entry(name=name, revision=revision, create_revision=revision)
-    e.owner.pid, e.owner.uid = kw.get("pid", os.getpid()), os.getuid()
+    e.owner.pid, e.owner.uid = kw.get("pid", os.getpid()), kw.get("uid", os.getuid())
     e.create_time.FromNanoseconds(time.time_ns())
     return pb.StatResponse(entry=e)
 
@@ -215,7 +215,10 @@ def test_a_put_in_doubt_is_settled_by_what_the_successor_holds(pipe: tuple[int, 
     # Another descriptor under the name, or none at all: cannot tell.
     other_r, other_w = os.pipe()
     os.close(other_r)
-    for answer in ("another file", "another process", "no entry"):
+    # "another uid": a local user who put its own descriptor of the very same file (same st_dev/st_ino: e.g. it
+    # opened the same world-readable file) under the name in the window, even with the victim's pid (a pid
+    # namespace): the owner's uid differs, so it is never taken for the victim's deposit.
+    for answer in ("another file", "another process", "another uid", "no entry"):
         state = _state()
         hand = ByHand(state, flows.put(state, "p/1", w))
         _put_to_deposit(hand)
@@ -225,6 +228,11 @@ def test_a_put_in_doubt_is_settled_by_what_the_successor_holds(pipe: tuple[int, 
                 hand.fail(NotFound("p/1"))
             elif answer == "another process":
                 hand.ok(_mine("p/1", 11, pid=1))
+            elif answer == "another uid":
+                step = hand.ok(_mine("p/1", 11, uid=65534 if os.getuid() != 65534 else 0))
+                assert not isinstance(step, CallRpc) or step.method != "Get", step  # not even fetched
+                hand.ok(pb.GetResponse(handoffs=[pb.Handoff(token=b"gt")]))
+                hand.ok(_deliver(b"gt", os.dup(w)))
             else:
                 hand.ok(_mine("p/1", 11))
                 hand.ok(pb.GetResponse(handoffs=[pb.Handoff(token=b"gt")]))

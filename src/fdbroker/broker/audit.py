@@ -34,6 +34,7 @@ session and every check made for it share (:meth:`SessionTable.of_identity`). Re
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -51,6 +52,10 @@ if TYPE_CHECKING:
     from fdbroker.broker.registry import Entry
 
 log = logging.getLogger("fdbroker.audit")
+
+MAX_VALUE_CHARS = 256
+"""A longer value (only a caller's name can be: a refused call's name is logged before anything checks it) is
+cut to this many characters and marked ``…[N chars]``, so one call cannot write megabytes of log."""
 
 E = TypeVar("E", bound=BrokerError)
 
@@ -192,7 +197,16 @@ class Audit:
         record: dict[str, Any] = {"verb": verb, "name": name, "kind": kind, "outcome": outcome}
         record.update(pid=pid, uid=uid, gid=gid, session=None if session is None else session[:6])
         record.update((k, v) for k, v in detail.items() if v != "")
+        if len(name) > MAX_VALUE_CHARS:
+            record["name"] = clip(name)
         log.info("%s", _Words(record), extra={"audit": record})
+
+
+def clip(value: str) -> str:
+    """``value`` cut to :data:`MAX_VALUE_CHARS` characters and marked with its length, if it is longer."""
+    if len(value) <= MAX_VALUE_CHARS:
+        return value
+    return f"{value[:MAX_VALUE_CHARS]}…[{len(value)} chars]"
 
 
 class _Words:
@@ -204,16 +218,21 @@ class _Words:
         self.record = record
 
     def __str__(self) -> str:
-        return " ".join(f"{k}={_word(v)}" for k, v in self.record.items() if v != "")
+        return " ".join(f"{k}={word(v)}" for k, v in self.record.items() if v != "")
 
 
-def _word(v: Any) -> str:
-    """A value for a ``key=value`` word: names and ids as they are, anything with a space, quote, ``=`` or
-    backslash quoted."""
+def word(v: Any) -> str:
+    """A value for a ``key=value`` word, so that one record is one line with unambiguous fields whatever a caller
+    put in a name: as it is if every character is printable (no control, format — bidi, zero-width — or
+    separator character) and none is a space, a quote, ``=`` or a backslash; else a JSON string literal in
+    ASCII (``"a b"``, ``"\\u001b[2J"``). A plain value never starts with ``"``, so a reader tells the two
+    apart by the first character. None is ``-``."""
     if v is None:
         return "-"
     s = str(v)
-    return s if _PLAIN.fullmatch(s) else repr(s)
+    if s.isprintable() and _PLAIN.fullmatch(s):
+        return s
+    return json.dumps(s)
 
 
-_PLAIN = re.compile(r"[^\s\"=\\]+")
+_PLAIN = re.compile(r"[^ \"'=\\]+")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -191,6 +192,14 @@ class LeaseTable:
                 return
             self.waiters.popleft()
             w.grant()
+
+    def give_up(self, w: Waiter) -> None:
+        """``w`` stops waiting: cancelled, and out of the queue now rather than when it reaches the head (a live
+        waiter ahead would keep it there, and the per-uid limit counts only live requests, so queueing and giving
+        up would grow the queue without bound)."""
+        w.cancelled = True
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(w)
 
     def fill_pb(self, m: pb.LeaseState) -> None:
         m.epoch = self.epoch
@@ -434,7 +443,7 @@ class Leasing:
         try:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except BaseException as exc:
-            w.cancelled = True
+            lt.give_up(w)
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.end_lease(fut.result(), EV.REASON_RELEASED)  # granted as we gave up: pass it on
             lt.pump()

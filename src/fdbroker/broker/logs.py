@@ -19,6 +19,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -49,6 +50,11 @@ def under_journald(stream: TextIO | None = None, environ: Mapping[str, str] | No
     return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters a text line never carries raw (C0 but tab and newline, DEL, C1, the Unicode line separators): an
+audit record quotes them itself (:func:`fdbroker.broker.audit.word`); this catches any other message."""
+
+
 class TextFormatter(logging.Formatter):
     """``TIME fdbroker[PID] LEVEL LOGGER: MESSAGE``; under journald ``<N>LEVEL LOGGER: MESSAGE`` on every line."""
 
@@ -59,6 +65,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        if _UNSAFE.search(text):  # no line but at "\n", no terminal escape, whatever a message carries
+            text = _UNSAFE.sub(lambda m: m[0].encode("unicode_escape").decode("ascii"), text)
         if not self.journald:
             return text
         prefix = f"<{syslog_priority(record.levelno)}>"
@@ -87,7 +95,9 @@ class JsonFormatter(logging.Formatter):
                 obj.setdefault(k, v)
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
-        text = json.dumps(obj, ensure_ascii=False, default=str)
+        # ASCII: JSON leaves U+2028, U+0085 and bidi controls raw otherwise, and line readers (str.splitlines)
+        # split at the first two: a caller's name could cut a record in two.
+        text = json.dumps(obj, default=str)
         return f"<{syslog_priority(record.levelno)}>{text}" if self.journald else text
 
 

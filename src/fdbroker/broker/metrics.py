@@ -20,7 +20,8 @@ minimal HTTP/1.1 responder on the broker's own event loop, so a scrape sees one 
 ``GET /metrics`` (``/`` too) answers the exposition (OpenMetrics when the scraper's ``Accept`` asks for it),
 anything else 404. A request must arrive whole within :data:`REQUEST_TIMEOUT` and fit in :data:`MAX_REQUEST`; a
 client that does not read its answer is dropped after the same time; at most :data:`MAX_CONNECTIONS` are served
-at once (more are closed at once), so the endpoint can never eat the descriptors the broker keeps in reserve. It
+at once: past that, a newcomer evicts the oldest connection whose request has not arrived yet (so idle or
+slowloris connections cannot lock a scraper out), or is closed at once if every slot is answering, so the endpoint can never eat the descriptors the broker keeps in reserve. It
 is off unless asked for: the broker never listens on a network socket by itself.
 
 Descriptor ownership: the endpoint owns its listening socket and each accepted connection; :meth:`MetricsServer.close`
@@ -386,16 +387,26 @@ class MetricsServer:
         ``OSError`` if it cannot listen."""
         disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: half the output, and nothing a dashboard uses
         busy = 0
+        # Connections whose request head has not arrived yet, oldest first. At the cap, a newcomer evicts the
+        # oldest of them: holding every slot with a request that never ends (slowloris; any local user can
+        # reach 127.0.0.1) no longer locks the operator's scraper out, whose request arrives with its connect.
+        waiting: dict[asyncio.StreamWriter, None] = {}
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             nonlocal busy
             if busy >= MAX_CONNECTIONS:
-                writer.close()
-                return
+                if not waiting:  # every slot is answering a request: those end within REQUEST_TIMEOUT
+                    writer.close()
+                    return
+                oldest = next(iter(waiting))
+                del waiting[oldest]
+                oldest.transport.abort()  # its read ends at once (IncompleteReadError); its slot is freed then
             busy += 1
+            waiting[writer] = None
             try:
-                await _serve_one(metrics, reader, writer)
+                await _serve_one(metrics, reader, writer, lambda: waiting.pop(writer, None))
             finally:
+                waiting.pop(writer, None)
                 busy -= 1
 
         if address.startswith("unix:"):
@@ -477,9 +488,16 @@ def _host_port(address: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
-async def _serve_one(metrics: Metrics, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _serve_one(
+    metrics: Metrics,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    arrived: Callable[[], object] = lambda: None,
+) -> None:
+    """Answer one request on the connection, then close it; ``arrived`` is called once its head is in."""
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+        arrived()
         lines = head.decode("latin-1").split("\r\n")
         method, _, rest = lines[0].partition(" ")
         path = rest.partition(" ")[0].partition("?")[0]
