@@ -27,7 +27,7 @@ from fdbroker import __version__, fdinfo
 from fdbroker.broker import closer
 from fdbroker.broker.audit import Audit, Who
 from fdbroker.broker.entries import Entries
-from fdbroker.broker.handoffs import Handoffs, error_frame, error_pb
+from fdbroker.broker.handoffs import Handoffs, Refilled, error_frame, error_pb
 from fdbroker.broker.leasing import Leasing
 from fdbroker.broker.metrics import Metrics, State, open_fd_count
 from fdbroker.broker.policy import Identity, Limits, Policy
@@ -289,6 +289,9 @@ class Broker:
 
     def take_abandoned(self, tok: Token) -> None:
         self._entries.take_abandoned(tok)
+
+    def refill(self, s: Session, e: Entry, count: int) -> Refilled:
+        return self._entries.refill(s, e, count)
 
     # -- housekeeping --------------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fdbroker import fdinfo
+from fdbroker import fdinfo, limits
 from fdbroker.broker import closer, fastpath
 from fdbroker.broker.audit import Audit
 from fdbroker.broker.delivery import (
@@ -39,13 +39,19 @@ from fdbroker.broker.registry import Entry, Registry
 from fdbroker.broker.sessions import Session
 from fdbroker.broker.tokens import Token, TokenBook, TokenError, operation_name, short
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame
-from fdbroker.errors import BrokerError, Code, Internal, NotFound, ResourceExhausted
+from fdbroker.errors import BrokerError, Code, Internal, InvalidArgument, NotFound, ResourceExhausted
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
+
+_TOKEN_FIELD = 2 + 32  # a 32-byte token as a length-delimited field: key, length, bytes
+_EXPIRE_FIELD = 24  # DeliverItem.prefetch_expire_time: a Timestamp of two varints, keyed, at most
 
 OP = pb.Operation
 _RESERVES_A_DESCRIPTOR = (OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
 _OPERATION_NAMES = {op: operation_name(op) for op in OP.values()}
+
+Refilled = tuple[list[bytes], int]
+"""Prefetched tokens issued and their expiry on the wall clock in nanoseconds (``([], 0)``: none)."""
 
 Item = tuple[bytes, int, Entry]
 """One delivery: the token it is tagged with, its operation, the entry whose descriptor goes."""
@@ -72,6 +78,12 @@ class Routes(Protocol):
 
     def take_abandoned(self, tok: Token) -> None:
         """A TAKE token left unacked."""
+        ...
+
+    def refill(self, s: Session, e: Entry, count: int) -> Refilled:
+        """A ``Redeem`` that delivers ``e`` asks for up to ``count`` more prefetched tokens of it: decide as the
+        Get RPC with ``prefetch`` would (policy, lease, the uid's pool) and issue them (:meth:`Handoffs.prefetch`'s
+        result); none when refused."""
         ...
 
 
@@ -229,12 +241,16 @@ class Handoffs:
         h = pb.Handoff(token=token, operation=op, name=e.name)  # type: ignore[arg-type]
         return h, (token, op, e)
 
-    def deliver(self, s: Session, items: Sequence[Item]) -> None:
+    def deliver(self, s: Session, items: Sequence[Item], first_extra: bytes = b"") -> None:
         """Send the entries' descriptors in Deliver frames of at most 253 items and ``max_frame_bytes``, tagged with
-        their tokens (all of one operation)."""
+        their tokens (all of one operation). ``first_extra``: more serialized ``DeliverItem`` fields for the first
+        item (a refill's tokens)."""
         if items:
             self._count(_OPERATION_NAMES[items[0][1]], "ok", len(items))
         tails = [(t, op, e.deliver_tail()) for t, op, e in items]
+        if first_extra:
+            t, op, tail = tails[0]
+            tails[0] = (t, op, tail + first_extra)
         for data, a, b in deliver_frames(tails, self.max_frame_bytes):
             s.conn.send_raw(data, [e.fd for _, _, e in items[a:b]])
 
@@ -370,10 +386,21 @@ class Handoffs:
 
     def on_redeem(self, s: Session, frame: Frame) -> int:
         """Deliver every prefetched GET token of a ``Redeem`` frame; an ``Error`` naming each bad one. Returns the
-        first error's code (0: none)."""
+        first error's code (0: none). With ``refill``, the first token's item carries the tokens issued
+        (:meth:`_refill`); a ``refill`` out of range refuses the frame before any token is spent."""
+        redeem = frame.message.redeem
+        refill = redeem.refill
+        if refill > limits.MAX_PREFETCH:
+            err = InvalidArgument(
+                f"refill is at most {limits.MAX_PREFETCH}, got {refill}; no token of the frame was spent"
+            )
+            for t in redeem.tokens:
+                s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
+            return Code.INVALID_ARGUMENT
         ok: list[Item] = []
         code = 0
-        for t in frame.message.redeem.tokens:
+        extra = b""
+        for i, t in enumerate(redeem.tokens):
             try:
                 item = self._redeem_one(s, t)
             except BrokerError as err:
@@ -382,10 +409,26 @@ class Handoffs:
                 code = code or err.code
                 continue
             if item is not None:
+                if i == 0 and refill:
+                    extra = self._refill(s, item[2], refill)
                 ok.append(item)
         if ok:
-            self.deliver(s, ok)
+            self.deliver(s, ok, extra)
         return code
+
+    def _refill(self, s: Session, e: Entry, count: int) -> bytes:
+        """Up to ``count`` new prefetched tokens of ``e`` (as many as the policy, the pool and the answer's frame
+        allow: maybe none), as the serialized ``DeliverItem`` fields that carry them."""
+        room = self.max_frame_bytes - FRAME_OVERHEAD - field_bytes(64 + len(e.deliver_tail())) - _EXPIRE_FIELD
+        count = min(count, room // _TOKEN_FIELD)
+        if count <= 0:
+            return b""
+        toks, expire_ns = self._routes.refill(s, e, count)
+        if not toks:
+            return b""
+        item = cpb.DeliverItem(prefetch_tokens=toks)
+        item.prefetch_expire_time.FromNanoseconds(expire_ns)
+        return item.SerializeToString()
 
     def _redeem_one(self, s: Session, t: bytes) -> Item | None:
         """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned
