@@ -65,8 +65,17 @@ class Prefetch:
             self._recent.clear()
         return 0 if n == 0 else min(PREFETCH_LIMIT, 4 << min(n, 6))
 
+    def refill(self, key: str, token_ttl: float) -> int:
+        """How many tokens the ``Redeem`` of a token just taken for ``key`` asks for (``Redeem.refill``): none while
+        others are held or another request for ``key`` is in flight, else what the next RPC would ask for
+        (:meth:`plan`)."""
+        if self._tokens.get(key) or key in self._fetching:
+            return 0
+        return self.plan(key, token_ttl)
+
     def keep(self, key: str, response: Any, token_ttl: float) -> None:
-        """Hold the ``prefetch_tokens`` of a ``GetResponse``/``BatchGetResponse`` until the broker's
+        """Hold the ``prefetch_tokens`` of a ``GetResponse``/``BatchGetResponse`` (or of a refilled
+        ``DeliverItem``) until the broker's
         ``prefetch_expire_time`` (``token_ttl`` from now where it gave none). Added to, not replacing, what is
         held: tokens another caller fetched meanwhile must not be orphaned."""
         if not response.prefetch_tokens:
