@@ -52,7 +52,8 @@ def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: ste
 
 def get(c: Client, name: str, fd_only: bool = False) -> Received:
     """``get`` (``get_fd`` with ``fd_only``), served here when the flow's first steps are known in advance: the
-    session is open, a prefetched token for ``name`` is held and no other caller reads the conduit. Then the
+    session is open, a prefetched token for ``name`` is held (not the last one: its ``Redeem`` asks for a refill,
+    which the flow does) and no other caller reads the conduit. Then the
     flow would open no session, take that token and redeem it in one exchange (:func:`lean_exchange`): this
     does the same without the flow's generators, the run and the steps. Whatever the exchange brings but the
     expected ``Deliver`` — an ``Error`` for the token, another frame first, a broken conduit, nothing in time

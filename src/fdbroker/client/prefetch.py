@@ -38,8 +38,9 @@ class Prefetch:
     """The prefetched GET tokens of one client's session, per key (a name, or a :func:`batch_key`).
 
     How many to ask for: ``fixed`` (not None) always; otherwise adaptive — 0 for the first get of a key, then 8,
-    16, …, 256 while the key keeps being fetched within a token lifetime of the previous get: a name fetched in a
-    loop pays one RPC per 257 gets (a refill of 64 cost ~21 us per get, amortized).
+    16, …, 256 while the key keeps being fetched within a token lifetime of the previous get. The ``Redeem`` of a
+    name's last token asks for as many again (:meth:`refill`), so a name fetched in a loop pays one RPC, then
+    ~120 us of client CPU per refill on the conduit (a ``Get`` RPC's refill was ~280 us).
 
     Concurrent gets of one key share a request for tokens in flight (:meth:`fetching`, :meth:`in_flight`)
     instead of each asking for its own. ``new_signal`` makes the flag a waiting caller waits on.
