@@ -21,9 +21,10 @@ from fdbroker import limits
 from fdbroker.broker.access import check_put, entry_for
 from fdbroker.broker.audit import Audit, Who
 from fdbroker.broker.delivery import encode_repeated
-from fdbroker.broker.handoffs import BatchPlan, Handoffs, Refilled
+from fdbroker.broker.handoffs import BatchPlan, Handoffs
 from fdbroker.broker.leasing import Leasing, check_lease_free
 from fdbroker.broker.policy import Identity, Policy
+from fdbroker.broker.redeem import Refilled
 from fdbroker.broker.registry import Entry, Owner, PutOptions, Registry
 from fdbroker.broker.sessions import Session, SessionTable
 from fdbroker.broker.tokens import Token, short

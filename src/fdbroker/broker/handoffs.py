@@ -3,9 +3,9 @@
 The control plane issues a token for one operation on one entry for one session (:meth:`Handoffs.issue`,
 speculative ones from the uid's prefetch pool with :meth:`Handoffs.prefetch`); the descriptor then crosses the
 conduit tagged with it: a ``Deposit`` frame brings one in (put, check-in), a ``Deliver`` frame takes copies out
-(get, take, lease, a redeemed prefetch), an ``Ack`` confirms a take. A token that leaves the book unredeemed
-(expired, voided with its session) undoes what it reserved. What a token completes or abandons belongs to the
-operation that issued it: :class:`Routes` (the broker) sends it there.
+(get, take, lease, a prefetched token redeemed: :mod:`.redeem`), an ``Ack`` confirms a take. A token that leaves
+the book unredeemed (expired, voided with its session) undoes what it reserved. What a token completes or
+abandons belongs to the operation that issued it: :class:`Routes` (the broker) sends it there.
 
 Descriptor ownership: the descriptors of a ``Deposit`` frame are the broker's from the moment they arrive; each
 becomes an entry's (the registry owns it) or goes to the closer before the answer is sent, on every path.
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fdbroker import fdinfo, limits
+from fdbroker import fdinfo
 from fdbroker.broker import closer, fastpath
 from fdbroker.broker.audit import Audit
 from fdbroker.broker.delivery import (
@@ -39,19 +39,13 @@ from fdbroker.broker.registry import Entry, Registry
 from fdbroker.broker.sessions import Session
 from fdbroker.broker.tokens import Token, TokenBook, TokenError, operation_name, short
 from fdbroker.conduit.frames import MAX_FRAME_BYTES, Frame
-from fdbroker.errors import BrokerError, Code, Internal, InvalidArgument, NotFound, ResourceExhausted
+from fdbroker.errors import BrokerError, Code, Internal, NotFound, ResourceExhausted
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
-
-_TOKEN_FIELD = 2 + 32  # a 32-byte token as a length-delimited field: key, length, bytes
-_EXPIRE_FIELD = 24  # DeliverItem.prefetch_expire_time: a Timestamp of two varints, keyed, at most
 
 OP = pb.Operation
 _RESERVES_A_DESCRIPTOR = (OP.OPERATION_PUT, OP.OPERATION_CHECKIN)
 _OPERATION_NAMES = {op: operation_name(op) for op in OP.values()}
-
-Refilled = tuple[list[bytes], int]
-"""Prefetched tokens issued and their expiry on the wall clock in nanoseconds (``([], 0)``: none)."""
 
 Item = tuple[bytes, int, Entry]
 """One delivery: the token it is tagged with, its operation, the entry whose descriptor goes."""
@@ -78,12 +72,6 @@ class Routes(Protocol):
 
     def take_abandoned(self, tok: Token) -> None:
         """A TAKE token left unacked."""
-        ...
-
-    def refill(self, s: Session, e: Entry, count: int) -> Refilled:
-        """A ``Redeem`` that delivers ``e`` asks for up to ``count`` more prefetched tokens of it: decide as the
-        Get RPC with ``prefetch`` would (policy, lease, the uid's pool) and issue them (:meth:`Handoffs.prefetch`'s
-        result); none when refused."""
         ...
 
 
@@ -381,79 +369,6 @@ class Handoffs:
             held = self._registry.find(name) if name else None
             if not stored and (held is None or held.fd != fd):
                 closer.discard(fd, s.identity.uid)
-
-    # -- Redeem --------------------------------------------------------------------------------------------------
-
-    def on_redeem(self, s: Session, frame: Frame) -> int:
-        """Deliver every prefetched GET token of a ``Redeem`` frame; an ``Error`` naming each bad one. Returns the
-        first error's code (0: none). With ``refill``, the first token's item carries the tokens issued
-        (:meth:`_refill`); a ``refill`` out of range refuses the frame before any token is spent."""
-        redeem = frame.message.redeem
-        refill = redeem.refill
-        if refill > limits.MAX_PREFETCH:
-            err = InvalidArgument(
-                f"refill is at most {limits.MAX_PREFETCH}, got {refill}; no token of the frame was spent"
-            )
-            for t in redeem.tokens:
-                s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
-            return Code.INVALID_ARGUMENT
-        ok: list[Item] = []
-        code = 0
-        extra = b""
-        for i, t in enumerate(redeem.tokens):
-            try:
-                item = self._redeem_one(s, t)
-            except BrokerError as err:
-                self._audit.refused("get", s, "", err, token=short(t))
-                s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
-                code = code or err.code
-                continue
-            if item is not None:
-                if i == 0 and refill:
-                    extra = self._refill(s, item[2], refill)
-                ok.append(item)
-        if ok:
-            self.deliver(s, ok, extra)
-        return code
-
-    def _refill(self, s: Session, e: Entry, count: int) -> bytes:
-        """Up to ``count`` new prefetched tokens of ``e`` (as many as the policy, the pool and the answer's frame
-        allow: maybe none), as the serialized ``DeliverItem`` fields that carry them."""
-        room = self.max_frame_bytes - FRAME_OVERHEAD - field_bytes(64 + len(e.deliver_tail())) - _EXPIRE_FIELD
-        count = min(count, room // _TOKEN_FIELD)
-        if count <= 0:
-            return b""
-        toks, expire_ns = self._routes.refill(s, e, count)
-        if not toks:
-            return b""
-        item = cpb.DeliverItem(prefetch_tokens=toks)
-        item.prefetch_expire_time.FromNanoseconds(expire_ns)
-        return item.SerializeToString()
-
-    def _redeem_one(self, s: Session, t: bytes) -> Item | None:
-        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned
-        (and its entry shown to the prefetch table again: :func:`fastpath.show`)."""
-        tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,), session_key=s.key)
-        if isinstance(tok.payload, BatchPlan):
-            self._redeem_batch(s, tok.token, tok.payload)
-            return None
-        e = self._registry.find(tok.name)
-        if e is None or e.id != tok.entry_id:
-            raise NotFound(
-                f"entry {tok.name!r} was deleted or replaced since the token was issued; get it again",
-                name=tok.name,
-            )
-        check_lease_free(e, s, "get")
-        fastpath.show(self._tokens.spec, e)
-        return (tok.token, OP.OPERATION_GET, e)
-
-    def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
-        """Deliver every entry of a prefetched batch in one frame, the first item tagged with ``token``."""
-        entries = plan.current(self._registry.find, s)
-        s.conn.send_raw(plan.frame(token, entries), [e.fd for e in entries])
-        self._count("get", "ok", len(entries))
-        for e in entries:
-            fastpath.show(self._tokens.spec, e)
 
     # -- Ack -----------------------------------------------------------------------------------------------------
 
