@@ -30,9 +30,11 @@ ok|MISS` (and appended to the file named by $FDBROKER_BENCH_GOALS, which bench/r
 CPU per operation (client and server, from /proc/PID/task/*/schedstat) is printed next to each latency: the
 machines are shared, and CPU varies much less than wall-clock latency with the load.
 
-usage: python bench/broker_bench.py [--quick] [--rounds N] [--p1]
+usage: python bench/broker_bench.py [--quick] [--rounds N] [--p1 | --p4]
   --p1  only raw-1, get-fast and s6's retrieve, interleaved, then the P1 line (a few minutes less per try when
         working on P1; the figures are those of the full run's same rows)
+  --p4  only the 16-process get-fast run against s6's single-connection rate (timed before and after it), N
+        rounds, with the clients' and the broker's CPU per get, then the P4 line
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REQ = 32
@@ -280,24 +283,37 @@ def aggregate_worker(
     with Client(run_dir, prefetch=prefetch) as c:
         c.get_fd(name).close()
         n = 0
+        c0 = cpu_ns()
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             c.get_fd(name).close()
             n += 1
-    q.put(n)
+        q.put((n, cpu_ns() - c0))
 
 
-def aggregate(run_dir: str, name: str, procs: int, seconds: float, prefetch: int | None) -> float:
+LAST_AGGREGATE_CPU = (0.0, 0.0)
+"""CPU per get of the last :func:`aggregate` given a server: the clients' (their timed loops) and the server's
+(the whole run, the workers' sessions and first gets included), in us."""
+
+
+def aggregate(
+    run_dir: str, name: str, procs: int, seconds: float, prefetch: int | None, server: int | None = None
+) -> float:
+    global LAST_AGGREGATE_CPU
     ctx = multiprocessing.get_context("spawn")
     q: multiprocessing.Queue = ctx.Queue()
     ps = [
         ctx.Process(target=aggregate_worker, args=(run_dir, name, seconds, prefetch, q)) for _ in range(procs)
     ]
+    s0 = cpu_ns(server) if server else 0
     for p in ps:
         p.start()
-    total = sum(q.get(timeout=120) for _ in ps)
+    got = [q.get(timeout=120) for _ in ps]
     for p in ps:
         p.join()
+    total = sum(n for n, _ in got)
+    if server and total:
+        LAST_AGGREGATE_CPU = (sum(c for _, c in got) / total / 1e3, (cpu_ns(server) - s0) / total / 1e3)
     return total / seconds
 
 
@@ -316,11 +332,43 @@ def fmt_range(xs: list[float], spec: str = ".1f") -> str:
     return f"{med(xs):{spec}} [{min(xs):{spec}}-{max(xs):{spec}}]"
 
 
+def p4_only(broker: Any, s6: Any, rounds: int, n_single: int) -> int:
+    """``--p4``: 16 client processes' prefetched gets for 3 s against s6's single-connection rate timed right before
+    and after, ``rounds`` times, with CPU per get (clients' and broker's); then the P4 line."""
+    if s6 is None:
+        print("--p4 needs s6-fdholderd (see ../shared/bench)")
+        return 1
+    ratios: list[float] = []
+    cpus: list[tuple[float, float]] = []
+    rates: list[float] = []
+    for rnd in range(rounds):
+        before = 1e6 / time_s6(s6[1], s6[2], n_single, s6[0].pid)[0]
+        rate = aggregate(str(broker.run_dir), "bench/one", 16, 3.0, 256, broker.pid)
+        after = 1e6 / time_s6(s6[1], s6[2], n_single, s6[0].pid)[0]
+        ratios += [rate / before, rate / after]
+        rates.append(rate)
+        cpus.append(LAST_AGGREGATE_CPU)
+        c_us, s_us = LAST_AGGREGATE_CPU
+        print(
+            f"  round {rnd + 1}: 16 procs {rate:,.0f} gets/s (cpu {c_us:.1f} + {s_us:.1f} us/get)   "
+            f"s6 {before:,.0f} / {after:,.0f} /s",
+            flush=True,
+        )
+    print(
+        f"\n  16 procs get-fast {fmt_range(rates, ',.0f')} gets/s, cpu "
+        f"{med([c for c, _ in cpus]):.1f} + {med([s for _, s in cpus]):.1f} us/get (clients + broker)"
+    )
+    goal("4", "16-procs-get-fast/s6-one-connection-rate", ratios, ">=", 1.0)
+    print("\n== goals\n" + "\n".join(GOALS))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=0)
     ap.add_argument("--p1", action="store_true", help="only raw-1, get-fast and s6's retrieve; the P1 line")
+    ap.add_argument("--p4", action="store_true", help="only 16 processes' get-fast against s6, in rounds; P4")
     a = ap.parse_args()
     rounds = a.rounds or (2 if a.quick else 7)
     scale = 0.1 if a.quick else 1.0
@@ -372,6 +420,8 @@ def main() -> int:
         time_raw(raw, 1, 200)
         time_raw(raw, 253, 20)
 
+        if a.p4:
+            return p4_only(broker, s6, rounds, n_single)
         keys = ["raw-1", "grpc-unary", "get-rpc", "get-fast", "put", "raw-253", "batch-rpc", "batch-fast"]
         if a.p1:
             keys = ["raw-1", "get-fast"]
@@ -459,7 +509,7 @@ def main() -> int:
         for procs in (1, 4, 16):
             rpc_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 0)
             s6_before = 1e6 / time_s6(s6[1], s6[2], n_single, s6[0].pid)[0] if s6 is not None else 0.0
-            fast_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 256)
+            fast_rate = aggregate(str(broker.run_dir), "bench/one", procs, secs, 256, broker.pid)
             s6_after = 1e6 / time_s6(s6[1], s6[2], n_single, s6[0].pid)[0] if s6 is not None else 0.0
             s6_note = ""
             if s6 is not None:

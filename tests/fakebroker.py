@@ -36,7 +36,8 @@ class FakeBroker(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
     descriptor: 2 makes one that does not add up), ``deliver_lease`` (False: a granted lease's descriptor never
     comes), ``prefetch_ttl`` (seconds the prefetched tokens of a ``Get`` live, reported in
     ``prefetch_expire_time``), ``watch_delay`` (seconds before a ``Watch`` sends its header).
-    Records: ``calls`` (RPC names, in order), ``redeems`` (tokens redeemed), ``released`` (lease ids).
+    Records: ``calls`` (RPC names, in order), ``redeems`` (tokens redeemed), ``refills`` (each ``Redeem``'s
+    ``refill``, which it ignores), ``released`` (lease ids).
     :meth:`forget_sessions` plays a takeover: every session ends.
     """
 
@@ -81,6 +82,7 @@ class FakeBroker(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
         self.watch_delay = 0.0
         self.calls: list[str] = []
         self.redeems = 0
+        self.refills: list[int] = []
         self.released: list[str] = []
         self._ids = itertools.count(1)
 
@@ -142,6 +144,9 @@ class FakeBroker(pb_grpc.FdBrokerServicer):  # type: ignore[misc]
             m = frame.message
             kind = m.WhichOneof("body")
             if kind == "redeem":
+                self.refills.append(
+                    m.redeem.refill
+                )  # asked for, never granted: a broker before Redeem.refill
                 for tok in m.redeem.tokens:
                     self.redeems += 1
                     self._deliver(conduit, tok)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from fdbroker.broker.core import Broker, BrokerConfig
-from fdbroker.broker.policy import Identity, Limits, Policy
+from fdbroker.broker.policy import Identity, Limits, Policy, Rule
 from fdbroker.broker.sessions import Session
 from fdbroker.conduit.frames import Frame
 from fdbroker.errors import DeadlineExceeded, FailedPrecondition, NotFound, ResourceExhausted
@@ -564,6 +564,101 @@ def test_a_prefetched_token_is_redeemed_on_the_conduit_for_a_delivery(h: Harness
     h.broker.on_frame(a, Frame(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[token]))))
     err = sa.last("error")
     assert err.token == token and "already used" in err.message
+
+
+def _redeem(h: Harness, s: Session, *tokens: bytes, refill: int = 0) -> None:
+    h.broker.on_frame(s, Frame(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=tokens, refill=refill))))
+
+
+def test_a_redeem_with_refill_brings_fresh_tokens_in_its_deliver_item_from_the_uids_pool(
+    clock: Clock,
+) -> None:
+    h = _small(clock, max_prefetch_tokens_per_uid=6)
+    try:
+        a, sa = h.session()
+        h.put(a, sa, "rf/res")
+        (token,) = h.broker.get(a, "rf/res", prefetch=1).prefetch_tokens
+        _redeem(h, a, token, refill=4)
+        (item,) = sa.last("deliver").items
+        assert item.token == token and len(item.prefetch_tokens) == 4 and sa.frames[-1][1] == 1
+        assert item.HasField("prefetch_expire_time")
+        fresh = list(item.prefetch_tokens)
+        _redeem(h, a, fresh[0], refill=100)  # asks for 100: the pool has room for 6 - 3 = 3
+        (item,) = sa.last("deliver").items
+        assert item.token == fresh[0] and len(item.prefetch_tokens) == 3
+        fresh += item.prefetch_tokens
+        _redeem(
+            h, a, fresh[1], refill=5
+        )  # the pool is full (6 held) but for the room its own redemption made
+        (item,) = sa.last("deliver").items
+        assert item.token == fresh[1] and len(item.prefetch_tokens) == 1
+        fresh += item.prefetch_tokens
+        _redeem(h, a, *fresh[2:])  # every refilled token redeems, each once
+        assert [i.token for i in sa.last("deliver").items] == fresh[2:]
+        assert not any(
+            i.prefetch_tokens or i.HasField("prefetch_expire_time") for i in sa.last("deliver").items
+        )
+        assert h.broker.tokens.counts()[1] == 0
+    finally:
+        h.close()
+
+
+def test_a_refill_is_decided_again_by_the_policy_and_a_denied_caller_gets_no_tokens(h: Harness) -> None:
+    uid = os.getuid() + 4242  # not the broker's: the rules apply to it
+    a, sa = h.session(uid=uid)
+    h.put(a, sa, "rf/denied")
+    tokens = list(h.broker.get(a, "rf/denied", prefetch=2).prefetch_tokens)
+    h.broker.set_policy(Policy(os.getuid(), rules=[Rule(uids=frozenset({uid}), deny=frozenset({"get"}))]))
+    denials = h.broker.metrics.denials.values
+    before = denials.get(("get",), 0)
+    _redeem(h, a, tokens[0], refill=8)
+    (item,) = sa.last("deliver").items  # the token was granted before: it delivers, and nothing more
+    assert item.token == tokens[0] and not item.prefetch_tokens
+    assert denials.get(("get",), 0) == before + 1  # counted (and audited) as the Get RPC's denial
+    assert h.broker.tokens.counts()[1] == 1  # only the one left from the Get
+
+
+def test_a_refill_above_the_limit_refuses_the_frame_and_spends_no_token(h: Harness) -> None:
+    a, sa = h.session()
+    h.put(a, sa, "rf/big")
+    tokens = list(h.broker.get(a, "rf/big", prefetch=2).prefetch_tokens)
+    _redeem(h, a, *tokens, refill=1025)
+    errs = sa.bodies("error")
+    assert [e.token for e in errs] == tokens and {e.code for e in errs} == {3}  # INVALID_ARGUMENT
+    assert not sa.bodies("deliver")[1:]  # only the Get's own
+    _redeem(h, a, *tokens, refill=1024)  # still good; only the first token's item is refilled
+    items = sa.last("deliver").items
+    assert [i.token for i in items] == tokens and len(items[0].prefetch_tokens) == 1024
+    assert not items[1].prefetch_tokens
+
+
+def test_a_refill_rides_only_on_a_first_token_that_delivers(h: Harness) -> None:
+    a, sa = h.session()
+    h.put(a, sa, "rf/first")
+    good = list(h.broker.get(a, "rf/first", prefetch=2).prefetch_tokens)
+    _redeem(h, a, b"\0" * 32, good[0], refill=8)  # the first token fails: no refill for the second
+    assert sa.last("error").token == b"\0" * 32
+    (item,) = sa.last("deliver").items
+    assert item.token == good[0] and not item.prefetch_tokens
+    (batch,) = h.broker.batch_get(a, ["rf/first"], prefetch=1).prefetch_tokens
+    _redeem(h, a, batch, refill=8)  # a batch token is not refilled
+    assert sa.last("deliver").items[0].token == batch and not sa.last("deliver").items[0].prefetch_tokens
+    assert h.broker.tokens.counts()[1] == 1  # good[1]
+
+
+def test_a_refill_never_makes_the_answer_outgrow_a_frame(clock: Clock) -> None:
+    config = BrokerConfig(capacity=64, token_ttl=TOKEN_TTL, max_frame_bytes=2048)
+    h = Harness(Broker(config, _policy(), clock=clock), clock)
+    try:
+        a, sa = h.session()
+        h.put(a, sa, "rf/small")
+        (token,) = h.broker.get(a, "rf/small", prefetch=1).prefetch_tokens
+        _redeem(h, a, token, refill=1024)
+        (item,) = sa.last("deliver").items
+        assert 0 < len(item.prefetch_tokens) < 60
+        assert sa.last("deliver").ByteSize() + 8 <= 2048
+    finally:
+        h.close()
 
 
 # -- session end voids its tokens -------------------------------------------------------------------------------

@@ -193,6 +193,19 @@ def test_prefetched_tokens_expire_when_the_broker_says(kind: str, fake: FakeBrok
         assert (c.stats["get_rpcs"], c.stats["redeems"]) == (2, 1)
 
 
+def test_a_broker_that_ignores_refill_sends_the_client_back_to_the_get_rpc(
+    kind: str, fake: FakeBroker
+) -> None:
+    with client(kind, fake.run_dir, prefetch=2) as c:
+        for _ in range(4):
+            c.get_fd(
+                "x"
+            ).close()  # an RPC (a copy and 2 tokens), a redeem, the last one's asking for 2 more, an RPC
+        assert fake.calls == ["Get", "Get"] and fake.refills == [0, 2]
+        assert (c.stats["get_rpcs"], c.stats["redeems"], c.stats["refills"]) == (2, 2, 0)
+        assert c.raw.pending() == IDLE
+
+
 def test_watch_returns_once_its_stream_is_open(kind: str, fake: FakeBroker) -> None:
     fake.watch_delay = 0.5
     with client(kind, fake.run_dir) as c:
@@ -210,7 +223,8 @@ def test_ping_stats_and_a_change_right_after_watch(kind: str, fdbroker_broker: B
             c.put("ps/x", w)
             for _ in range(4):
                 c.get_fd("ps/x").close()
-            assert (c.stats["get_rpcs"], c.stats["redeems"]) == (2, 2)  # 1 + 2 copies per RPC
+            # 1 + 2 copies by the RPC; the last token's Redeem brings 2 more (Redeem.refill)
+            assert (c.stats["get_rpcs"], c.stats["redeems"], c.stats["refills"]) == (1, 3, 1)
             watch = c.watch("ps/")
             other.delete("ps/x")  # another session, right after watch() returned: seen
             ev = next_event(c, watch)

@@ -26,6 +26,7 @@ from fdbroker.conduit import (
     encode_frame,
     send_with_fds,
 )
+from fdbroker.conduit.lean import redeem_frame
 from fdbroker.v1 import conduit_pb2 as cpb
 
 PeerFactory = Callable[..., Peer]
@@ -387,3 +388,13 @@ def test_async_framed_and_raw_batches(tmp_path: os.PathLike[str]) -> None:
         y.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("token", [b"t" * 32, b"short", b""])
+@pytest.mark.parametrize("refill", [0, 1, 127, 128, 256, 1024, 300_000])
+def test_a_spliced_redeem_parses_as_the_generated_class_with_its_refill(token: bytes, refill: int) -> None:
+    data = redeem_frame(token, refill)
+    assert int.from_bytes(data[:4], "big") == len(data) - 4
+    frame = cpb.ConduitFrame.FromString(data[4:])
+    assert list(frame.redeem.tokens) == [token] and frame.redeem.refill == refill
+    assert data[4:] == frame.SerializeToString()  # canonical: what the broker's native reader expects

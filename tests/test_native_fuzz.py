@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import select
@@ -116,6 +117,7 @@ class Side:
         self.slots: list[tuple[Connection, socket.socket] | None] = [None] * SESSIONS
         self.pids = 100
         self.out: list[Any] = []
+        self.refilled: list[tuple[int, bytes]] = []  # (session, token) brought by a Redeem's refill
         self.aio = asyncio.new_event_loop()
 
     # -- sessions --------------------------------------------------------------------------------------------
@@ -219,7 +221,10 @@ class Side:
             data, which = self.read(i)
             if data or which:
                 # A lease's refusal names its expiry in wall-clock time: the only bytes that may differ.
-                self.record((i, _stream(data), which))
+                self.record((i, _stream(data, functools.partial(self._refilled, i)), which))
+
+    def _refilled(self, i: int, token: bytes) -> None:
+        self.refilled.append((i, token))
 
     def shut(self) -> None:
         for i in range(SESSIONS):
@@ -241,8 +246,8 @@ def _frame(body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def _redeem(tokens: list[bytes]) -> bytes:
-    return _frame(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=tokens)).SerializeToString())
+def _redeem(tokens: list[bytes], refill: int = 0) -> bytes:
+    return _frame(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=tokens, refill=refill)).SerializeToString())
 
 
 class Program:
@@ -303,6 +308,13 @@ class Program:
             toks = [self.pick(p) for p in picks]
             data = _redeem(toks) if glue == "one" else b"".join(_redeem([t]) for t in toks)
             self.both(lambda side: side.write(i, data))
+        elif kind == "refill":
+            _, i, picks, refill = op
+            data = _redeem([self.pick(p) for p in picks], refill)
+            self.both(lambda side: side.write(i, data))
+            self.pool.extend(self.sides[0].refilled)
+            for side in self.sides:
+                side.refilled.clear()
         elif kind == "raw":
             _, i, data, with_fd = op
             if with_fd:
@@ -381,9 +393,10 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _stream(data: bytes) -> bytes:
+def _stream(data: bytes, refilled: Callable[[bytes], None]) -> bytes:
     """The frames a client received, with the lease state of the entries a ``Deposited`` carries taken out (its
-    lease id is random); every other frame byte for byte."""
+    lease id is random) and the expiry of a refill's tokens (wall clock); every other frame byte for byte. The
+    tokens a refill brought go to ``refilled``."""
     out, p = [], 0
     while p + 4 <= len(data):
         n = int.from_bytes(data[p : p + 4], "big")
@@ -393,6 +406,12 @@ def _stream(data: bytes) -> bytes:
         if m.WhichOneof("body") == "deposited":
             for r in m.deposited.results:
                 r.entry.ClearField("lease")
+            body = m.SerializeToString(deterministic=True)
+        elif m.WhichOneof("body") == "deliver" and any(it.prefetch_tokens for it in m.deliver.items):
+            for it in m.deliver.items:
+                for t in it.prefetch_tokens:
+                    refilled(t)
+                it.ClearField("prefetch_expire_time")
             body = m.SerializeToString(deterministic=True)
         out.append(_wall(body))
     out.append(data[p:])
@@ -422,6 +441,10 @@ hostile = st.one_of(
     st.just(_frame(b"\x08\x00\x32\x22\x0a\x20" + b"\x02" * 32)),  # fd_count = 0 spelled out
     st.just(_frame(b"\x32\x22\x0a\x20" + b"\x03" * 32 + b"\x98\x01\x01")),  # an unknown field after
     st.just(_frame(b"\x32\x00")),  # a Redeem of no token
+    st.just(_frame(b"\x32\x24\x10\x08\x0a\x20" + b"\x05" * 32)),  # a refill before the token
+    st.just(
+        _frame(b"\x32\x2d\x0a\x20" + b"\x06" * 32 + b"\x10\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01")
+    ),  # refill 2**64-1
     st.just(_frame(b"\x52\x02\x08\x07")),  # a Ping
     st.just(b"\x00\x00\x00\x00"),  # length 0: fatal
     st.just(b"\xff\xff\xff\xff"),  # too long: fatal
@@ -443,6 +466,12 @@ ops = st.one_of(
         st.sampled_from(["one", "many"]),
     ),
     st.tuples(st.just("redeem"), session, st.lists(token_pick, min_size=1, max_size=2), st.just("one")),
+    st.tuples(
+        st.just("refill"),
+        session,
+        st.lists(token_pick, min_size=1, max_size=3),
+        st.sampled_from([1, 2, 8, 1024, 1025, 2**32 - 1]),
+    ),
     st.tuples(st.just("raw"), session, hostile, st.booleans()),
     st.tuples(st.just("split"), session, token_pick, st.integers(1, 39)),
     st.tuples(st.just("advance"), st.sampled_from([0.5, 2.0, 6.0])),
@@ -502,6 +531,22 @@ def test_the_native_reader_serves_a_prefetched_get_itself() -> None:
         native_side = prog.sides[0]
         stats = native_side.table.stats()
         assert stats["frames_served"] == 6 and stats["fds_served"] == 8, stats
+
+
+def test_a_refill_brings_the_same_tokens_on_both_planes_and_the_native_reader_serves_them() -> None:
+    """A ``Redeem`` with ``refill`` is read by Python on both sides (the native reader serves only frames of
+    nothing but tokens); the tokens it brings are then redeemed in C, and both sides agree throughout."""
+    with _two_brokers(11) as prog:
+        prog.run(("get", 0, 0, 1))
+        prog.run(("refill", 0, [("pool", 0)], 8))
+        assert len(prog.pool) == 1 + 8
+        served = prog.sides[0].table.stats()["frames_served"]
+        for k in range(1, 9):
+            prog.run(("redeem", 0, [("pool", k)], "one"))
+        assert prog.sides[0].table.stats()["frames_served"] == served + 8
+        prog.run(("refill", 0, [("pool", 1)], 1025))  # out of range: refused, nothing spent
+        prog.run(("refill", 0, [("pool", 0)], 2**32 - 1))
+        assert len(prog.pool) == 9
 
 
 def test_a_native_send_the_socket_does_not_take_is_queued_in_order() -> None:

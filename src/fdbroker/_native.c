@@ -903,7 +903,7 @@ static int send_frame(Reader *R, const uint8_t *buf, Py_ssize_t len, const int *
     return r ? 0 : -1;
 }
 
-/* Answer every (already checked) Redeem frame of the read, as Handoffs.on_redeem does: each batch token by a
+/* Answer every (already checked) Redeem frame of the read, as Redemptions.on_redeem does: each batch token by a
  * Deliver of its own when met, the single tokens of a frame by Deliver frames of up to 253 after it. A send
  * that calls into Python (a full socket, a failed write) may end the session or drop entries: every token is
  * checked again before it is used, and the first that no longer delivers ends the answering (the connection

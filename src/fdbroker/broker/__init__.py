@@ -10,6 +10,7 @@ The map (data flows down: RPCs and frames in at the top, the tables at the botto
     entries.py       put, get, take, delete, stat, list; remove(), the one way an entry leaves
     access.py        a by-name operation decided policy first, so a refusal hides whether the name exists
     handoffs.py      handoff tokens issued and redeemed, deliveries, the prefetch pool, batch plans
+    redeem.py        Redeem frames: prefetched GET tokens redeemed on the conduit, and the refills they ask for
     delivery.py      the wire encoding of Deliver frames from bytes cached per entry; answers split to fit a frame
     leasing.py       lease arbitration per entry and the lease life cycle (one end_lease)
     watch.py         watch streams: fan-out, visibility, cut-off

@@ -7,7 +7,9 @@ verb         logged when
 ============ ================================================================================================
 put          a deposit is stored (``replaced`` says it swapped a descriptor) or refused on the conduit
 get          a Get/BatchGet delivers (one record per entry; a prefetch's redemptions are part of the Get that
-             issued its tokens and are counted in metrics, not logged again; a refused redemption is logged)
+             issued its tokens and are counted in metrics, not logged again; a refused redemption is logged); a
+             Redeem's refill issued tokens (``prefetch=N via=refill``: the same decision made again on the
+             conduit, once per refill)
 take         the receiver acked (the entry left), the take was abandoned (not acked: the entry stays), or
              the ack was refused
 delete       an entry is deleted

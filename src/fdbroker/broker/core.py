@@ -31,6 +31,7 @@ from fdbroker.broker.handoffs import Handoffs, error_frame, error_pb
 from fdbroker.broker.leasing import Leasing
 from fdbroker.broker.metrics import Metrics, State, open_fd_count
 from fdbroker.broker.policy import Identity, Limits, Policy
+from fdbroker.broker.redeem import Redemptions
 from fdbroker.broker.registry import Entry, Registry, info_kind
 from fdbroker.broker.sessions import FrameSink, Session, SessionTable
 from fdbroker.broker.tokens import Token, TokenBook
@@ -94,6 +95,7 @@ class Broker:
         self._entries = Entries(
             reg, self._sessions, self._handoffs, self._leasing, lambda: self._policy, audit, wakeup=wakeup
         )
+        self._redemptions = Redemptions(self._handoffs, self._tokens, reg, audit, self._entries.refill)
         self.start_time = time.time()
 
     # -- the tables, read-only -----------------------------------------------------------------------------------
@@ -335,7 +337,7 @@ class Broker:
         if kind == "deposit":
             return self._handoffs.on_deposit(s, frame)
         if kind == "redeem":
-            return self._handoffs.on_redeem(s, frame) or code
+            return self._redemptions.on_redeem(s, frame) or code
         if kind == "ack":
             return self._handoffs.on_ack(s, frame) or code
         if kind == "ping":

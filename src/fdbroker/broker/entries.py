@@ -24,11 +24,19 @@ from fdbroker.broker.delivery import encode_repeated
 from fdbroker.broker.handoffs import BatchPlan, Handoffs
 from fdbroker.broker.leasing import Leasing, check_lease_free
 from fdbroker.broker.policy import Identity, Policy
+from fdbroker.broker.redeem import Refilled
 from fdbroker.broker.registry import Entry, Owner, PutOptions, Registry
 from fdbroker.broker.sessions import Session, SessionTable
 from fdbroker.broker.tokens import Token, short
 from fdbroker.conduit.frames import SCM_MAX_FD
-from fdbroker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unauthenticated
+from fdbroker.errors import (
+    BrokerError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+)
 from fdbroker.names import parse_label_selector, validate_labels, validate_name
 from fdbroker.v1 import broker_pb2 as pb
 
@@ -146,6 +154,25 @@ class Entries:
         self._handoffs.deliver(s, [item])
         self._audit.ok("get", s, name, e, prefetch=len(resp.prefetch_tokens) or "")
         return resp
+
+    def refill(self, s: Session, e: Entry, count: int) -> Refilled:
+        """``Redeem.refill``: up to ``count`` (1..MAX_PREFETCH) more prefetched tokens of ``e``, whose descriptor the
+        ``Redeem`` delivers, decided again as :meth:`get` decides its ``prefetch`` — the policy for ``get`` on the
+        name (a denial is audited and counted as the RPC's), the lease, the uid's pool — and audited as that
+        ``get`` would be, once per refill that issued tokens (their redemptions are counted, not logged). A
+        refusal issues none: the tokens and their expiry (wall clock, ns), or ``([], 0)``."""
+        try:
+            found = self._readable(s, e.name, "get")
+        except BrokerError:
+            return [], 0
+        if (
+            found is not e
+        ):  # replaced since the token was redeemed: cannot happen on one thread, but never guess
+            return [], 0
+        toks, expire_ns = self._handoffs.prefetch(s, count, [e])
+        if toks:
+            self._audit.ok("get", s, e.name, e, prefetch=len(toks), via="refill")
+        return toks, expire_ns
 
     def batch_get(self, s: Session, names: Sequence[str], prefetch: int = 0) -> pb.BatchGetResponse:
         if len(names) > limits.MAX_BATCH:

@@ -3,9 +3,9 @@
 The control plane issues a token for one operation on one entry for one session (:meth:`Handoffs.issue`,
 speculative ones from the uid's prefetch pool with :meth:`Handoffs.prefetch`); the descriptor then crosses the
 conduit tagged with it: a ``Deposit`` frame brings one in (put, check-in), a ``Deliver`` frame takes copies out
-(get, take, lease, a redeemed prefetch), an ``Ack`` confirms a take. A token that leaves the book unredeemed
-(expired, voided with its session) undoes what it reserved. What a token completes or abandons belongs to the
-operation that issued it: :class:`Routes` (the broker) sends it there.
+(get, take, lease, a prefetched token redeemed: :mod:`.redeem`), an ``Ack`` confirms a take. A token that leaves
+the book unredeemed (expired, voided with its session) undoes what it reserved. What a token completes or
+abandons belongs to the operation that issued it: :class:`Routes` (the broker) sends it there.
 
 Descriptor ownership: the descriptors of a ``Deposit`` frame are the broker's from the moment they arrive; each
 becomes an entry's (the registry owns it) or goes to the closer before the answer is sent, on every path.
@@ -229,12 +229,16 @@ class Handoffs:
         h = pb.Handoff(token=token, operation=op, name=e.name)  # type: ignore[arg-type]
         return h, (token, op, e)
 
-    def deliver(self, s: Session, items: Sequence[Item]) -> None:
+    def deliver(self, s: Session, items: Sequence[Item], first_extra: bytes = b"") -> None:
         """Send the entries' descriptors in Deliver frames of at most 253 items and ``max_frame_bytes``, tagged with
-        their tokens (all of one operation)."""
+        their tokens (all of one operation). ``first_extra``: more serialized ``DeliverItem`` fields for the first
+        item (a refill's tokens)."""
         if items:
             self._count(_OPERATION_NAMES[items[0][1]], "ok", len(items))
         tails = [(t, op, e.deliver_tail()) for t, op, e in items]
+        if first_extra:
+            t, op, tail = tails[0]
+            tails[0] = (t, op, tail + first_extra)
         for data, a, b in deliver_frames(tails, self.max_frame_bytes):
             s.conn.send_raw(data, [e.fd for _, _, e in items[a:b]])
 
@@ -365,52 +369,6 @@ class Handoffs:
             held = self._registry.find(name) if name else None
             if not stored and (held is None or held.fd != fd):
                 closer.discard(fd, s.identity.uid)
-
-    # -- Redeem --------------------------------------------------------------------------------------------------
-
-    def on_redeem(self, s: Session, frame: Frame) -> int:
-        """Deliver every prefetched GET token of a ``Redeem`` frame; an ``Error`` naming each bad one. Returns the
-        first error's code (0: none)."""
-        ok: list[Item] = []
-        code = 0
-        for t in frame.message.redeem.tokens:
-            try:
-                item = self._redeem_one(s, t)
-            except BrokerError as err:
-                self._audit.refused("get", s, "", err, token=short(t))
-                s.conn.send(cpb.ConduitFrame(error=error_pb(err, token=t)))
-                code = code or err.code
-                continue
-            if item is not None:
-                ok.append(item)
-        if ok:
-            self.deliver(s, ok)
-        return code
-
-    def _redeem_one(self, s: Session, t: bytes) -> Item | None:
-        """Redeem one prefetched GET token: a batch token is delivered at once (None), a single one returned
-        (and its entry shown to the prefetch table again: :func:`fastpath.show`)."""
-        tok = self._tokens.redeem(t, session_id=s.id, operations=(OP.OPERATION_GET,), session_key=s.key)
-        if isinstance(tok.payload, BatchPlan):
-            self._redeem_batch(s, tok.token, tok.payload)
-            return None
-        e = self._registry.find(tok.name)
-        if e is None or e.id != tok.entry_id:
-            raise NotFound(
-                f"entry {tok.name!r} was deleted or replaced since the token was issued; get it again",
-                name=tok.name,
-            )
-        check_lease_free(e, s, "get")
-        fastpath.show(self._tokens.spec, e)
-        return (tok.token, OP.OPERATION_GET, e)
-
-    def _redeem_batch(self, s: Session, token: bytes, plan: BatchPlan) -> None:
-        """Deliver every entry of a prefetched batch in one frame, the first item tagged with ``token``."""
-        entries = plan.current(self._registry.find, s)
-        s.conn.send_raw(plan.frame(token, entries), [e.fd for e in entries])
-        self._count("get", "ok", len(entries))
-        for e in entries:
-            fastpath.show(self._tokens.spec, e)
 
     # -- Ack -----------------------------------------------------------------------------------------------------
 

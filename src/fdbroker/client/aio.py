@@ -372,7 +372,7 @@ async def _redeem(c: Client, step: steps.Redeem, run: steps.Run[Any]) -> Any:
         raise Aborted("no conduit while redeeming a prefetched token; retry (a new session is opened)")
     run.expect(c._box, (step.token,))  # before sending: the reader may file the answer first
     try:
-        await conduit.send_raw(redeem_frame(step.token), timeout=run.limit(c.timeout))
+        await conduit.send_raw(redeem_frame(step.token, step.refill), timeout=run.limit(c.timeout))
     except ConduitError as err:
         dead = session.conduit_broke("redeeming a prefetched token", err)
         if c._conduit is conduit:

@@ -103,10 +103,11 @@ Delivered = tuple[int, cpb.DeliverItem]
 
 class State:
     """What one client's flows remember between calls: the open session, prefetched tokens, the lease handles not
-    yet released, counters (``stats``: ``get_rpcs``, ``batch_get_rpcs``, ``redeems``; when the broker went away
-    ``retries``, ``reconnects``, ``found_done``, ``found_not_done``, ``unknown``, ``rewatches``). The driver calls
-    :meth:`session_began` and :meth:`session_ended`, and :meth:`saw` with every response; ``new_signal`` makes
-    the driver's one-shot flags. ``timeout`` and ``reconnect`` are the client's (how long a call may take, tries
+    yet released, counters (``stats``: ``get_rpcs``, ``batch_get_rpcs``, ``redeems``, ``refills`` (redeems that
+    brought more tokens); when the broker went away ``retries``, ``reconnects``, ``found_done``,
+    ``found_not_done``, ``unknown``, ``rewatches``). The driver calls :meth:`session_began` and
+    :meth:`session_ended`, and :meth:`saw` with every response; ``new_signal`` makes the driver's one-shot
+    flags. ``timeout`` and ``reconnect`` are the client's (how long a call may take, tries
     again included; whether it tries again at all); ``closed`` is set once the client is closed."""
 
     def __init__(
@@ -641,11 +642,18 @@ lean answer are parsed only when read)."""
 
 def _redeem(state: State, sid: str, key: str, count: int, first: bytes | None = None) -> Flow[Copies | None]:
     """``count`` copies through one prefetched token for ``key`` (one of session ``sid``'s), or None when there is
-    no usable token. ``first``: a token already taken from the prefetched ones, to redeem first."""
+    no usable token. ``first``: a token already taken from the prefetched ones, to redeem first. The ``Redeem``
+    of a single get's last token asks for more (``Redeem.refill``, :meth:`Prefetch.refill`): a name fetched in a
+    loop goes back to the control plane only when the broker issues none."""
     tok = first if first is not None else state.prefetch.pop(key)
     while tok is not None:
-        a = yield Redeem(tok, count, session=sid)
-        state.stats["redeems"] += 1
+        refill = state.prefetch.refill(key, state.token_ttl) if count == 1 else 0
+        with state.prefetch.fetching(key, refill):
+            a = yield Redeem(tok, count, session=sid, refill=refill)
+            state.stats["redeems"] += 1
+            if a.kind == "deliver" and refill and state.live_id() == sid:
+                state.prefetch.keep(key, a.message, state.token_ttl)
+                state.stats["refills"] += bool(a.message.prefetch_tokens)
         if a.kind == "batch" and len(a.message[1]) == count:
             items, fds = a.message
             return fds, items

@@ -29,11 +29,11 @@ T = TypeVar("T")
 
 
 def redeem(c: Client, step: steps.Redeem, run: steps.Run[Any]) -> Any:
-    """The ``Redeem`` step: the lean path when nobody else reads the conduit (:func:`_redeem_lean`); else send
-    and await."""
+    """The ``Redeem`` step: the lean path when nobody else reads the conduit and no refill is asked for
+    (:func:`_redeem_lean`); else send and await."""
     with c._cond:
         conduit, sid = c._conduit, step.session
-        lean = not c._reading and c._box.dead is None and len(step.token) == TOKEN_BYTES
+        lean = not c._reading and c._box.dead is None and len(step.token) == TOKEN_BYTES and not step.refill
         lean = lean and conduit is not None and (sid is None or c._live() == sid)
         if lean:
             c._reading = True
@@ -52,7 +52,8 @@ def _redeem_lean(c: Client, conduit: FramedConduit, step: steps.Redeem, run: ste
 
 def get(c: Client, name: str, fd_only: bool = False) -> Received:
     """``get`` (``get_fd`` with ``fd_only``), served here when the flow's first steps are known in advance: the
-    session is open, a prefetched token for ``name`` is held and no other caller reads the conduit. Then the
+    session is open, a prefetched token for ``name`` is held (not the last one: its ``Redeem`` asks for a refill,
+    which the flow does) and no other caller reads the conduit. Then the
     flow would open no session, take that token and redeem it in one exchange (:func:`lean_exchange`): this
     does the same without the flow's generators, the run and the steps. Whatever the exchange brings but the
     expected ``Deliver`` — an ``Error`` for the token, another frame first, a broken conduit, nothing in time
@@ -66,7 +67,7 @@ def get(c: Client, name: str, fd_only: bool = False) -> Received:
         conduit = c._conduit
         if not c._reading and conduit is not None and c._box.dead is None:
             sid = st.live_id()
-            if sid is not None:
+            if sid is not None and st.prefetch.count(name) > 1:  # the last one asks for more: the flow's
                 tok = st.prefetch.pop(name)
                 if tok is not None and len(tok) == TOKEN_BYTES:
                     c._reading = True

@@ -142,15 +142,18 @@ class Redeem:
     The same as ``SendFrame(Redeem)`` + ``AwaitAnswers``, which a driver may do instead; the blocking driver does
     it in one exchange (:meth:`FramedConduit.exchange <fdbroker.conduit.frames.FramedConduit.exchange>`: spliced
     bytes, one receive, no protobuf parse of the expected ``Deliver``) when no other caller reads the conduit.
-    ``session``: the session the token belongs to, as for :class:`SendFrame`."""
+    ``session``: the session the token belongs to, as for :class:`SendFrame`. ``refill``: ask for that many more
+    tokens of the entry on the way (``Redeem.refill``; the answer's item carries them, and a driver sends such a
+    ``Redeem`` the usual way, not in the one exchange)."""
 
     token: bytes
     count: int = 1
     session: str | None = None
+    refill: int = 0
     handler: ClassVar[str] = "_redeem"
 
     def frame(self) -> cpb.ConduitFrame:
-        return cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[self.token]))
+        return cpb.ConduitFrame(redeem=cpb.Redeem(tokens=[self.token], refill=self.refill))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,15 +38,27 @@ for the decoder, as ``recvmsg_into`` returns it), ``(-1, sent, errno)`` (the sen
 None (nothing arrived in time; the frame was sent)."""
 
 
-def redeem_frame(token: bytes) -> bytes:
+def redeem_frame(token: bytes, refill: int = 0) -> bytes:
     """The framed ``Redeem`` of one token (the broker's are 32 bytes; another length is sent as it is, and
-    refused by the broker)."""
-    if len(token) == TOKEN_BYTES:
+    refused by the broker), asking for ``refill`` more tokens of its entry if not 0 (``Redeem.refill``)."""
+    if len(token) == TOKEN_BYTES and not refill:
         return _REDEEM_HEAD + token
     if len(token) > 0x7F - 2:
         raise ValueError(f"a token of {len(token)} bytes")
-    body = b"\x32" + bytes((len(token) + 2,)) + b"\x0a" + bytes((len(token),)) + token
+    inner = b"\x0a" + bytes((len(token),)) + token
+    if refill:
+        inner += b"\x10" + _encode_varint(refill)  # Redeem.refill = 2, a varint
+    body = b"\x32" + _encode_varint(len(inner)) + inner
     return len(body).to_bytes(4, "big") + body
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _varint(b: bytes | bytearray | memoryview, n: int, p: int) -> tuple[int, int] | None:

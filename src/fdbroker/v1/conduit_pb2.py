@@ -25,9 +25,10 @@ _sym_db = _symbol_database.Default()
 from fdbroker.v1 import broker_pb2 as fdbroker_dot_v1_dot_broker__pb2
 from fdbroker.v1 import handover_pb2 as fdbroker_dot_v1_dot_handover__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x64\x62roker/v1/conduit.proto\x12\x0b\x66\x64\x62roker.v1\x1a\x18\x66\x64\x62roker/v1/broker.proto\x1a\x1a\x66\x64\x62roker/v1/handover.proto\x1a\x1egoogle/protobuf/duration.proto\"\x91\x06\n\x0c\x43onduitFrame\x12\x10\n\x08\x66\x64_count\x18\x01 \x01(\r\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.fdbroker.v1.WelcomeH\x00\x12\'\n\x07\x64\x65posit\x18\x03 \x01(\x0b\x32\x14.fdbroker.v1.DepositH\x00\x12+\n\tdeposited\x18\x04 \x01(\x0b\x32\x16.fdbroker.v1.DepositedH\x00\x12\'\n\x07\x64\x65liver\x18\x05 \x01(\x0b\x32\x14.fdbroker.v1.DeliverH\x00\x12%\n\x06redeem\x18\x06 \x01(\x0b\x32\x13.fdbroker.v1.RedeemH\x00\x12\x1f\n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x10.fdbroker.v1.AckH\x00\x12#\n\x05\x61\x63ked\x18\x08 \x01(\x0b\x32\x12.fdbroker.v1.AckedH\x00\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.fdbroker.v1.ErrorH\x00\x12!\n\x04ping\x18\n \x01(\x0b\x32\x11.fdbroker.v1.PingH\x00\x12!\n\x04pong\x18\x0b \x01(\x0b\x32\x11.fdbroker.v1.PongH\x00\x12\x34\n\x0ehandover_begin\x18\x0c \x01(\x0b\x32\x1a.fdbroker.v1.HandoverBeginH\x00\x12\x38\n\x10handover_entries\x18\r \x01(\x0b\x32\x1c.fdbroker.v1.HandoverEntriesH\x00\x12\x32\n\rhandover_done\x18\x0e \x01(\x0b\x32\x19.fdbroker.v1.HandoverDoneH\x00\x12\x30\n\x0chandover_ack\x18\x0f \x01(\x0b\x32\x18.fdbroker.v1.HandoverAckH\x00\x12:\n\x11handover_released\x18\x10 \x01(\x0b\x32\x1d.fdbroker.v1.HandoverReleasedH\x00\x12#\n\x05query\x18\x11 \x01(\x0b\x32\x12.fdbroker.v1.QueryH\x00\x12\x30\n\x0cquery_result\x18\x12 \x01(\x0b\x32\x18.fdbroker.v1.QueryResultH\x00\x42\x06\n\x04\x62ody\"\x9e\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x08identity\x18\x02 \x01(\x0b\x32\x15.fdbroker.v1.Identity\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0fmax_frame_bytes\x18\x04 \x01(\r\x12,\n\ttoken_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x19\n\x07\x44\x65posit\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\"8\n\tDeposited\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.fdbroker.v1.DepositResult\"\x84\x01\n\rDepositResult\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.fdbroker.v1.Error\x12!\n\x05\x65ntry\x18\x05 \x01(\x0b\x32\x12.fdbroker.v1.Entry\"2\n\x07\x44\x65liver\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.fdbroker.v1.DeliverItem\"\x92\x01\n\x0b\x44\x65liverItem\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\toperation\x18\x03 \x01(\x0e\x32\x16.fdbroker.v1.Operation\x12)\n\x04info\x18\x04 \x01(\x0b\x32\x1b.fdbroker.v1.DescriptorInfo\x12\x10\n\x08revision\x18\x05 \x01(\x04\"\x18\n\x06Redeem\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\"\x15\n\x03\x41\x63k\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\")\n\x05\x41\x63ked\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\x12\x10\n\x08revision\x18\x02 \x01(\x04\"C\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x0c\x12\x0c\n\x04name\x18\x04 \x01(\t\"\x9f\x01\n\x05Query\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x04list\x18\x02 \x01(\x0b\x32\x18.fdbroker.v1.ListRequestH\x00\x12(\n\x04stat\x18\x03 \x01(\x0b\x32\x18.fdbroker.v1.StatRequestH\x00\x12+\n\x04info\x18\x04 \x01(\x0b\x32\x1b.fdbroker.v1.GetInfoRequestH\x00\x42\t\n\x07request\"\xcc\x01\n\x0bQueryResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x04list\x18\x02 \x01(\x0b\x32\x19.fdbroker.v1.ListResponseH\x00\x12)\n\x04stat\x18\x03 \x01(\x0b\x32\x19.fdbroker.v1.StatResponseH\x00\x12,\n\x04info\x18\x04 \x01(\x0b\x32\x1c.fdbroker.v1.GetInfoResponseH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.fdbroker.v1.ErrorH\x00\x42\x08\n\x06result\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\x42\x8e\x01\n\x0f\x64\x65v.fdbroker.v1B\x0c\x43onduitProtoP\x01Z:github.com/fdbroker/fdbroker/gen/go/fdbroker/v1;fdbrokerv1\xa2\x02\x03\x46\x42X\xaa\x02\x0b\x46\x64\x62roker.V1\xca\x02\x0b\x46\x64\x62roker\\V1\xea\x02\x0c\x46\x64\x62roker::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x64\x62roker/v1/conduit.proto\x12\x0b\x66\x64\x62roker.v1\x1a\x18\x66\x64\x62roker/v1/broker.proto\x1a\x1a\x66\x64\x62roker/v1/handover.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x06\n\x0c\x43onduitFrame\x12\x10\n\x08\x66\x64_count\x18\x01 \x01(\r\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.fdbroker.v1.WelcomeH\x00\x12\'\n\x07\x64\x65posit\x18\x03 \x01(\x0b\x32\x14.fdbroker.v1.DepositH\x00\x12+\n\tdeposited\x18\x04 \x01(\x0b\x32\x16.fdbroker.v1.DepositedH\x00\x12\'\n\x07\x64\x65liver\x18\x05 \x01(\x0b\x32\x14.fdbroker.v1.DeliverH\x00\x12%\n\x06redeem\x18\x06 \x01(\x0b\x32\x13.fdbroker.v1.RedeemH\x00\x12\x1f\n\x03\x61\x63k\x18\x07 \x01(\x0b\x32\x10.fdbroker.v1.AckH\x00\x12#\n\x05\x61\x63ked\x18\x08 \x01(\x0b\x32\x12.fdbroker.v1.AckedH\x00\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x12.fdbroker.v1.ErrorH\x00\x12!\n\x04ping\x18\n \x01(\x0b\x32\x11.fdbroker.v1.PingH\x00\x12!\n\x04pong\x18\x0b \x01(\x0b\x32\x11.fdbroker.v1.PongH\x00\x12\x34\n\x0ehandover_begin\x18\x0c \x01(\x0b\x32\x1a.fdbroker.v1.HandoverBeginH\x00\x12\x38\n\x10handover_entries\x18\r \x01(\x0b\x32\x1c.fdbroker.v1.HandoverEntriesH\x00\x12\x32\n\rhandover_done\x18\x0e \x01(\x0b\x32\x19.fdbroker.v1.HandoverDoneH\x00\x12\x30\n\x0chandover_ack\x18\x0f \x01(\x0b\x32\x18.fdbroker.v1.HandoverAckH\x00\x12:\n\x11handover_released\x18\x10 \x01(\x0b\x32\x1d.fdbroker.v1.HandoverReleasedH\x00\x12#\n\x05query\x18\x11 \x01(\x0b\x32\x12.fdbroker.v1.QueryH\x00\x12\x30\n\x0cquery_result\x18\x12 \x01(\x0b\x32\x18.fdbroker.v1.QueryResultH\x00\x42\x06\n\x04\x62ody\"\x9e\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\'\n\x08identity\x18\x02 \x01(\x0b\x32\x15.fdbroker.v1.Identity\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x17\n\x0fmax_frame_bytes\x18\x04 \x01(\r\x12,\n\ttoken_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x19\n\x07\x44\x65posit\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\"8\n\tDeposited\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.fdbroker.v1.DepositResult\"\x84\x01\n\rDepositResult\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.fdbroker.v1.Error\x12!\n\x05\x65ntry\x18\x05 \x01(\x0b\x32\x12.fdbroker.v1.Entry\"2\n\x07\x44\x65liver\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.fdbroker.v1.DeliverItem\"\xe5\x01\n\x0b\x44\x65liverItem\x12\r\n\x05token\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\toperation\x18\x03 \x01(\x0e\x32\x16.fdbroker.v1.Operation\x12)\n\x04info\x18\x04 \x01(\x0b\x32\x1b.fdbroker.v1.DescriptorInfo\x12\x10\n\x08revision\x18\x05 \x01(\x04\x12\x17\n\x0fprefetch_tokens\x18\x06 \x03(\x0c\x12\x38\n\x14prefetch_expire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x06Redeem\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\x12\x0e\n\x06refill\x18\x02 \x01(\r\"\x15\n\x03\x41\x63k\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\")\n\x05\x41\x63ked\x12\x0e\n\x06tokens\x18\x01 \x03(\x0c\x12\x10\n\x08revision\x18\x02 \x01(\x04\"C\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x0c\x12\x0c\n\x04name\x18\x04 \x01(\t\"\x9f\x01\n\x05Query\x12\n\n\x02id\x18\x01 \x01(\x04\x12(\n\x04list\x18\x02 \x01(\x0b\x32\x18.fdbroker.v1.ListRequestH\x00\x12(\n\x04stat\x18\x03 \x01(\x0b\x32\x18.fdbroker.v1.StatRequestH\x00\x12+\n\x04info\x18\x04 \x01(\x0b\x32\x1b.fdbroker.v1.GetInfoRequestH\x00\x42\t\n\x07request\"\xcc\x01\n\x0bQueryResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12)\n\x04list\x18\x02 \x01(\x0b\x32\x19.fdbroker.v1.ListResponseH\x00\x12)\n\x04stat\x18\x03 \x01(\x0b\x32\x19.fdbroker.v1.StatResponseH\x00\x12,\n\x04info\x18\x04 \x01(\x0b\x32\x1c.fdbroker.v1.GetInfoResponseH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.fdbroker.v1.ErrorH\x00\x42\x08\n\x06result\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\x42\x8e\x01\n\x0f\x64\x65v.fdbroker.v1B\x0c\x43onduitProtoP\x01Z:github.com/fdbroker/fdbroker/gen/go/fdbroker/v1;fdbrokerv1\xa2\x02\x03\x46\x42X\xaa\x02\x0b\x46\x64\x62roker.V1\xca\x02\x0b\x46\x64\x62roker\\V1\xea\x02\x0c\x46\x64\x62roker::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +36,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fdbroker.v1.conduit_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.fdbroker.v1B\014ConduitProtoP\001Z:github.com/fdbroker/fdbroker/gen/go/fdbroker/v1;fdbrokerv1\242\002\003FBX\252\002\013Fdbroker.V1\312\002\013Fdbroker\\V1\352\002\014Fdbroker::V1'
-  _globals['_CONDUITFRAME']._serialized_start=129
-  _globals['_CONDUITFRAME']._serialized_end=914
-  _globals['_WELCOME']._serialized_start=917
-  _globals['_WELCOME']._serialized_end=1075
-  _globals['_DEPOSIT']._serialized_start=1077
-  _globals['_DEPOSIT']._serialized_end=1102
-  _globals['_DEPOSITED']._serialized_start=1104
-  _globals['_DEPOSITED']._serialized_end=1160
-  _globals['_DEPOSITRESULT']._serialized_start=1163
-  _globals['_DEPOSITRESULT']._serialized_end=1295
-  _globals['_DELIVER']._serialized_start=1297
-  _globals['_DELIVER']._serialized_end=1347
-  _globals['_DELIVERITEM']._serialized_start=1350
-  _globals['_DELIVERITEM']._serialized_end=1496
-  _globals['_REDEEM']._serialized_start=1498
-  _globals['_REDEEM']._serialized_end=1522
-  _globals['_ACK']._serialized_start=1524
-  _globals['_ACK']._serialized_end=1545
-  _globals['_ACKED']._serialized_start=1547
-  _globals['_ACKED']._serialized_end=1588
-  _globals['_ERROR']._serialized_start=1590
-  _globals['_ERROR']._serialized_end=1657
-  _globals['_QUERY']._serialized_start=1660
-  _globals['_QUERY']._serialized_end=1819
-  _globals['_QUERYRESULT']._serialized_start=1822
-  _globals['_QUERYRESULT']._serialized_end=2026
-  _globals['_PING']._serialized_start=2028
-  _globals['_PING']._serialized_end=2049
-  _globals['_PONG']._serialized_start=2051
-  _globals['_PONG']._serialized_end=2072
+  _globals['_CONDUITFRAME']._serialized_start=162
+  _globals['_CONDUITFRAME']._serialized_end=947
+  _globals['_WELCOME']._serialized_start=950
+  _globals['_WELCOME']._serialized_end=1108
+  _globals['_DEPOSIT']._serialized_start=1110
+  _globals['_DEPOSIT']._serialized_end=1135
+  _globals['_DEPOSITED']._serialized_start=1137
+  _globals['_DEPOSITED']._serialized_end=1193
+  _globals['_DEPOSITRESULT']._serialized_start=1196
+  _globals['_DEPOSITRESULT']._serialized_end=1328
+  _globals['_DELIVER']._serialized_start=1330
+  _globals['_DELIVER']._serialized_end=1380
+  _globals['_DELIVERITEM']._serialized_start=1383
+  _globals['_DELIVERITEM']._serialized_end=1612
+  _globals['_REDEEM']._serialized_start=1614
+  _globals['_REDEEM']._serialized_end=1654
+  _globals['_ACK']._serialized_start=1656
+  _globals['_ACK']._serialized_end=1677
+  _globals['_ACKED']._serialized_start=1679
+  _globals['_ACKED']._serialized_end=1720
+  _globals['_ERROR']._serialized_start=1722
+  _globals['_ERROR']._serialized_end=1789
+  _globals['_QUERY']._serialized_start=1792
+  _globals['_QUERY']._serialized_end=1951
+  _globals['_QUERYRESULT']._serialized_start=1954
+  _globals['_QUERYRESULT']._serialized_end=2158
+  _globals['_PING']._serialized_start=2160
+  _globals['_PING']._serialized_end=2181
+  _globals['_PONG']._serialized_start=2183
+  _globals['_PONG']._serialized_end=2204
 # @@protoc_insertion_point(module_scope)

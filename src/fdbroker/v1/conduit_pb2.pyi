@@ -3,6 +3,7 @@ import datetime
 from fdbroker.v1 import broker_pb2 as _broker_pb2
 from fdbroker.v1 import handover_pb2 as _handover_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -98,24 +99,30 @@ class Deliver(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[DeliverItem, _Mapping]]] = ...) -> None: ...
 
 class DeliverItem(_message.Message):
-    __slots__ = ("token", "name", "operation", "info", "revision")
+    __slots__ = ("token", "name", "operation", "info", "revision", "prefetch_tokens", "prefetch_expire_time")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     token: bytes
     name: str
     operation: _broker_pb2.Operation
     info: _broker_pb2.DescriptorInfo
     revision: int
-    def __init__(self, token: _Optional[bytes] = ..., name: _Optional[str] = ..., operation: _Optional[_Union[_broker_pb2.Operation, str]] = ..., info: _Optional[_Union[_broker_pb2.DescriptorInfo, _Mapping]] = ..., revision: _Optional[int] = ...) -> None: ...
+    prefetch_tokens: _containers.RepeatedScalarFieldContainer[bytes]
+    prefetch_expire_time: _timestamp_pb2.Timestamp
+    def __init__(self, token: _Optional[bytes] = ..., name: _Optional[str] = ..., operation: _Optional[_Union[_broker_pb2.Operation, str]] = ..., info: _Optional[_Union[_broker_pb2.DescriptorInfo, _Mapping]] = ..., revision: _Optional[int] = ..., prefetch_tokens: _Optional[_Iterable[bytes]] = ..., prefetch_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Redeem(_message.Message):
-    __slots__ = ("tokens",)
+    __slots__ = ("tokens", "refill")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REFILL_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, tokens: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    refill: int
+    def __init__(self, tokens: _Optional[_Iterable[bytes]] = ..., refill: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("tokens",)
