@@ -224,9 +224,9 @@ class FrameDecoder:
             if not self._frame_starts_in(data):
                 self._close(list(fds))
                 raise self._fatal(
-                    f"{n} unsolicited descriptor(s) arrived with bytes {start}..{start + len(data)} of the "
-                    f"stream, inside the frame that began at byte {self._base}; descriptors ride only on a "
-                    "frame's first byte, so they were closed",
+                    f"{n} unsolicited descriptor(s) arrived with a read of {len(data)} bytes that began "
+                    f"{start - self._base} bytes into a frame; descriptors ride only on a frame's first byte, "
+                    "so they were closed",
                     "the peer does not follow the protocol",
                 )
             self._batches.append(_Batch(start, start + len(data), list(fds)))
