@@ -531,7 +531,12 @@ def main() -> int:
         cap = info.max_entries
         if a.quick:
             cap = min(cap, 2000 + info.entries)
-        small = [time_get(c_rpc, "bench/one", n_rpc)[0] for _ in range(3)]
+        # The get at capacity is timed against a second broker holding the same few entries, in alternation (a
+        # before/after on one broker drifts with the machine's load more than the two differ).
+        few = BrokerProcess.start(tmp / "run-few", args=["--log-level", "warning", "--policy", str(policy)])
+        c_few = Client(few.run_dir, prefetch=0)
+        for e in c_rpc.list():
+            c_few.put(e.name, w)
         rss0 = rss_kib(broker.pid)
         held0 = info.entries
         t0 = time.perf_counter()
@@ -565,12 +570,17 @@ def main() -> int:
         print(f"  List all ({n_paged}, pages of 1000):  {fmt_range(list_paged)} ms   target <= 100")
         print(f"  List all ({n_one}, one page):         {fmt_range(list_one)} ms")
         goal("5", "list-all-ms", list_paged, "<=", 100, ".1f")
-        big = [time_get(c_rpc, "bench/one", n_rpc)[0] for _ in range(3)]
+        big, small = [], []
+        for k in range(6):  # interleaved, the order alternating
+            for c, out in ((c_rpc, big), (c_few, small)) if k % 2 == 0 else ((c_few, small), (c_rpc, big)):
+                out.append(time_get(c, "bench/one", n_rpc)[0])
+        c_few.close()
+        few.stop()
         print(
-            f"  get-rpc at {held} entries {med(big):.1f} us vs at {held0} entries {med(small):.1f} us"
-            f" -> {med(big) / med(small):.2f} x   target <= 1.10"
+            f"  get-rpc at {held} entries {med(big):.1f} us vs at {held0} entries (another broker, alternately)"
+            f" {med(small):.1f} us -> {med(big) / med(small):.2f} x   target <= 1.10"
         )
-        goal("5", "get-rpc-at-capacity/at-few", [b / med(small) for b in big], "<=", 1.1)
+        goal("5", "get-rpc-at-capacity/at-few", [b / s for b, s in zip(big, small, strict=True)], "<=", 1.1)
         per = (rss1 - rss0) * 1024 / max(1, held - held0)
         print(f"  broker VmRSS {rss0} -> {rss1} KiB: {per:.0f} bytes per entry   target <= 2048")
         goal("5", "bytes-per-entry", [per], "<=", 2048, ".0f")
