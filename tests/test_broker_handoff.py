@@ -362,6 +362,23 @@ def test_batches_of_long_names_and_big_entries_come_in_frames_that_fit(fdbroker_
                 f.close_fds()
             assert items == [h.token for h in r.handoffs]  # in order, each under its token
             assert len(rc.queue) == 0
+            # 253 prefetched single tokens redeemed in one Redeem frame: answered in frames that fit too (the native
+            # data plane answers such a frame itself only when its Deliver fits one frame).
+            singles = [
+                bytes(ctl.call("Get", pb.GetRequest(name=n, prefetch=1), rc.session_id).prefetch_tokens[0])
+                for n in names
+            ]
+            for _ in range(253):
+                rc.recv_kind("deliver")  # the Gets' own copies
+            rc.send(cpb.ConduitFrame(redeem=cpb.Redeem(tokens=singles)))
+            items = []
+            while len(items) < 253:
+                f = rc.recv()
+                assert f.message.WhichOneof("body") == "deliver", f.message
+                assert 4 + f.message.ByteSize() <= 4 + 65536 and len(f.fds) == len(f.message.deliver.items)
+                items += [i.token for i in f.message.deliver.items]
+                f.close_fds()
+            assert items == singles
             toks = [ctl.put_token(rc.session_id, n, replace=True) for n in names[:253]]
             rc.send(cpb.ConduitFrame(deposit=cpb.Deposit(tokens=toks)), [fd] * 253)
             results: list[cpb.DepositResult] = []

@@ -817,6 +817,9 @@ static int32_t deliverable(Table *T, uint32_t si, const uint8_t *t, double now) 
     return i;
 }
 
+/* delivery.FRAME_OVERHEAD: what a Deliver frame takes around its items */
+#define FRAME_OVERHEAD 32
+
 /* Is the read nothing but complete Redeem frames whose tokens all deliver now, each token once? */
 static int plan_read(Table *T, Reader *R, const uint8_t *data, Py_ssize_t n, double now) {
     uint32_t si;
@@ -834,10 +837,20 @@ static int plan_read(Table *T, Reader *R, const uint8_t *data, Py_ssize_t n, dou
             break;
         }
         p += 4 + (Py_ssize_t)len; /* a whole canonical frame: its marks are undone below */
+        /* its single tokens are answered by one Deliver: at most 253 items within max_frame bytes (more is split
+         * by Python, delivery.deliver_frames) */
+        Py_ssize_t singles = 0, sbytes = 0;
         for (Py_ssize_t j = 0; j < k && ok; j++) {
             int32_t i = deliverable(T, si, first + j * (2 + TOKEN_BYTES), now);
-            if (i < 0 || T->toks[i].mark) ok = 0; /* twice in one read: the second is refused, by Python */
-            else T->toks[i].mark = 1;
+            if (i < 0 || T->toks[i].mark) { ok = 0; break; } /* twice in one read: the second is refused, by Python */
+            T->toks[i].mark = 1;
+            Grant *G = &T->grants[T->toks[i].grant];
+            if (!G->batch) {
+                Py_ssize_t body = 2 + TOKEN_BYTES + 2 + T->slots[G->slots[0]].tail_len;
+                singles++;
+                sbytes += 1 + varint_len((uint64_t)body) + body;
+                if (singles > SCM_MAX_FD || sbytes > R->max_frame - FRAME_OVERHEAD) ok = 0;
+            }
         }
         if (!ok) break;
     }
@@ -904,7 +917,7 @@ static int send_frame(Reader *R, const uint8_t *buf, Py_ssize_t len, const int *
 }
 
 /* Answer every (already checked) Redeem frame of the read, as Redemptions.on_redeem does: each batch token by a
- * Deliver of its own when met, the single tokens of a frame by Deliver frames of up to 253 after it. A send
+ * Deliver of its own when met, the single tokens of a frame by one Deliver after it (plan_read: they fit). A send
  * that calls into Python (a full socket, a failed write) may end the session or drop entries: every token is
  * checked again before it is used, and the first that no longer delivers ends the answering (the connection
  * is closing then). */
@@ -923,7 +936,7 @@ static int answer_read(Table *T, Reader *R, const uint8_t *data, Py_ssize_t n) {
         const uint8_t *stoks[SCM_MAX_FD];
         int ns = 0;
         for (Py_ssize_t j = 0; j <= k; j++) {
-            int flush = (j == k && ns > 0) || ns == SCM_MAX_FD;
+            int flush = j == k && ns > 0; /* plan_read saw to it that they fit one frame */
             if (flush) {
                 /* items, then the frame's header in front of them */
                 Py_ssize_t items = 0;
