@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opsutil import http_get
 from prometheus_client.core import Metric
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
@@ -25,20 +26,6 @@ class View:
         return State(
             entries_by_kind={"tcp-listener": 2, "pipe": 1}, sessions_by_uid={0: 3, 1000: 1}, revision=7
         )
-
-
-def _get(connect: tuple[str, int] | str, path: str = "/metrics", accept: str = "") -> tuple[str, str]:
-    family = socket.AF_UNIX if isinstance(connect, str) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(connect)
-        extra = f"Accept: {accept}\r\n" if accept else ""
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.decode().partition("\r\n\r\n")
-    return head, body
 
 
 async def _scrape(
@@ -57,7 +44,7 @@ async def _scrape(
             ("/metrics", "application/openmetrics-text; version=1.0.0"),
             ("/x", ""),
         ):
-            out.append(await asyncio.to_thread(_get, target, path, accept))
+            out.append(await asyncio.to_thread(http_get, target, path, accept))
         return out
     finally:
         await srv.close()
@@ -107,7 +94,7 @@ def test_a_unix_socket_has_the_mode_asked_for_and_replaces_only_a_stale_one(tmp_
             assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
             with pytest.raises(OSError, match="another process serves"):
                 await MetricsServer.start(m, f"unix:{path}")  # a live one is not taken over
-            head, _ = await asyncio.to_thread(_get, path)
+            head, _ = await asyncio.to_thread(http_get, path)
             assert head.startswith("HTTP/1.1 200")
         finally:
             await srv.close()
@@ -137,7 +124,7 @@ def test_idle_connections_beyond_the_cap_are_evicted_oldest_first(
                 idle.append(s)
             await asyncio.sleep(0.1)  # let the server accept them
             for _ in range(2):
-                head, _ = await asyncio.to_thread(_get, path)
+                head, _ = await asyncio.to_thread(http_get, path)
                 assert head.startswith("HTTP/1.1 200")
 
             def closed(s: socket.socket) -> bool:
@@ -171,8 +158,8 @@ def test_a_collector_that_fails_is_answered_500_and_the_endpoint_keeps_serving(t
         m.attach(Broken())
         srv = await MetricsServer.start(m, f"unix:{path}")
         try:
-            first = (await asyncio.to_thread(_get, path))[0]
-            second = (await asyncio.to_thread(_get, path))[0]
+            first = (await asyncio.to_thread(http_get, path))[0]
+            second = (await asyncio.to_thread(http_get, path))[0]
             return first, second
         finally:
             await srv.close()
