@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+if TYPE_CHECKING:
+    from fdbroker import Client
 
 
 def child_env(run_dir: Path | str, **extra: str) -> dict[str, str]:
@@ -43,3 +48,20 @@ def spawn_client(run_dir: Path | str, code: str, *, prefix: list[str] | None = N
     return subprocess.Popen(
         cmd, env=child_env(run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def check_listener_and_pipe(c: Client, port: int, r: int) -> None:
+    """After a restart or handover: the entry ``web/http`` (a TCP listener on ``port``) still accepts, and the write
+    end held as ``pipes/audit`` still carries data to ``r``."""
+    srv = c.get("web/http")
+    assert isinstance(srv, socket.socket), srv
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as cl:
+        conn, _ = srv.accept()
+        cl.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        conn.close()
+    srv.close()
+    f = c.get_fd("pipes/audit")
+    os.write(f.fileno(), b"still here")
+    f.close()
+    assert os.read(r, 100) == b"still here"

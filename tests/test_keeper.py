@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokerutil import child_env
+from brokerutil import check_listener_and_pipe, child_env
 
 from fdbroker.broker.survival import keeper
 
@@ -237,17 +237,7 @@ def test_keeper_as_pid1_brings_the_broker_back_with_every_entry(run_dir: Path, t
         with k.client() as c:
             with c.lease("locks/db", ttl=30, keepalive=False) as h2:
                 assert h2.epoch > lease.epoch  # fencing epochs keep increasing
-            srv = c.get("web/http")  # the listener still accepts, the pipe still carries data
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as cl:
-                conn, _ = srv.accept()
-                cl.sendall(b"ping")
-                assert conn.recv(4) == b"ping"
-                conn.close()
-            srv.close()
-            f = c.get_fd("pipes/audit")
-            os.write(f.fileno(), b"still here")
-            f.close()
-        assert os.read(r, 100) == b"still here"
+            check_listener_and_pipe(c, port, r)
         holder.close()  # its session died with the old broker
         holder = None
         lease.fd.close()
