@@ -37,6 +37,7 @@ PYCACHE = Path(tempfile.gettempdir()) / "fdbroker-bench-pycache"
 sys.path.insert(0, str(SRC))
 
 from fdbroker.client import Client  # noqa: E402
+from fdbroker.testing import wait_until  # noqa: E402
 
 
 def children(pid: int) -> list[int]:
@@ -53,14 +54,8 @@ def children(pid: int) -> list[int]:
 
 
 def wait(pred, what: str, timeout: float = 120.0, step: float = 0.002):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out: {what}")
-        time.sleep(step)
+    """fdbroker.testing.wait_until, polling finely (the wait is what is timed)."""
+    return wait_until(pred, what, timeout=timeout, interval=step)
 
 
 def info_of(run_dir: Path, not_pid: int = 0):  # type: ignore[no-untyped-def]

@@ -197,16 +197,5 @@ def tcp_metrics_address(b: BrokerProcess | Managed) -> tuple[str, int]:
     raise AssertionError(f"no 'metrics on' line:\n{b.log()}")
 
 
-def eventually(cond: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def lines(text: str) -> Iterator[str]:
     yield from (line for line in text.splitlines() if line.strip())

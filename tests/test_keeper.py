@@ -33,7 +33,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +41,13 @@ import pytest
 from brokerutil import check_listener_and_pipe, child_env
 
 from fdbroker.broker.survival import keeper
+from fdbroker.testing import wait_until
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 NEEDS = {tool: shutil.which(tool) is not None for tool in ("unshare", "nsenter", "setpriv")}
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
-
-
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    """Poll ``pred`` until it returns something true (a bound, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def children(pid: int) -> list[int]:
@@ -110,10 +99,14 @@ class Kept:
         self.proc = subprocess.Popen(cmd, stdout=fd, stderr=fd, env=env)
         os.close(fd)
         # The keeper: this process, or the child unshare forked into the new namespace.
-        self.pid = self.proc.pid if not prefix else wait_for(lambda: children(self.proc.pid), "the keeper")[0]
+        self.pid = (
+            self.proc.pid
+            if not prefix
+            else wait_until(lambda: children(self.proc.pid), "the keeper", timeout=60)[0]
+        )
 
     def broker_pid(self) -> int:
-        return int(wait_for(lambda: children(self.pid), "a broker under the keeper")[0])
+        return int(wait_until(lambda: children(self.pid), "a broker under the keeper", timeout=60)[0])
 
     def serving(self, other_than: int = 0) -> Any:
         """Wait for a broker other than ``other_than`` to answer GetInfo; its Info."""
@@ -128,7 +121,7 @@ class Kept:
                 return None
             return info if info.broker_pid != other_than else None
 
-        return wait_for(ask, "a serving broker")
+        return wait_until(ask, "a serving broker", timeout=60)
 
     def client(self) -> Any:
         from fdbroker.client import Client
@@ -258,15 +251,16 @@ def test_keeper_as_pid1_brings_the_broker_back_with_every_entry(run_dir: Path, t
             check=True,
             timeout=60,
         )
-        orphan = wait_for(
+        orphan = wait_until(
             lambda: [
                 p
                 for p in children(k.pid)
                 if proc_state(p) and "sleep" in Path(f"/proc/{p}/cmdline").read_text()
             ],
             "the orphan adopted by the keeper",
+            timeout=60,
         )[0]
-        wait_for(lambda: proc_state(orphan) == "", "the orphan reaped")
+        wait_until(lambda: proc_state(orphan) == "", "the orphan reaped", timeout=60)
         assert not [p for p in children(k.pid) if proc_state(p) == "Z"]
 
         # SIGTERM: the broker stops cleanly, the keeper exits 0.
@@ -488,7 +482,7 @@ def test_keeper_protocol_with_a_stand_in_broker(tmp_path: Path) -> None:
             return []
 
     try:
-        wait_for(lambda: len(reports()) >= 3, "the third start")
+        wait_until(lambda: len(reports()) >= 3, "the third start", timeout=60)
         p.send_signal(signal.SIGUSR2)
         assert p.wait(60) == 0, log_path.read_text()[-4000:]
         r0, r1, r2, r3 = reports()
@@ -723,5 +717,5 @@ def test_an_oom_killed_broker_comes_back_and_the_keeper_says_why(tmp_path: Path)
         assert first == {"last_exit": "", "fds": []}
         assert second == {"last_exit": "killed by SIGKILL (out of memory)", "fds": ["/memfd:oom/x (deleted)"]}
     finally:
-        wait_for(lambda: not (cg / "cgroup.procs").read_text().strip(), "the cgroup to empty")
+        wait_until(lambda: not (cg / "cgroup.procs").read_text().strip(), "the cgroup to empty", timeout=60)
         cg.rmdir()

@@ -16,13 +16,14 @@ import unicodedata
 from typing import Any
 
 import pytest
-from opsutil import audit_records, eventually
+from opsutil import audit_records
 from secutil import custom_broker, run_as, unprivileged_python
 
 from fdbroker.broker.audit import MAX_VALUE_CHARS, Audit, Who
 from fdbroker.broker.logs import JsonFormatter, TextFormatter
 from fdbroker.broker.metrics import Metrics
 from fdbroker.broker.sessions import SessionTable
+from fdbroker.testing import wait_until
 
 HOSTILE = [
     "web/https\nverb=put name=web/https outcome=ok",
@@ -161,7 +162,7 @@ def test_an_unprivileged_caller_cannot_forge_audit_records(fmt: str) -> None:
             found = [ln for ln in b.log().splitlines() if "fdbroker.audit" in ln]
             return found if len(found) >= 2 * len(names) else []
 
-        lines = eventually(written, "every refusal's record", timeout=60)
+        lines = wait_until(written, "every refusal's record", timeout=60)
         log = b.log()
     assert all(clean(ln) for ln in log.splitlines()), [ln for ln in log.splitlines() if not clean(ln)][:3]
     assert len(lines) == 2 * len(names) and all(len(ln) < 4 * MAX_VALUE_CHARS for ln in lines)

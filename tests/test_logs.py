@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from opsutil import Managed, eventually
+from opsutil import Managed
 
 from fdbroker.broker.logs import JsonFormatter, TextFormatter, configure, syslog_priority, under_journald
+from fdbroker.testing import wait_until
 
 
 def _record(
@@ -110,7 +111,7 @@ def _journald_env(log: Path) -> dict[str, str]:
 def _reload_badly(b: Managed, policy: Path) -> None:
     policy.write_text("[limits\n")
     b.proc.send_signal(signal.SIGHUP)
-    eventually(lambda: "policy reload failed" in b.log(), "the failed reload's line")
+    wait_until(lambda: "policy reload failed" in b.log(), "the failed reload's line")
 
 
 def test_under_journald_text_lines_have_priorities_and_no_timestamps(short_dir: Path) -> None:
@@ -125,7 +126,7 @@ def test_under_journald_text_lines_have_priorities_and_no_timestamps(short_dir: 
         finally:
             os.close(r)
             os.close(w)
-        eventually(lambda: "verb=put name=j/x" in b.log(), "the audit line")
+        wait_until(lambda: "verb=put name=j/x" in b.log(), "the audit line")
         _reload_badly(b, policy)
         lines = b.log().splitlines()
     assert lines and all(re.match(r"<[2-7]>[A-Z]+ [a-z_.]+: ", line) for line in lines), lines
@@ -151,7 +152,7 @@ def test_json_lines_from_a_real_broker_and_under_journald(short_dir: Path) -> No
             def written(path: Path = b.log_path) -> bool:
                 return "verb=put name=j/x" in path.read_text()
 
-            eventually(written, "the audit line")
+            wait_until(written, "the audit line")
             lines = b.log().splitlines()
         objs = []
         for line in lines:

@@ -19,7 +19,6 @@ import pytest
 from opsutil import (
     Scrape,
     audit_records,
-    eventually,
     http_get,
     matching,
     scrape,
@@ -29,7 +28,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from secutil import NOBODY, Control, RawConduit, custom_broker, run_as, unprivileged_python
 
 from fdbroker.errors import PermissionDenied, ResourceExhausted
-from fdbroker.testing import BrokerProcess
+from fdbroker.testing import BrokerProcess, wait_until
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
@@ -217,7 +216,7 @@ def _records(b: BrokerProcess, **want: Any) -> list[dict[str, Any]]:
 
 def _one(b: BrokerProcess, **want: Any) -> dict[str, Any]:
     """The one audit record matching ``want`` (waiting briefly for it to be written), and never two."""
-    found = eventually(lambda: _records(b, **want), f"an audit record {want}")
+    found = wait_until(lambda: _records(b, **want), f"an audit record {want}")
     time.sleep(0.05)
     found = _records(b, **want)
     assert len(found) == 1, (want, found)
@@ -397,7 +396,7 @@ def test_the_text_format_carries_the_same_words(tmp_path: Path) -> None:
             rf"verb=put name=t/x kind=pipe outcome=ok pid={os.getpid()} uid={os.getuid()} gid={os.getgid()} "
             rf"session={re.escape(sid[:6])}$"
         )
-        eventually(
+        wait_until(
             lambda: any(re.match(pattern, line) for line in b.log().splitlines()), "the put's text record"
         )
 
