@@ -482,24 +482,7 @@ class FramedConduit:
         with self._send_lock:
             if self._send_broken is not None:
                 raise self._send_broken
-            deadline = self._deadline(timeout)
-            sock = self._sock
-            view = memoryview(data)
-            sent = 0
-            try:
-                while sent < len(data):
-                    try:
-                        sent += send_with_fds(sock, view[sent:], fds if sent == 0 else ())
-                    except BlockingIOError:
-                        self._wait(self._wpoll, deadline, "send")
-            except (ConduitError, OSError) as exc:
-                err = exc if isinstance(exc, ConduitError) else error_from_oserror(exc, "sendmsg")
-                if sent:
-                    self._send_broken = ConduitError(
-                        err.type,
-                        f"a frame was cut off after {sent} bytes ({err.message}); the conduit is unusable",
-                    )
-                raise err from None
+            self._send_all(data, self._deadline(timeout), fds)
 
     def exchange(
         self, data: bytes, token: bytes, count: int = 1, timeout: float | None = None
@@ -546,13 +529,15 @@ class FramedConduit:
             reader.consume(*got)
             return None
 
-    def _send_all(self, data: bytes, deadline: float | None) -> None:
+    def _send_all(self, data: bytes, deadline: float | None, fds: Sequence[int] = ()) -> None:
+        """Send all of one frame, ``fds`` with its first byte (under the send lock); a frame cut off part-way
+        leaves the stream unusable."""
         sent = 0
         view = memoryview(data)
         try:
             while sent < len(data):
                 try:
-                    sent += send_with_fds(self._sock, view[sent:], ())
+                    sent += send_with_fds(self._sock, view[sent:], fds if sent == 0 else ())
                 except BlockingIOError:
                     self._wait(self._wpoll, deadline, "send")
         except (ConduitError, OSError) as exc:
