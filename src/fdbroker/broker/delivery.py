@@ -21,6 +21,7 @@ import struct
 from collections.abc import Sequence
 
 from fdbroker.conduit.frames import SCM_MAX_FD
+from fdbroker.conduit.lean import varint
 from fdbroker.v1 import conduit_pb2 as cpb
 
 _PREFIX = struct.Struct(">I")
@@ -34,18 +35,6 @@ _FRAME_DELIVER = b"\x2a"  # ConduitFrame.deliver = 5
 # What a frame's body holds besides its repeated parts: fd_count (2 bytes up to 253), the body's own key and length
 # (1 + 5), and Acked.revision (1 + 10); rounded up.
 FRAME_OVERHEAD = 32
-
-
-def varint(n: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int."""
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 _ITEM_INFO = b"\x22"  # DeliverItem.info = 4

@@ -47,12 +47,15 @@ def redeem_frame(token: bytes, refill: int = 0) -> bytes:
         raise ValueError(f"a token of {len(token)} bytes")
     inner = b"\x0a" + bytes((len(token),)) + token
     if refill:
-        inner += b"\x10" + _encode_varint(refill)  # Redeem.refill = 2, a varint
-    body = b"\x32" + _encode_varint(len(inner)) + inner
+        inner += b"\x10" + varint(refill)  # Redeem.refill = 2, a varint
+    body = b"\x32" + varint(len(inner)) + inner
     return len(body).to_bytes(4, "big") + body
 
 
-def _encode_varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int (the broker's encoders use it too)."""
+    if n < 0x80:
+        return bytes((n,))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)

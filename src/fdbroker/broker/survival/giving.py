@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fdbroker import __version__
-from fdbroker.broker.delivery import varint
 from fdbroker.broker.registry import Entry, Registry
 from fdbroker.broker.survival.carry import DEFAULT_TIMEOUT, MAX_FRAME_BYTES, HandoverError, allowed
 from fdbroker.conduit.errors import ConduitError
 from fdbroker.conduit.frames import SCM_MAX_FD, FramedConduit
+from fdbroker.conduit.lean import varint
 from fdbroker.errors import BrokerError
 from fdbroker.v1 import conduit_pb2 as cpb
 from fdbroker.v1 import handover_pb2 as hpb
