@@ -916,6 +916,47 @@ static int send_frame(Reader *R, const uint8_t *buf, Py_ssize_t len, const int *
     return r ? 0 : -1;
 }
 
+/* One Deliver frame of the n slots into the table's scratch buffer (*out): item e tagged with toks[e] when it is
+ * not NULL (a batch: its first only), operation GET, the slot's tail; their descriptors into fds. Returns the
+ * frame's length, or -1 (no memory). */
+static Py_ssize_t encode_deliver(Table *T, const int32_t *slots, const uint8_t *const *toks, int n, int *fds,
+                                 uint8_t **out) {
+    Py_ssize_t items = 0;
+    for (int e = 0; e < n; e++) {
+        Py_ssize_t body = (toks[e] ? 2 + TOKEN_BYTES : 0) + 2 + T->slots[slots[e]].tail_len;
+        items += 1 + varint_len((uint64_t)body) + body;
+    }
+    Py_ssize_t inner = 1 + varint_len((uint64_t)n) + 1 + varint_len((uint64_t)items) + items;
+    uint8_t *w = scratch(T, 4 + inner);
+    if (!w) return -1;
+    *out = w;
+    w[0] = (uint8_t)(inner >> 24); w[1] = (uint8_t)(inner >> 16); w[2] = (uint8_t)(inner >> 8);
+    w[3] = (uint8_t)inner;
+    w += 4;
+    *w++ = 0x08; /* fd_count */
+    w += put_varint(w, (uint64_t)n);
+    *w++ = 0x2a; /* deliver */
+    w += put_varint(w, (uint64_t)items);
+    for (int e = 0; e < n; e++) {
+        Slot *S = &T->slots[slots[e]];
+        Py_ssize_t body = (toks[e] ? 2 + TOKEN_BYTES : 0) + 2 + S->tail_len;
+        *w++ = 0x0a; /* items */
+        w += put_varint(w, (uint64_t)body);
+        if (toks[e]) {
+            *w++ = 0x0a; /* token */
+            *w++ = TOKEN_BYTES;
+            memcpy(w, toks[e], TOKEN_BYTES);
+            w += TOKEN_BYTES;
+        }
+        *w++ = 0x18; /* operation */
+        *w++ = OP_GET;
+        memcpy(w, S->tail, (size_t)S->tail_len);
+        w += S->tail_len;
+        fds[e] = S->fd;
+    }
+    return 4 + inner;
+}
+
 /* Answer every (already checked) Redeem frame of the read, as Redemptions.on_redeem does: each batch token by a
  * Deliver of its own when met, the single tokens of a frame by one Deliver after it (plan_read: they fit). A send
  * that calls into Python (a full socket, a failed write) may end the session or drop entries: every token is
@@ -935,56 +976,14 @@ static int answer_read(Table *T, Reader *R, const uint8_t *data, Py_ssize_t n) {
         int32_t sslots[SCM_MAX_FD];
         const uint8_t *stoks[SCM_MAX_FD];
         int ns = 0;
-        for (Py_ssize_t j = 0; j <= k; j++) {
-            int flush = j == k && ns > 0; /* plan_read saw to it that they fit one frame */
-            if (flush) {
-                /* items, then the frame's header in front of them */
-                Py_ssize_t items = 0;
-                for (int e = 0; e < ns; e++) {
-                    if (!T->slots[sslots[e]].live || !T->slots[sslots[e]].tail) return 0;
-                    Slot *S = &T->slots[sslots[e]];
-                    Py_ssize_t body = 2 + TOKEN_BYTES + 2 + S->tail_len;
-                    items += 1 + varint_len((uint64_t)body) + body;
-                }
-                Py_ssize_t inner = 1 + varint_len((uint64_t)ns) + 1 + varint_len((uint64_t)items) + items;
-                uint8_t *w = scratch(T, 4 + inner);
-                if (!w) return -1;
-                out = w;
-                w[0] = (uint8_t)(inner >> 24); w[1] = (uint8_t)(inner >> 16); w[2] = (uint8_t)(inner >> 8);
-                w[3] = (uint8_t)inner;
-                w += 4;
-                *w++ = 0x08;
-                w += put_varint(w, (uint64_t)ns);
-                *w++ = 0x2a;
-                w += put_varint(w, (uint64_t)items);
-                int fds[SCM_MAX_FD];
-                for (int e = 0; e < ns; e++) {
-                    Slot *S = &T->slots[sslots[e]];
-                    Py_ssize_t body = 2 + TOKEN_BYTES + 2 + S->tail_len;
-                    *w++ = 0x0a;
-                    w += put_varint(w, (uint64_t)body);
-                    *w++ = 0x0a;
-                    *w++ = TOKEN_BYTES;
-                    memcpy(w, stoks[e], TOKEN_BYTES);
-                    w += TOKEN_BYTES;
-                    *w++ = 0x18;
-                    *w++ = OP_GET;
-                    memcpy(w, S->tail, (size_t)S->tail_len);
-                    w += S->tail_len;
-                    fds[e] = S->fd;
-                }
-                if (send_frame(R, out, 4 + inner, fds, ns) < 0) return -1;
-                T->frames_served++;
-                T->fds_served += (unsigned long long)ns;
-                ns = 0;
-            }
-            if (j == k) break;
+        for (Py_ssize_t j = 0; j < k; j++) {
             const uint8_t *t = first + j * (2 + TOKEN_BYTES);
             uint32_t si;
             int32_t i = valid_session(T, R->key, &si) ? deliverable(T, si, t, now) : -1;
             if (i < 0) return 0;
             Grant *G = &T->grants[T->toks[i].grant];
             if (!G->batch) {
+                if (ns == SCM_MAX_FD) return 0; /* cannot be: plan_read counted at most 253 */
                 sslots[ns] = G->slots[0];
                 stoks[ns] = t;
                 ns++;
@@ -994,45 +993,24 @@ static int answer_read(Table *T, Reader *R, const uint8_t *data, Py_ssize_t n) {
             /* a batch token: its own frame, the first item tagged, the others not */
             int nb = G->n;
             int fds[SCM_MAX_FD];
-            Py_ssize_t items = 0;
-            for (int e = 0; e < nb; e++) {
-                Slot *S = &T->slots[G->slots[e]];
-                Py_ssize_t body = (e == 0 ? 2 + TOKEN_BYTES : 0) + 2 + S->tail_len;
-                items += 1 + varint_len((uint64_t)body) + body;
-            }
-            Py_ssize_t inner = 1 + varint_len((uint64_t)nb) + 1 + varint_len((uint64_t)items) + items;
-            uint8_t *w = scratch(T, 4 + inner);
-            if (!w) return -1;
-            out = w;
-            w[0] = (uint8_t)(inner >> 24); w[1] = (uint8_t)(inner >> 16); w[2] = (uint8_t)(inner >> 8);
-            w[3] = (uint8_t)inner;
-            w += 4;
-            *w++ = 0x08;
-            w += put_varint(w, (uint64_t)nb);
-            *w++ = 0x2a;
-            w += put_varint(w, (uint64_t)items);
-            for (int e = 0; e < nb; e++) {
-                Slot *S = &T->slots[G->slots[e]];
-                Py_ssize_t body = (e == 0 ? 2 + TOKEN_BYTES : 0) + 2 + S->tail_len;
-                *w++ = 0x0a;
-                w += put_varint(w, (uint64_t)body);
-                if (e == 0) {
-                    *w++ = 0x0a;
-                    *w++ = TOKEN_BYTES;
-                    memcpy(w, t, TOKEN_BYTES);
-                    w += TOKEN_BYTES;
-                }
-                *w++ = 0x18;
-                *w++ = OP_GET;
-                memcpy(w, S->tail, (size_t)S->tail_len);
-                w += S->tail_len;
-                fds[e] = S->fd;
-            }
+            const uint8_t *btoks[SCM_MAX_FD] = {t};
+            Py_ssize_t flen = encode_deliver(T, G->slots, btoks, nb, fds, &out);
+            if (flen < 0) return -1;
             /* the token goes before the send: the frame's bytes are already in the scratch buffer */
             tok_remove(T, i, R_REUSED);
-            if (send_frame(R, out, 4 + inner, fds, nb) < 0) return -1;
+            if (send_frame(R, out, flen, fds, nb) < 0) return -1;
             T->frames_served++;
             T->fds_served += (unsigned long long)nb;
+        }
+        if (ns > 0) { /* one Deliver: plan_read saw to it that they fit one frame */
+            for (int e = 0; e < ns; e++)
+                if (!T->slots[sslots[e]].live || !T->slots[sslots[e]].tail) return 0;
+            int fds[SCM_MAX_FD];
+            Py_ssize_t flen = encode_deliver(T, sslots, stoks, ns, fds, &out);
+            if (flen < 0) return -1;
+            if (send_frame(R, out, flen, fds, ns) < 0) return -1;
+            T->frames_served++;
+            T->fds_served += (unsigned long long)ns;
         }
     }
     return 0;
