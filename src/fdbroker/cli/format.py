@@ -30,13 +30,9 @@ def duration(minimum: float, maximum: float | None) -> Callable[[str], float]:
     """
 
     def parse(text: str) -> float:
-        from fdbroker.timespan import TimespanError
-        from fdbroker.timespan import parse as parse_span
+        from fdbroker.timespan import arg_type
 
-        try:
-            return parse_span(text, minimum=minimum, maximum=maximum)
-        except TimespanError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+        return arg_type(minimum=minimum, maximum=maximum)(text)
 
     parse.__name__ = "duration"  # what argparse calls the type in its own messages
     return parse
