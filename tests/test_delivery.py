@@ -13,9 +13,9 @@ from fdbroker.broker.delivery import (
     encode_deliver,
     in_frames,
     item_tail,
-    varint,
 )
 from fdbroker.conduit.frames import Frame, FrameDecoder
+from fdbroker.conduit.lean import varint
 from fdbroker.v1 import broker_pb2 as pb
 from fdbroker.v1 import conduit_pb2 as cpb
 
